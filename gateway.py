@@ -1,0 +1,1239 @@
+"""gateway: the Anthropic Messages API, served with our own keys in front of an upstream.
+
+A WSGI application that accepts the requests real Anthropic clients send (the Python and
+TypeScript SDKs, Claude Code, curl), checks the client's key against a hashed key file,
+rewrites the public model id to the configured upstream id, forwards the request with our
+upstream key, and relays the upstream's JSON or SSE stream byte for byte, each chunk the
+moment it arrives.
+
+Run it::
+
+    gateway keys add alice                      # prints alice's key once
+    ANTHROPIC_API_KEY=sk-ant-... gateway serve  # gunicorn on 127.0.0.1:8080
+
+Embed it::
+
+    from gateway import Config, make_app
+    application = make_app(Config.from_file("/etc/gateway/gateway.ini"))
+
+Runtime needs the standard library and ``requests``; ``gateway serve`` also needs gunicorn.
+"""
+
+import argparse
+import configparser
+import dataclasses
+import hashlib
+import hmac
+import http.cookiejar
+import json
+import logging
+import os
+import secrets
+import sys
+import tempfile
+import threading
+import time
+import types
+
+import requests
+import requests.adapters
+
+__all__ = ["APIError", "Config", "KeyEntry", "KeyStore", "Gateway", "make_app", "main"]
+
+log = logging.getLogger("gateway")
+access_log = logging.getLogger("gateway.access")
+
+
+# ---------------------------------------------------------------------------------------------
+# Constants
+# ---------------------------------------------------------------------------------------------
+
+#: Sent upstream when the client sent no ``anthropic-version`` (curl users often don't); the
+#: SDKs always send one and it is forwarded as received (wire.md, correction box).
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+
+#: RFC 9110 section 7.6.1 connection-specific headers. Never forwarded in either direction; a
+#: WSGI app must not emit them at all (PEP 3333; wsgiref asserts on them).
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "transfer-encoding", "upgrade",
+})
+
+#: Client headers forwarded upstream. Everything else (credentials, cookies, host, proxy and
+#: forwarding headers, accept-encoding) is dropped: an allowlist cannot leak a header nobody
+#: thought of. ``anthropic-*`` must pass unchanged as an open list (wire.md 2.4, GW-PROTO).
+FORWARDED_PREFIXES = ("anthropic-", "x-stainless-", "x-claude-code-")
+FORWARDED_HEADERS = frozenset({"user-agent", "x-client-request-id", "x-app"})
+
+#: Upstream response headers relayed to the client (wire.md 7.1). Framing headers are ours to
+#: set; infrastructure headers and ``anthropic-organization-id`` (our org) stay behind.
+RELAYED_PREFIXES = ("anthropic-ratelimit-",)
+RELAYED_HEADERS = frozenset({
+    "content-type", "request-id", "retry-after", "retry-after-ms", "x-should-retry",
+})
+
+#: count_tokens takes "the same message shape" but rejects these fields with 400 "Extra inputs
+#: are not permitted" (wire.md 3.2), so they are dropped before forwarding.
+COUNT_TOKENS_DROPPED_FIELDS = frozenset({
+    "max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences", "metadata",
+    "service_tier", "container",
+})
+
+DEFAULT_MODELS = types.MappingProxyType({
+    "claude-opus-4-8": "claude-opus-4-8",
+    "claude-opus-4-7": "claude-opus-4-7",
+})
+
+#: Read size for relaying a stream. ``read1`` returns whatever is available up to this size,
+#: so it bounds memory per read without ever waiting for the buffer to fill.
+STREAM_READ_SIZE = 65536
+BODY_READ_SIZE = 262144
+
+KEY_PREFIX = "sk-gw-"
+JSON_CONTENT_TYPE = "application/json"
+SSE_CONTENT_TYPE = "text/event-stream"
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+class APIError(Exception):
+    """An error answered to the client in Anthropic's envelope.
+
+    Raised anywhere in request handling; rendered once, by ``Gateway._render_error``, as
+    ``{"type": "error", "error": {"type": error_type, "message": message}, "request_id": …}``
+    with ``status`` and any extra ``headers`` (for example ``Allow`` on a 405).
+    """
+
+    def __init__(self, status, error_type, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.headers = list(headers)
+
+
+HTTP_REASONS = {
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+    413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
+    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 529: "Overloaded",
+}
+
+
+def status_line(status):
+    return "%d %s" % (status, HTTP_REASONS.get(status, "Status"))
+
+
+def error_body(error_type, message, request_id):
+    return json.dumps({
+        "type": "error",
+        "error": {"type": error_type, "message": message},
+        "request_id": request_id,
+    }).encode()
+
+
+def sse_error_event(message):
+    """The event a client gets when the upstream fails after the stream started (wire.md 5.3):
+    the SDKs raise it as an API error instead of silently ending on a truncated stream."""
+    data = json.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
+    return b"event: error\ndata: " + data.encode() + b"\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+def _setting(default, doc):
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything the gateway needs to know, parsed once at the edge.
+
+    Build it with ``Config.from_file(path)`` (the INI file that ``gateway serve`` uses),
+    ``Config.from_environ(os.environ)`` (``GATEWAY_CONFIG`` names the file) or directly as
+    ``Config(upstream_url=…, keys_file=…)`` when embedding. Paths in an INI file are relative
+    to the file. Section ``[gateway]`` holds the settings below; section ``[models]`` maps each
+    public model id to its upstream id and, when present, replaces the default map.
+
+    The upstream key comes from ``upstream_key_file`` when the config names one; otherwise
+    from ``ANTHROPIC_API_KEY`` when that is set; otherwise from ``upstream.key`` beside the
+    config file. The key file is re-read when it changes, so the upstream key can be rotated
+    without a restart. Security: ``trust_env`` is off, so ``HTTPS_PROXY`` and ``~/.netrc`` are
+    ignored unless you turn it on; ``trusted_proxies`` must list only your own proxies.
+    """
+
+    upstream_url: str = _setting(
+        "https://api.anthropic.com", "Base URL of the upstream Messages API (no /v1).")
+    upstream_key_file: str = _setting(
+        None, "File holding the upstream API key (first line); see the class docstring.")
+    keys_file: str = _setting(
+        "gateway.keys", "The client key file: name, digest, models, enabled (gateway keys).")
+    max_body_bytes: int = _setting(
+        32 * 1024 * 1024, "Largest request body accepted; larger gets 413 (upstream's limit).")
+    connect_timeout: float = _setting(10.0, "Seconds to connect to the upstream.")
+    read_timeout: float = _setting(
+        600.0, "Idle seconds between upstream reads; long silent thinking is normal.")
+    pool_maxsize: int = _setting(
+        4, "Pooled upstream connections per worker thread (one request at a time each).")
+    trust_env: bool = _setting(
+        False, "Let requests read proxy settings and .netrc from the environment.")
+    trusted_proxies: frozenset = _setting(
+        frozenset(), "Addresses whose X-Real-IP header names the client (nginx).")
+    models: types.MappingProxyType = dataclasses.field(
+        default_factory=lambda: DEFAULT_MODELS, metadata={"doc": "Public id -> upstream id."})
+    upstream_key: str = dataclasses.field(default=None, repr=False, compare=False, metadata={
+        "doc": "The upstream key itself (from ANTHROPIC_API_KEY); never written anywhere."})
+    base_dir: str = dataclasses.field(default="", metadata={
+        "doc": "Directory that relative paths are relative to."})
+
+    @classmethod
+    def from_environ(cls, environ):
+        """The config that ``GATEWAY_CONFIG`` names, or the defaults (relative to the current
+        directory) when it names none."""
+        path = environ.get("GATEWAY_CONFIG")
+        if path:
+            return cls.from_file(path, environ)
+        return cls._with_environ({}, {}, os.getcwd(), environ)
+
+    @classmethod
+    def from_file(cls, path, environ=None):
+        """Parse the INI file at ``path``; raise ``ValueError`` saying what is wrong."""
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.optionxform = str  # model ids are case-sensitive
+        try:
+            with open(path, encoding="utf-8") as file:
+                parser.read_file(file)
+        except (OSError, UnicodeDecodeError, configparser.Error) as exc:
+            raise ValueError("cannot read config %s: %s" % (path, exc)) from None
+        settings = dict(parser["gateway"]) if parser.has_section("gateway") else {}
+        models = dict(parser["models"]) if parser.has_section("models") else {}
+        base_dir = os.path.dirname(os.path.abspath(path))
+        return cls._with_environ(settings, models, base_dir, os.environ if environ is None
+                                 else environ)
+
+    @classmethod
+    def _with_environ(cls, settings, models, base_dir, environ):
+        values = {"base_dir": base_dir}
+        known = {field.name: field for field in dataclasses.fields(cls)
+                 if field.name not in ("models", "upstream_key", "base_dir")}
+        for name, text in settings.items():
+            if name not in known:
+                raise ValueError("unknown setting %r in [gateway]; known: %s"
+                                 % (name, ", ".join(sorted(known))))
+            values[name] = _parse_setting(known[name], text)
+        if models:
+            for public, upstream in models.items():
+                if not upstream.strip():
+                    raise ValueError("model %r maps to nothing in [models]" % public)
+            values["models"] = types.MappingProxyType(
+                {public: upstream.strip() for public, upstream in models.items()})
+        if not values.get("upstream_key_file") and environ.get("ANTHROPIC_API_KEY"):
+            values["upstream_key"] = environ["ANTHROPIC_API_KEY"].strip()
+        return cls(**values)
+
+    def path(self, name):
+        """A path setting made absolute against ``base_dir``."""
+        return os.path.join(self.base_dir or os.getcwd(), name)
+
+    @property
+    def keys_path(self):
+        return self.path(self.keys_file)
+
+    @property
+    def upstream_key_path(self):
+        """The upstream key file in use, or None when the key comes from the environment."""
+        if self.upstream_key and not self.upstream_key_file:
+            return None
+        return self.path(self.upstream_key_file or "upstream.key")
+
+
+def _parse_setting(field, text):
+    text = text.strip()
+    try:
+        if field.type in ("int", int):
+            value = int(text)
+            if value <= 0:
+                raise ValueError("must be positive")
+            return value
+        if field.type in ("float", float):
+            value = float(text)
+            if not value > 0:
+                raise ValueError("must be positive")
+            return value
+        if field.type in ("bool", bool):
+            return _parse_bool(text)
+        if field.type in ("frozenset", frozenset):
+            return frozenset(item.strip() for item in text.split(",") if item.strip())
+    except ValueError as exc:
+        raise ValueError("setting %s = %r: %s" % (field.name, text, exc)) from None
+    if field.name == "upstream_url":
+        return text.rstrip("/")
+    return text
+
+
+def _parse_bool(text):
+    lowered = text.lower()
+    if lowered in ("1", "yes", "true", "on"):
+        return True
+    if lowered in ("0", "no", "false", "off"):
+        return False
+    raise ValueError("expected true or false")
+
+
+# ---------------------------------------------------------------------------------------------
+# Client keys: the key file, its digests, and reloading it when it changes
+# ---------------------------------------------------------------------------------------------
+#
+# One key per line, fields separated by white space:
+#
+#     name   digest                 models                            enabled
+#     alice  sha256:9f86d08...      *                                 enabled
+#     ci     sha256:1a2b:77af...    claude-opus-4-8,claude-opus-4-7   disabled
+#
+# The digest is ``sha256:<hex>`` of the key, or ``sha256:<salt>:<hex>`` of salt + key. Keys made
+# by ``gateway keys add`` carry 256 random bits, so a salt adds nothing for them; the salted
+# form is for keys imported from elsewhere. ``*`` allows every configured model.
+
+@dataclasses.dataclass(frozen=True)
+class KeyEntry:
+    name: str
+    digest: bytes
+    salt: bytes = b""
+    models: frozenset = None  # None: every configured model
+    enabled: bool = True
+
+    def matches(self, key):
+        candidate = hashlib.sha256(self.salt + key.encode("utf-8", "surrogatepass")).digest()
+        return hmac.compare_digest(candidate, self.digest)
+
+    def allows(self, public_model):
+        return self.models is None or public_model in self.models
+
+    def to_line(self):
+        salt = self.salt.hex() + ":" if self.salt else ""
+        models = ",".join(sorted(self.models)) if self.models is not None else "*"
+        return "%s\tsha256:%s%s\t%s\t%s" % (
+            self.name, salt, self.digest.hex(), models, "enabled" if self.enabled else "disabled")
+
+
+class KeyStore:
+    """An immutable set of key entries, as parsed from one version of the key file."""
+
+    def __init__(self, entries=()):
+        self.entries = tuple(entries)
+
+    def find(self, key):
+        """The entry whose digest matches ``key``, or None.
+
+        Every entry is compared, with ``hmac.compare_digest``, and the loop never stops early,
+        so the time taken says nothing about which digest came close.
+        """
+        found = None
+        for entry in self.entries:
+            if entry.matches(key) and found is None:
+                found = entry
+        return found
+
+    def get(self, name):
+        for entry in self.entries:
+            if entry.name == name:
+                return entry
+        return None
+
+
+def digest_key(key):
+    return hashlib.sha256(key.encode()).digest()
+
+
+def parse_key_file(text):
+    """Parse the key file's text into a ``KeyStore``; raise ValueError naming the bad line."""
+    entries, names = [], set()
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            entry = _parse_key_line(line)
+        except ValueError as exc:
+            raise ValueError("line %d: %s" % (number, exc)) from None
+        if entry.name in names:
+            raise ValueError("line %d: duplicate name %r" % (number, entry.name))
+        names.add(entry.name)
+        entries.append(entry)
+    return KeyStore(entries)
+
+
+def _parse_key_line(line):
+    fields = line.split()
+    if len(fields) != 4:
+        raise ValueError("expected 4 fields (name digest models enabled), found %d"
+                         % len(fields))
+    name, digest, models, enabled = fields
+    parts = digest.split(":")
+    if parts[0] != "sha256" or len(parts) not in (2, 3):
+        raise ValueError("digest must be sha256:<hex> or sha256:<salt>:<hex>")
+    try:
+        salt = bytes.fromhex(parts[1]) if len(parts) == 3 else b""
+        digest_bytes = bytes.fromhex(parts[-1])
+    except ValueError:
+        raise ValueError("digest is not hexadecimal") from None
+    if len(digest_bytes) != 32:
+        raise ValueError("a sha256 digest has 64 hex digits")
+    if enabled not in ("enabled", "disabled"):
+        raise ValueError("last field must be 'enabled' or 'disabled', not %r" % enabled)
+    allowed = None if models == "*" else frozenset(m for m in models.split(",") if m)
+    return KeyEntry(name, digest_bytes, salt, allowed, enabled == "enabled")
+
+
+class WatchedFile:
+    """A file parsed again whenever it changes on disk, keeping the last good version.
+
+    Every worker checks the file's ``stat`` on use (a few microseconds), so an edit reaches
+    every process without a restart or a signal. A file that is missing or fails to parse
+    keeps the last good value and is logged once per change.
+    """
+
+    def __init__(self, path, parse, initial):
+        self.path = path
+        self._parse = parse
+        self._value = initial
+        self._signature = ()  # never equal to a real signature, so the first use loads
+
+    def get(self):
+        try:
+            stat = os.stat(self.path)
+            signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        except OSError as exc:
+            signature = ("missing", exc.errno)
+            if signature != self._signature:
+                self._signature = signature
+                log.error("cannot read %s (%s); keeping the last good version",
+                          self.path, exc.strerror)
+            return self._value
+        if signature != self._signature:
+            self._signature = signature
+            self._reload()
+        return self._value
+
+    def _reload(self):
+        try:
+            with open(self.path, encoding="utf-8") as file:
+                self._value = self._parse(file.read())
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            log.error("cannot load %s (%s); keeping the last good version", self.path, exc)
+
+
+def read_first_line(text):
+    line = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not line:
+        raise ValueError("the file is empty")
+    return line
+
+
+# ---------------------------------------------------------------------------------------------
+# Request shaping: pure functions from what the client sent to what the upstream gets
+# ---------------------------------------------------------------------------------------------
+
+def client_key(environ):
+    """The key the client presented, or None.
+
+    ``x-api-key`` wins when both headers are present: the 0.x SDKs send it deliberately, and a
+    client sending both with different values (Claude Code's ``apiKeyHelper`` sends the same
+    value twice) most likely carries an unrelated ``Authorization`` from its environment.
+    """
+    key = environ.get("HTTP_X_API_KEY", "").strip()
+    if key:
+        return key
+    scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").strip().partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+def parse_json_body(raw):
+    """The request body as a JSON object, or an APIError 400 saying why not."""
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, "invalid_request_error",
+                       "The request body is nested too deeply.") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise APIError(400, "invalid_request_error",
+                       "The request body is not valid JSON: %s" % exc) from None
+    if not isinstance(body, dict):
+        raise APIError(400, "invalid_request_error",
+                       "The request body must be a JSON object.")
+    return body
+
+
+def _reject_constant(name):
+    raise ValueError("%s is not valid JSON" % name)
+
+
+def route_models(body, models, key_entry):
+    """Return (body with every model id mapped to its upstream id, public id, upstream id).
+
+    Model ids occur in the top-level ``model``, in ``fallbacks[].model`` and in the advisor
+    tool's ``tools[].model`` (wire.md 3.1). Each one must be a public id in ``models`` that the
+    key may use; otherwise a client could reach upstream models outside our map.
+    """
+    public = body.get("model")
+    if not isinstance(public, str) or not public:
+        raise APIError(400, "invalid_request_error", "model: Field required")
+    routed = dict(body)
+    routed["model"] = _upstream_model(public, models, key_entry)
+    fallbacks = body.get("fallbacks")
+    if isinstance(fallbacks, list):
+        routed["fallbacks"] = [_route_nested(item, models, key_entry) for item in fallbacks]
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        routed["tools"] = [
+            _route_nested(tool, models, key_entry)
+            if isinstance(tool, dict) and str(tool.get("type", "")).startswith("advisor_")
+            else tool
+            for tool in tools]
+    return routed, public, routed["model"]
+
+
+def _route_nested(item, models, key_entry):
+    if not isinstance(item, dict) or "model" not in item:
+        return item
+    if not isinstance(item["model"], str):
+        raise APIError(400, "invalid_request_error", "model: must be a string")
+    return dict(item, model=_upstream_model(item["model"], models, key_entry))
+
+
+def _upstream_model(public, models, key_entry):
+    upstream = models.get(public)
+    if upstream is None:
+        raise APIError(404, "not_found_error", "model: %s" % public)
+    if not key_entry.allows(public):
+        raise APIError(403, "permission_error",
+                       "This key may not use model %s." % public)
+    return upstream
+
+
+def count_tokens_body(body):
+    return {name: value for name, value in body.items()
+            if name not in COUNT_TOKENS_DROPPED_FIELDS}
+
+
+def encode_json(body):
+    """Serialise once, compactly, keeping non-ASCII text as UTF-8 rather than 6-byte escapes."""
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a \ud800 escape: keep it escaped
+        return json.dumps(body, separators=(",", ":")).encode("ascii")
+
+
+def upstream_headers(environ, upstream_key):
+    """Headers for the upstream request: the client's ``anthropic-*`` and telemetry headers
+    verbatim, our key, and identity encoding so the SSE bytes can be relayed as they are."""
+    headers = {}
+    for name, value in environ.items():
+        if not name.startswith("HTTP_"):
+            continue
+        header = name[5:].replace("_", "-").lower()
+        if header.startswith(FORWARDED_PREFIXES) or header in FORWARDED_HEADERS:
+            headers[header] = value
+    headers.setdefault("anthropic-version", DEFAULT_ANTHROPIC_VERSION)
+    headers["x-api-key"] = upstream_key
+    headers["content-type"] = JSON_CONTENT_TYPE
+    headers["accept"] = JSON_CONTENT_TYPE
+    # wire.md 5.6: upstream gzips SSE and brotli-compresses JSON when offered; relaying bytes
+    # unchanged needs them unencoded.
+    headers["accept-encoding"] = "identity"
+    return headers
+
+
+def client_headers(upstream):
+    """The upstream response headers worth relaying, as a WSGI header list."""
+    return [(name, value) for name, value in upstream.items()
+            if name.lower() in RELAYED_HEADERS or name.lower().startswith(RELAYED_PREFIXES)]
+
+
+def usage_from_json(raw):
+    """Token counts from a JSON message body, or {} when it has none."""
+    try:
+        usage = json.loads(raw).get("usage")
+    except (ValueError, AttributeError, RecursionError):
+        return {}
+    return _token_counts(usage)
+
+
+USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
+                "cache_read_input_tokens")
+
+
+def _token_counts(usage):
+    if not isinstance(usage, dict):
+        return {}
+    return {name: usage[name] for name in USAGE_FIELDS if isinstance(usage.get(name), int)}
+
+
+class StreamMeter:
+    """Reads token counts from SSE bytes as they pass, without changing or holding them.
+
+    ``message_start`` carries the input and cache counts, each ``message_delta`` the cumulative
+    output count (wire.md 5.1). Only ``data:`` lines that start like a ``message_*`` event are
+    collected and parsed; every other line is skipped as it streams by, so a large
+    content block costs a scan, not a copy.
+    """
+
+    _PROBE = 40  # bytes enough to see '"type":"message_' at the start of a data line
+
+    def __init__(self):
+        self.usage = {}
+        self.finished = False  # message_stop seen
+        self._line = bytearray()
+        self._skipping = False
+
+    def feed(self, chunk):
+        start = 0
+        while start < len(chunk):
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if not self._skipping:
+                self._line += piece
+                if end < 0 and len(self._line) >= self._PROBE and not self._interesting():
+                    self._skipping = True
+                    self._line.clear()
+            if end < 0:
+                return
+            if not self._skipping and self._interesting():
+                self._parse(bytes(self._line))
+            self._line.clear()
+            self._skipping = False
+            start = end + 1
+
+    def _interesting(self):
+        head = bytes(self._line[:self._PROBE])
+        return head.startswith(b"data:") and b'"message_' in head
+
+    def _parse(self, line):
+        try:
+            event = json.loads(line[5:])
+        except ValueError:
+            return
+        if not isinstance(event, dict):
+            return
+        kind = event.get("type")
+        if kind == "message_start" and isinstance(event.get("message"), dict):
+            self.usage.update(_token_counts(event["message"].get("usage")))
+        elif kind == "message_delta":
+            self.usage.update(_token_counts(event.get("usage")))
+        elif kind == "message_stop":
+            self.finished = True
+
+
+def display_name(model_id):
+    """'claude-opus-4-8' -> 'Claude Opus 4.8': a readable default for /v1/models."""
+    words, version = [], []
+    for part in model_id.split("-"):
+        (version if part.isdigit() else words).append(part)
+    return " ".join([w.capitalize() for w in words] + ([".".join(version)] if version else []))
+
+
+def model_info(model_id):
+    return {"type": "model", "id": model_id, "display_name": display_name(model_id),
+            "created_at": "1970-01-01T00:00:00Z"}
+
+
+def models_page(model_ids, query):
+    """One page of the Anthropic model list (wire.md 1.1) over ``model_ids``, honouring
+    ``limit`` (1-1000, default 20), ``after_id`` and ``before_id``."""
+    params = _parse_query(query)
+    try:
+        limit = int(params.get("limit", "20"))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        raise APIError(400, "invalid_request_error", "limit: must be between 1 and 1000")
+    ids = list(model_ids)
+    if params.get("after_id") in ids:
+        ids = ids[ids.index(params["after_id"]) + 1:]
+        page, has_more = ids[:limit], len(ids) > limit
+    elif params.get("before_id") in ids:
+        ids = ids[:ids.index(params["before_id"])]
+        page, has_more = ids[-limit:], len(ids) > limit
+    else:
+        page, has_more = ids[:limit], len(ids) > limit
+    return {"data": [model_info(model_id) for model_id in page], "has_more": has_more,
+            "first_id": page[0] if page else None, "last_id": page[-1] if page else None}
+
+
+def _parse_query(query):
+    import urllib.parse
+    return dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# The upstream: one pooled session per thread, and relaying what it answers
+# ---------------------------------------------------------------------------------------------
+
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """Store no cookie: a session's jar would carry one client's upstream cookies (e.g.
+    Cloudflare's ``_cfuvid``) into another client's request."""
+
+    def set_ok(self, cookie, request):
+        return False
+
+
+def new_session(config):
+    session = requests.Session()
+    session.trust_env = config.trust_env
+    session.cookies.set_policy(_NoCookies())
+    session.headers.clear()  # every header we send is chosen by upstream_headers()
+    adapter = requests.adapters.HTTPAdapter(
+        pool_connections=1, pool_maxsize=config.pool_maxsize, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def relay_stream(response, exchange):
+    """Yield the upstream SSE bytes as they arrive, then close the upstream.
+
+    ``raw.read1`` returns as soon as any bytes are available, for chunked and close-delimited
+    framing alike (``iter_content`` waits for EOF on the latter: style.md section 3). When the
+    client goes away the server calls ``close()`` on this generator, the ``finally`` closes
+    the upstream response, and the upstream stops generating output nobody reads.
+    """
+    meter = StreamMeter()
+    try:
+        while True:
+            try:
+                chunk = response.raw.read1(STREAM_READ_SIZE, decode_content=True)
+            except Exception as exc:  # urllib3 and socket errors alike end the stream here
+                log.warning("upstream stream failed [%s]: %s", exchange.request_id,
+                            type(exc).__name__)
+                exchange.error = "upstream stream failed"
+                yield sse_error_event("The upstream connection failed during the stream.")
+                return
+            if not chunk:
+                break
+            meter.feed(chunk)
+            exchange.first_byte()
+            yield chunk
+        if not meter.finished:
+            exchange.error = "upstream stream ended early"
+            yield sse_error_event("The upstream ended the stream before message_stop.")
+    finally:
+        response.close()
+        exchange.usage = meter.usage
+        exchange.log()
+
+
+# ---------------------------------------------------------------------------------------------
+# The WSGI application
+# ---------------------------------------------------------------------------------------------
+
+class Exchange:
+    """What the access log says about one request, filled in as the request moves along."""
+
+    def __init__(self, environ, client_ip):
+        self.request_id = "req_gw_" + secrets.token_hex(12)
+        self.started = time.monotonic()
+        self.method = environ.get("REQUEST_METHOD", "")
+        self.path = environ.get("PATH_INFO", "")
+        self.client_ip = client_ip
+        self.key_name = None
+        self.public_model = None
+        self.upstream_model = None
+        self.upstream_request_id = None
+        self.stream = False
+        self.status = None
+        self.ttfb = None
+        self.usage = {}
+        self.error = None
+
+    def first_byte(self):
+        if self.ttfb is None:
+            self.ttfb = time.monotonic() - self.started
+
+    def log(self):
+        record = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "request_id": self.request_id, "upstream_request_id": self.upstream_request_id,
+            "client_ip": self.client_ip, "method": self.method, "path": self.path,
+            "key": self.key_name, "model": self.public_model,
+            "upstream_model": self.upstream_model, "status": self.status,
+            "stream": self.stream,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 2),
+            "ttfb_ms": None if self.ttfb is None else round(self.ttfb * 1000, 2),
+        }
+        record.update(self.usage)
+        if self.error:
+            record["error"] = self.error
+        access_log.info(json.dumps(record))
+
+
+class Gateway:
+    """The WSGI application. Build it with ``make_app``; each instance owns its config, key
+    store and upstream sessions, so several can live in one process."""
+
+    def __init__(self, config):
+        self.config = config
+        self.keys = WatchedFile(config.keys_path, parse_key_file, KeyStore())
+        self._upstream_key_file = (
+            WatchedFile(config.upstream_key_path, read_first_line, None)
+            if config.upstream_key_path else None)
+        self._local = threading.local()
+        self.routes = {
+            "/v1/messages": {"POST": self.on_messages},
+            "/v1/messages/count_tokens": {"POST": self.on_count_tokens},
+            "/v1/models": {"GET": self.on_models},
+            "/healthz": {"GET": self.on_health},
+            "/": {"HEAD": self.on_root, "GET": self.on_root},
+        }
+
+    def __call__(self, environ, start_response):
+        return self.wsgi_app(environ, start_response)
+
+    def wsgi_app(self, environ, start_response):
+        exchange = Exchange(environ, self._client_ip(environ))
+        environ["gateway.request_id"] = exchange.request_id
+        try:
+            status, headers, body = self._dispatch(environ, exchange)
+        except APIError as exc:
+            status, headers, body = self._render_error(exc, exchange)
+        except Exception:
+            log.exception("unexpected error [%s]", exchange.request_id)
+            status, headers, body = self._render_error(
+                APIError(500, "api_error", "Internal server error."), exchange)
+        exchange.status = status
+        start_response(status_line(status), headers)
+        if isinstance(body, bytes):
+            exchange.first_byte()
+            exchange.log()
+            return [body]
+        return body  # a stream: relay_stream logs when it ends
+
+    def _dispatch(self, environ, exchange):
+        path = environ.get("PATH_INFO") or "/"
+        methods = self.routes.get(path)
+        if methods is None and path.startswith("/v1/models/"):
+            methods = {"GET": self.on_model}
+        if methods is None:
+            raise APIError(404, "not_found_error", "Not found: %s" % path)
+        handler = methods.get(environ.get("REQUEST_METHOD", "GET"))
+        if handler is None:
+            raise APIError(405, "invalid_request_error",
+                           "Method %s is not allowed on %s." % (environ.get("REQUEST_METHOD"),
+                                                                 path),
+                           [("Allow", ", ".join(sorted(methods)))])
+        return handler(environ, exchange)
+
+    # -- endpoints ----------------------------------------------------------------------------
+
+    def on_messages(self, environ, exchange):
+        key_entry = self.authenticate(environ, exchange)
+        body = parse_json_body(self.read_body(environ))
+        routed, exchange.public_model, exchange.upstream_model = route_models(
+            body, self.config.models, key_entry)
+        exchange.stream = body.get("stream") is True
+        return self.forward(environ, exchange, "/v1/messages", encode_json(routed))
+
+    def on_count_tokens(self, environ, exchange):
+        key_entry = self.authenticate(environ, exchange)
+        body = parse_json_body(self.read_body(environ))
+        routed, exchange.public_model, exchange.upstream_model = route_models(
+            body, self.config.models, key_entry)
+        return self.forward(environ, exchange, "/v1/messages/count_tokens",
+                            encode_json(count_tokens_body(routed)))
+
+    def on_models(self, environ, exchange):
+        key_entry = self.authenticate(environ, exchange)
+        ids = [m for m in self.config.models if key_entry.allows(m)]
+        return _json_response(200, models_page(ids, environ.get("QUERY_STRING", "")))
+
+    def on_model(self, environ, exchange):
+        key_entry = self.authenticate(environ, exchange)
+        model_id = environ["PATH_INFO"][len("/v1/models/"):]
+        if model_id not in self.config.models or not key_entry.allows(model_id):
+            raise APIError(404, "not_found_error", "model: %s" % model_id)
+        return _json_response(200, model_info(model_id))
+
+    def on_health(self, environ, exchange):
+        return _json_response(200, {"status": "ok"})
+
+    def on_root(self, environ, exchange):
+        return 200, [("Content-Type", "text/plain"), ("Content-Length", "0")], b""
+
+    # -- stages -------------------------------------------------------------------------------
+
+    def authenticate(self, environ, exchange):
+        key = client_key(environ)
+        if key is None:
+            raise APIError(401, "authentication_error",
+                           "Missing API key: send it as 'x-api-key' or "
+                           "'Authorization: Bearer'.")
+        entry = self.keys.get().find(key)
+        if entry is None or not entry.enabled:
+            raise APIError(401, "authentication_error", "invalid x-api-key")
+        exchange.key_name = entry.name
+        return entry
+
+    def read_body(self, environ):
+        """The request body, refused with 413 before reading when it is over the limit."""
+        limit = self.config.max_body_bytes
+        too_large = APIError(413, "request_too_large",
+                             "Request exceeds the maximum allowed size of %d bytes." % limit)
+        length = environ.get("CONTENT_LENGTH", "")
+        stream = environ["wsgi.input"]
+        if length:
+            try:
+                length = int(length)
+            except ValueError:
+                raise APIError(400, "invalid_request_error", "Invalid Content-Length.") from None
+            if length > limit:
+                raise too_large
+            return _read_exactly(stream, length)
+        if not environ.get("wsgi.input_terminated"):
+            # Neither a length nor a server that ends the stream for us (PEP 3333 leaves
+            # reading past CONTENT_LENGTH undefined): there is no body to read.
+            return b""
+        chunks, size = [], 0
+        while True:
+            chunk = stream.read(min(BODY_READ_SIZE, limit + 1 - size))
+            if not chunk:
+                return b"".join(chunks)
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+
+    def forward(self, environ, exchange, path, body):
+        response = self._send(environ, exchange, path, body)
+        exchange.upstream_request_id = response.headers.get("request-id")
+        if response.status_code == 401:
+            response.close()
+            log.critical("the upstream refused OUR key (401) [%s]: check the upstream key "
+                         "file", exchange.request_id)
+            raise APIError(502, "api_error", "The gateway's upstream credentials were "
+                           "refused. The operator has been told.")
+        headers = client_headers(response.headers)
+        streaming = (exchange.stream and response.status_code == 200
+                     and response.headers.get("content-type", "").startswith(SSE_CONTENT_TYPE))
+        if streaming:
+            headers += [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+            return response.status_code, headers, relay_stream(response, exchange)
+        exchange.stream = False
+        try:
+            content = response.content
+        except requests.RequestException as exc:
+            raise _upstream_error(exc, exchange) from None
+        finally:
+            response.close()
+        exchange.usage = usage_from_json(content)
+        headers.append(("Content-Length", str(len(content))))
+        return response.status_code, headers, content
+
+    def _send(self, environ, exchange, path, body):
+        upstream_key = self.upstream_key()
+        query = environ.get("QUERY_STRING", "")
+        url = self.config.upstream_url + path + ("?" + query if query else "")
+        try:
+            return self.session().post(
+                url, data=body, headers=upstream_headers(environ, upstream_key), stream=True,
+                timeout=(self.config.connect_timeout, self.config.read_timeout),
+                allow_redirects=False)
+        except requests.RequestException as exc:
+            raise _upstream_error(exc, exchange) from None
+
+    def upstream_key(self):
+        key = self.config.upstream_key
+        if self._upstream_key_file is not None:
+            key = self._upstream_key_file.get()
+        if not key:
+            log.critical("no upstream key: put it in %s or set ANTHROPIC_API_KEY",
+                         self.config.upstream_key_path)
+            raise APIError(502, "api_error", "The gateway has no upstream credentials. "
+                           "The operator has been told.")
+        return key
+
+    def session(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = new_session(self.config)
+        return session
+
+    def _client_ip(self, environ):
+        remote = environ.get("REMOTE_ADDR")
+        if remote in self.config.trusted_proxies and environ.get("HTTP_X_REAL_IP"):
+            return environ["HTTP_X_REAL_IP"].strip()
+        return remote
+
+    def _render_error(self, exc, exchange):
+        exchange.error = exc.error_type
+        body = error_body(exc.error_type, exc.message, exchange.request_id)
+        headers = [("Content-Type", JSON_CONTENT_TYPE), ("Content-Length", str(len(body))),
+                   ("request-id", exchange.request_id)] + exc.headers
+        return exc.status, headers, body
+
+
+def _read_exactly(stream, length):
+    chunks, remaining = [], length
+    while remaining > 0:
+        chunk = stream.read(min(BODY_READ_SIZE, remaining))
+        if not chunk:
+            raise APIError(400, "invalid_request_error",
+                           "The request body is shorter than its Content-Length.")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _json_response(status, payload):
+    body = json.dumps(payload).encode()
+    return status, [("Content-Type", JSON_CONTENT_TYPE), ("Content-Length", str(len(body)))], body
+
+
+def _upstream_error(exc, exchange):
+    """Map a requests failure before the answer started: timeouts 504, the rest 502
+    (WSGIProxy2's mapping). The log names the exception class, never a URL with secrets."""
+    log.error("upstream request failed [%s]: %s", exchange.request_id, type(exc).__name__)
+    if isinstance(exc, (requests.ReadTimeout, requests.exceptions.ConnectTimeout)):
+        return APIError(504, "timeout_error", "The upstream did not answer in time.")
+    return APIError(502, "api_error", "The upstream could not be reached.")
+
+
+def make_app(config=None):
+    """Return the gateway WSGI application.
+
+    ``config`` is a ``Config``; when None, ``Config.from_environ(os.environ)`` is used, so
+    ``gunicorn 'gateway:make_app()'`` reads the file that ``GATEWAY_CONFIG`` names.
+    """
+    if config is None:
+        config = Config.from_environ(os.environ)
+    return Gateway(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Operator commands: keys, check, serve
+# ---------------------------------------------------------------------------------------------
+
+def generate_key():
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def load_key_file(path):
+    """Read the key file for editing; a missing file is an empty one."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return parse_key_file(file.read())
+    except FileNotFoundError:
+        return KeyStore()
+
+
+def write_key_file(path, store):
+    """Replace the key file atomically (write a temporary file, then rename), so a worker
+    reading it mid-update sees the old or the new version, never half of one. Mode 0600."""
+    directory = os.path.dirname(os.path.abspath(path))
+    header = "# gateway key file: name  sha256-digest  models  enabled. Edit with 'gateway keys'.\n"
+    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".keys-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(header + "".join(entry.to_line() + "\n" for entry in store.entries))
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _locked_key_file(path):
+    """An exclusive lock beside the key file, so two 'gateway keys' runs never interleave."""
+    import fcntl
+    lock = open(path + ".lock", "a")
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return lock
+
+
+def cmd_keys_add(config, args):
+    models = None
+    if args.models:
+        models = frozenset(m.strip() for m in args.models.split(",") if m.strip())
+        unknown = sorted(models - set(config.models))
+        if unknown:
+            print("error: unknown model(s) %s; configured: %s"
+                  % (", ".join(unknown), ", ".join(config.models)), file=sys.stderr)
+            return 2
+    if not args.name.isprintable() or any(c.isspace() for c in args.name) or not args.name:
+        print("error: a key name is one word without spaces", file=sys.stderr)
+        return 2
+    key = generate_key()
+    with _locked_key_file(config.keys_path):
+        store = load_key_file(config.keys_path)
+        if store.get(args.name):
+            print("error: a key named %r exists; revoke it first" % args.name, file=sys.stderr)
+            return 1
+        entry = KeyEntry(args.name, digest_key(key), b"", models, True)
+        write_key_file(config.keys_path, KeyStore(store.entries + (entry,)))
+    print("added key %r to %s; it is shown only this once:" % (args.name, config.keys_path))
+    print(key)
+    return 0
+
+
+def cmd_keys_list(config, args):
+    store = load_key_file(config.keys_path)
+    rows = [("NAME", "MODELS", "ENABLED")] + [
+        (e.name, ",".join(sorted(e.models)) if e.models is not None else "*",
+         "yes" if e.enabled else "no") for e in store.entries]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def cmd_keys_revoke(config, args):
+    with _locked_key_file(config.keys_path):
+        store = load_key_file(config.keys_path)
+        if store.get(args.name) is None:
+            print("error: no key named %r" % args.name, file=sys.stderr)
+            return 1
+        write_key_file(config.keys_path, KeyStore(
+            e for e in store.entries if e.name != args.name))
+    print("revoked key %r; every worker refuses it from its next request" % args.name)
+    return 0
+
+
+def cmd_check(config, args):
+    """Validate what the gateway will run with and say what was found; exit 1 on a problem."""
+    problems = []
+    print("config: %s" % (os.environ.get("GATEWAY_CONFIG") or "(defaults)"))
+    print("upstream: %s" % config.upstream_url)
+    print("models: %s" % ", ".join("%s -> %s" % item for item in config.models.items()))
+    try:
+        with open(config.keys_path, encoding="utf-8") as file:
+            store = parse_key_file(file.read())
+        enabled = sum(1 for e in store.entries if e.enabled)
+        print("keys: %s: %d key(s), %d enabled" % (config.keys_path, len(store.entries), enabled))
+        for entry in store.entries:
+            unknown = sorted((entry.models or set()) - set(config.models))
+            if unknown:
+                problems.append("key %r allows unknown model(s) %s" % (entry.name,
+                                                                       ", ".join(unknown)))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        problems.append("key file %s: %s" % (config.keys_path, exc))
+    if config.upstream_key_path is None:
+        print("upstream key: from ANTHROPIC_API_KEY")
+    else:
+        try:
+            with open(config.upstream_key_path, encoding="utf-8") as file:
+                read_first_line(file.read())
+            print("upstream key: %s (readable)" % config.upstream_key_path)
+            if os.stat(config.upstream_key_path).st_mode & 0o077:
+                print("warning: %s is readable by group or others; chmod 600 it"
+                      % config.upstream_key_path)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            problems.append("upstream key file %s: %s (or set ANTHROPIC_API_KEY)"
+                            % (config.upstream_key_path, getattr(exc, "strerror", None) or exc))
+    for problem in problems:
+        print("problem: %s" % problem)
+    print("ok" if not problems else "%d problem(s)" % len(problems))
+    return 1 if problems else 0
+
+
+def find_gunicorn_config():
+    """deploy/gunicorn.conf.py beside this module (a checkout or editable install), else the
+    copy that ``pip install`` puts in ``<prefix>/share/gateway``."""
+    candidates = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "deploy",
+                               "gunicorn.conf.py"),
+                  os.path.join(sys.prefix, "share", "gateway", "gunicorn.conf.py")]
+    for candidate in candidates:
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def cmd_serve(config, args):
+    try:
+        import gunicorn.app.base
+    except ImportError:
+        print("error: 'gateway serve' runs gunicorn: pip install 'gateway[serve]' (or embed "
+              "gateway:make_app() in your own WSGI server)", file=sys.stderr)
+        return 2
+    if cmd_check(config, args) != 0:
+        print("error: fix the problems above before serving", file=sys.stderr)
+        return 1
+    gunicorn_config = args.gunicorn_config or find_gunicorn_config()
+
+    class GatewayServer(gunicorn.app.base.Application):
+        # The gunicorn master is this process, so 'gateway serve' can be supervised directly
+        # (systemd, HUP to reload). Workers build their own app from GATEWAY_CONFIG.
+        def load_config(self):
+            if gunicorn_config:
+                self.load_config_from_file(gunicorn_config)
+            if args.bind:
+                self.cfg.set("bind", [args.bind])
+
+        def init(self, parser, opts, args):
+            return None  # no gunicorn command line: 'gateway serve' has its own
+
+        def load(self):
+            return make_app(Config.from_environ(os.environ))
+
+    GatewayServer().run()
+    return 0
+
+
+def build_parser():
+    # --config is accepted wherever it is written ('gateway --config F keys add x' and
+    # 'gateway keys add x --config F'); SUPPRESS keeps a later parser from resetting it.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="the INI config (default: $GATEWAY_CONFIG, else built-in "
+                             "defaults relative to the current directory)")
+    parser = argparse.ArgumentParser(
+        prog="gateway", parents=[config],
+        description="Serve the Anthropic Messages API with your own keys.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", parents=[config], help="run the gateway (gunicorn)")
+    serve.add_argument("--bind", metavar="HOST:PORT", help="listen address (default from "
+                       "deploy/gunicorn.conf.py: 127.0.0.1:8080)")
+    serve.add_argument("--gunicorn-config", metavar="FILE", help="another gunicorn config")
+    serve.set_defaults(run=cmd_serve)
+    commands.add_parser("check", parents=[config],
+                        help="validate the config, key file and upstream key").set_defaults(
+        run=cmd_check)
+    keys = commands.add_parser("keys", parents=[config], help="manage client keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    add = key_commands.add_parser("add", parents=[config],
+                                  help="create a key; prints it once, as the last line")
+    add.add_argument("name")
+    add.add_argument("--models", metavar="ID,ID", help="public models it may use (default all)")
+    add.set_defaults(run=cmd_keys_add)
+    key_commands.add_parser("list", parents=[config],
+                            help="names, models, enabled").set_defaults(run=cmd_keys_list)
+    revoke = key_commands.add_parser("revoke", parents=[config], help="remove a key")
+    revoke.add_argument("name")
+    revoke.set_defaults(run=cmd_keys_revoke)
+    return parser
+
+
+def main(argv=None):
+    """The command line: ``gateway serve|check|keys``. Returns the exit code.
+
+    Reached three ways that all call this function: the ``gateway`` script in a checkout, the
+    installed console script, and ``python -m gateway`` (for environments without scripts on
+    the PATH).
+    """
+    args = build_parser().parse_args(argv)
+    if getattr(args, "config", None):
+        # Workers (and 'gateway:make_app()' under a bare gunicorn) find the file this way.
+        os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
+    try:
+        config = Config.from_environ(os.environ)
+    except ValueError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    return args.run(config, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from socketserver import ThreadingMixIn
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gateway  # noqa: E402
+from upstream import UPSTREAM_KEY, FakeUpstream  # noqa: E402
+
+CLIENT_KEY = "sk-gw-test-alice-0123456789abcdefghijklmnop"
+LIMITED_KEY = "sk-gw-test-bob-0123456789abcdefghijklmnopqr"
+DISABLED_KEY = "sk-gw-test-carol-0123456789abcdefghijklmno"
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_environment(monkeypatch):
+    """requests honours proxy variables; a developer's proxy must not catch loopback tests."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+                 "https_proxy", "all_proxy", "no_proxy", "ANTHROPIC_API_KEY",
+                 "GATEWAY_CONFIG", "ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def upstream():
+    fake = FakeUpstream().start()
+    yield fake
+    if fake.gate is not None:
+        fake.gate.set()
+    fake.stop()
+
+
+def key_line(name, key, models="*", enabled="enabled"):
+    return "%s sha256:%s %s %s\n" % (name, gateway.digest_key(key).hex(), models, enabled)
+
+
+@pytest.fixture
+def config_dir(tmp_path, upstream):
+    """A config directory as an operator would lay it out: gateway.ini, keys, upstream.key."""
+    (tmp_path / "upstream.key").write_text(UPSTREAM_KEY + "\n")
+    (tmp_path / "gateway.keys").write_text(
+        key_line("alice", CLIENT_KEY)
+        + key_line("bob", LIMITED_KEY, "claude-opus-4-7")
+        + key_line("carol", DISABLED_KEY, "*", "disabled"))
+    (tmp_path / "gateway.ini").write_text(
+        "[gateway]\nupstream_url = %s\nkeys_file = gateway.keys\n"
+        "upstream_key_file = upstream.key\nconnect_timeout = 2\nread_timeout = 5\n"
+        "[models]\nclaude-opus-4-8 = claude-opus-4-8-20261101\n"
+        "claude-opus-4-7 = claude-opus-4-7-20260601\n" % upstream.url)
+    return tmp_path
+
+
+@pytest.fixture
+def config(config_dir):
+    return gateway.Config.from_file(str(config_dir / "gateway.ini"))
+
+
+@pytest.fixture
+def app(config):
+    return gateway.make_app(config)
+
+
+def auth(key=CLIENT_KEY):
+    return {"x-api-key": key, "anthropic-version": "2023-06-01"}
+
+
+class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def served_app(app):
+    """The app on a real loopback HTTP server in this process (for real HTTP clients)."""
+    server = make_server("127.0.0.1", 0, app, server_class=_ThreadingWSGIServer,
+                         handler_class=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield "http://127.0.0.1:%d" % server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@contextlib.contextmanager
+def gateway_process(args, log_path, env=None, timeout=30):
+    """Run ``./gateway <args>`` (gunicorn in the foreground) and yield (process, base_url)
+    once gunicorn says 'Listening at'; stop it with SIGTERM afterwards."""
+    environment = dict(os.environ, **(env or {}))
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "gateway")] + args,
+                                   stdout=log, stderr=subprocess.STDOUT, env=environment)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = open(log_path, encoding="utf-8", errors="replace").read()
+            match = re.search(r"Listening at: http://([\d.]+:\d+)", text)
+            if match and "Booting worker" in text:
+                break
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("gateway serve did not start:\n" + text)
+            time.sleep(0.05)
+        yield process, "http://" + match.group(1)
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

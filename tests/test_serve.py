@@ -1,0 +1,107 @@
+"""The operator contract end to end: the real 'gateway' command, gunicorn included."""
+import json
+import os
+import subprocess
+import sys
+
+import requests
+
+from conftest import CLIENT_KEY, ROOT, auth, gateway_process
+from upstream import free_port
+
+
+def run_gateway(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "gateway")] + list(args),
+                          capture_output=True, text=True, env=dict(os.environ, **(env or {})),
+                          timeout=30)
+
+
+def test_serve_relays_a_stream_and_logs_one_json_line(config_dir, upstream, tmp_path):
+    bind = "127.0.0.1:%d" % free_port()
+    log_path = tmp_path / "serve.log"
+    with gateway_process(["serve", "--config", str(config_dir / "gateway.ini"),
+                          "--bind", bind], log_path) as (process, url):
+        response = requests.post(url + "/v1/messages?beta=true", headers=auth(), stream=True,
+                                 json={"model": "claude-opus-4-8", "max_tokens": 10,
+                                       "stream": True, "messages": [{"role": "user",
+                                                                     "content": "hi"}]})
+        body = response.content
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert b"event: message_stop" in body
+        assert upstream.last.path == "/v1/messages?beta=true"
+    lines = [json.loads(line) for line in log_path.read_text().splitlines()
+             if line.startswith("{")]
+    access = [line for line in lines if line.get("path") == "/v1/messages"]
+    assert len(access) == 1
+    assert access[0]["key"] == "alice" and access[0]["stream"] is True
+    assert access[0]["upstream_model"] == "claude-opus-4-8-20261101"
+    assert access[0]["input_tokens"] == 12 and access[0]["output_tokens"] == 7
+    assert CLIENT_KEY not in log_path.read_text()
+
+
+def test_keys_add_list_revoke(config_dir, app):
+    ini = str(config_dir / "gateway.ini")
+    added = run_gateway("keys", "add", "dave", "--models", "claude-opus-4-8", "--config", ini)
+    assert added.returncode == 0, added.stderr
+    new_key = added.stdout.strip().splitlines()[-1]
+    assert new_key.startswith("sk-gw-")
+    key_file = (config_dir / "gateway.keys").read_text()
+    assert new_key not in key_file and "dave" in key_file
+    assert os.stat(config_dir / "gateway.keys").st_mode & 0o777 == 0o600
+
+    listed = run_gateway("keys", "list", "--config", ini)
+    assert "dave" in listed.stdout and "claude-opus-4-8" in listed.stdout
+    assert "sha256" not in listed.stdout
+
+    import webtest
+    client = webtest.TestApp(app)
+    ok = client.get("/v1/models", headers={"Authorization": "Bearer " + new_key})
+    assert [m["id"] for m in ok.json["data"]] == ["claude-opus-4-8"]
+
+    revoked = run_gateway("keys", "revoke", "dave", "--config", ini)
+    assert revoked.returncode == 0
+    refused = client.get("/v1/models", headers={"Authorization": "Bearer " + new_key},
+                         status=401)
+    assert refused.json["error"]["type"] == "authentication_error"
+
+
+def test_keys_add_refuses_unknown_model_and_duplicate_name(config_dir):
+    ini = str(config_dir / "gateway.ini")
+    unknown = run_gateway("keys", "add", "eve", "--models", "gpt-4", "--config", ini)
+    assert unknown.returncode == 2 and "gpt-4" in unknown.stderr
+    duplicate = run_gateway("keys", "add", "alice", "--config", ini)
+    assert duplicate.returncode == 1 and "exists" in duplicate.stderr
+
+
+def test_check_reports_what_it_found(config_dir):
+    ini = str(config_dir / "gateway.ini")
+    good = run_gateway("check", "--config", ini)
+    assert good.returncode == 0, good.stdout
+    assert "3 key(s), 2 enabled" in good.stdout and good.stdout.strip().endswith("ok")
+    (config_dir / "upstream.key").unlink()
+    bad = run_gateway("check", "--config", ini)
+    assert bad.returncode == 1 and "upstream key file" in bad.stdout
+
+
+def test_check_reports_a_broken_key_file_and_config(config_dir):
+    ini = str(config_dir / "gateway.ini")
+    (config_dir / "gateway.keys").write_text("alice not-a-digest * enabled\n")
+    bad = run_gateway("check", "--config", ini)
+    assert bad.returncode == 1 and "line 1" in bad.stdout
+    (config_dir / "gateway.ini").write_text("[gateway]\nmax_body_byte = 3\n")
+    typo = run_gateway("check", "--config", ini)
+    assert typo.returncode == 2 and "max_body_byte" in typo.stderr
+
+
+def test_serve_refuses_to_start_without_an_upstream_key(config_dir):
+    (config_dir / "upstream.key").unlink()
+    result = run_gateway("serve", "--config", str(config_dir / "gateway.ini"))
+    assert result.returncode == 1 and "upstream key" in result.stdout
+
+
+def test_python_dash_m_reaches_the_same_main(config_dir):
+    result = subprocess.run([sys.executable, "-m", "gateway", "keys", "list", "--config",
+                             str(config_dir / "gateway.ini")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0 and "alice" in result.stdout
