@@ -415,8 +415,11 @@ class WatchedFile:
                           self.path, exc.strerror)
             return self._value
         if signature != self._signature:
-            self._signature = signature
+            # Load first, then publish the signature: a thread that sees the new signature
+            # must find the new value. (The other order made a new worker's concurrent first
+            # requests read the empty initial key store: 401s at every start and reload.)
             self._reload()
+            self._signature = signature
         return self._value
 
     def _reload(self):
@@ -704,6 +707,10 @@ def relay_stream(response, exchange):
     the upstream response, and the upstream stops generating output nobody reads.
     """
     meter = StreamMeter()
+    # The error event must start on a fresh event, or the client's parser glues it onto the
+    # upstream's half-sent one. A half-sent event cannot be taken back; ending it with a blank
+    # line makes the client drop it or fail to parse it, an error either way, never silence.
+    separator = b""
     try:
         while True:
             try:
@@ -712,16 +719,19 @@ def relay_stream(response, exchange):
                 log.warning("upstream stream failed [%s]: %s", exchange.request_id,
                             type(exc).__name__)
                 exchange.error = "upstream stream failed"
-                yield sse_error_event("The upstream connection failed during the stream.")
+                yield separator + sse_error_event(
+                    "The upstream connection failed during the stream.")
                 return
             if not chunk:
                 break
             meter.feed(chunk)
             exchange.first_byte()
+            separator = b"" if chunk.endswith(b"\n\n") else b"\n\n"
             yield chunk
         if not meter.finished:
             exchange.error = "upstream stream ended early"
-            yield sse_error_event("The upstream ended the stream before message_stop.")
+            yield separator + sse_error_event(
+                "The upstream ended the stream before message_stop.")
     finally:
         response.close()
         exchange.usage = meter.usage

@@ -88,7 +88,7 @@ def served_app(app):
     """The app on a real loopback HTTP server in this process (for real HTTP clients)."""
     server = make_server("127.0.0.1", 0, app, server_class=_ThreadingWSGIServer,
                          handler_class=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield "http://127.0.0.1:%d" % server.server_address[1]
     server.shutdown()

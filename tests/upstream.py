@@ -150,7 +150,8 @@ class FakeUpstream:
         self.server.daemon_threads = True
         self.server.fake = self
         self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                        daemon=True)
 
     def start(self):
         self._thread.start()

@@ -1,0 +1,125 @@
+"""The real anthropic Python SDK, pointed at the gateway over HTTP, sees the real API."""
+import anthropic
+import pytest
+
+from conftest import CLIENT_KEY, LIMITED_KEY
+from upstream import message, sse, stream_events, text_stream
+
+MESSAGES = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture
+def sdk(served_app):
+    return anthropic.Anthropic(api_key=CLIENT_KEY, base_url=served_app, max_retries=0)
+
+
+def test_create(sdk, upstream):
+    reply = sdk.messages.create(model="claude-opus-4-8", max_tokens=16, messages=MESSAGES)
+    assert reply.content[0].text == "Hello!"
+    assert reply.model == "claude-opus-4-8-20261101"
+    assert reply.usage.input_tokens == 12 and reply.usage.output_tokens == 5
+    assert reply._request_id == "req_upstream_1"
+    assert upstream.last.headers["x-api-key"] != CLIENT_KEY
+
+
+def test_auth_token_credential(served_app, upstream):
+    client = anthropic.Anthropic(auth_token=CLIENT_KEY, base_url=served_app, max_retries=0)
+    assert client.messages.create(model="claude-opus-4-8", max_tokens=16,
+                                  messages=MESSAGES).content[0].text == "Hello!"
+
+
+def test_stream_text(sdk, upstream):
+    with sdk.messages.stream(model="claude-opus-4-8", max_tokens=16, messages=MESSAGES) as s:
+        texts = list(s.text_stream)
+        final = s.get_final_message()
+    assert texts == ["Hel", "lo", "!"]
+    assert final.usage.output_tokens == 7 and final.stop_reason == "end_turn"
+
+
+def test_beta_stream_forwards_the_beta_header(sdk, upstream):
+    # SDK 2.x sends no ?beta=true (wire.md correction box); 0.x's query is tested in test_wsgi.
+    with sdk.beta.messages.stream(model="claude-opus-4-8", max_tokens=16, messages=MESSAGES,
+                                  betas=["interleaved-thinking-2025-05-14"]) as s:
+        assert s.get_final_message().content[0].text == "Hello!"
+    assert upstream.last.headers["anthropic-beta"] == "interleaved-thinking-2025-05-14"
+
+
+def test_stream_tool_use_and_thinking(sdk, upstream):
+    start = dict(message("m", ""), content=[], stop_reason=None)
+    events = [
+        sse("message_start", {"type": "message_start", "message": start}, pad=5),
+        sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                    "content_block": {"type": "thinking", "thinking": "",
+                                                      "signature": ""}}),
+        sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                    "delta": {"type": "thinking_delta",
+                                              "thinking": "Weather needs a tool."}}),
+        sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                    "delta": {"type": "signature_delta", "signature": "c2lnbg=="}}),
+        sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        sse("content_block_start", {"type": "content_block_start", "index": 1,
+                                    "content_block": {"type": "tool_use", "id": "toolu_01",
+                                                      "name": "get_weather", "input": {}}}),
+        sse("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {
+            "type": "input_json_delta", "partial_json": "{\"city\": \"Pa"}}, pad=11),
+        sse("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {
+            "type": "input_json_delta", "partial_json": "ris\", \"unit\": \"c\"}"}}),
+        sse("content_block_stop", {"type": "content_block_stop", "index": 1}),
+        sse("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"},
+                              "usage": {"output_tokens": 40}}),
+        sse("message_stop", {"type": "message_stop"}),
+    ]
+    upstream.handler = lambda handler, received: stream_events(handler, events, upstream)
+    with sdk.messages.stream(
+            model="claude-opus-4-8", max_tokens=2048, messages=MESSAGES,
+            thinking={"type": "enabled", "budget_tokens": 1024},
+            tools=[{"name": "get_weather", "input_schema": {"type": "object"}}]) as s:
+        final = s.get_final_message()
+    thinking, tool = final.content
+    assert thinking.thinking == "Weather needs a tool." and thinking.signature == "c2lnbg=="
+    assert tool.input == {"city": "Paris", "unit": "c"} and final.stop_reason == "tool_use"
+    assert final.usage.output_tokens == 40
+
+
+def test_count_tokens(sdk, upstream):
+    counted = sdk.messages.count_tokens(model="claude-opus-4-8", messages=MESSAGES)
+    assert counted.input_tokens == 42
+    assert upstream.last.json() == {"model": "claude-opus-4-8-20261101", "messages": MESSAGES}
+
+
+def test_models_list_and_retrieve(served_app):
+    sdk = anthropic.Anthropic(api_key=LIMITED_KEY, base_url=served_app, max_retries=0)
+    assert [m.id for m in sdk.models.list()] == ["claude-opus-4-7"]
+    assert sdk.models.retrieve("claude-opus-4-7").display_name == "Claude Opus 4.7"
+
+
+def test_errors_become_the_sdk_exceptions(served_app, sdk, upstream):
+    stranger = anthropic.Anthropic(api_key="sk-gw-stranger", base_url=served_app,
+                                   max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as denied:
+        stranger.messages.create(model="claude-opus-4-8", max_tokens=1, messages=MESSAGES)
+    assert denied.value.request_id.startswith("req_gw_")
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        sdk.messages.create(model="claude-foo", max_tokens=1, messages=MESSAGES)
+    assert missing.value.body["error"]["message"] == "model: claude-foo"
+    limited = anthropic.Anthropic(api_key=LIMITED_KEY, base_url=served_app, max_retries=0)
+    with pytest.raises(anthropic.PermissionDeniedError):
+        limited.messages.create(model="claude-opus-4-8", max_tokens=1, messages=MESSAGES)
+
+    upstream.handler = lambda handler, received: handler.send_json(529, {
+        "type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    with pytest.raises(anthropic.APIStatusError) as overloaded:
+        sdk.messages.create(model="claude-opus-4-8", max_tokens=1, messages=MESSAGES)
+    assert overloaded.value.status_code == 529
+
+
+def test_error_event_mid_stream_raises(sdk, upstream):
+    def breaks(handler, received):
+        stream_events(handler, text_stream("m")[:2] + [
+            b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", '
+            b'"message": "Overloaded"}}\n\n'], upstream)
+    upstream.handler = breaks
+    with pytest.raises(anthropic.APIStatusError, match="Overloaded"):
+        with sdk.messages.stream(model="claude-opus-4-8", max_tokens=8,
+                                 messages=MESSAGES) as s:
+            s.get_final_message()

@@ -1,0 +1,301 @@
+"""Pure functions: no sockets, no app."""
+import json
+import random
+
+import pytest
+
+import gateway
+from gateway import APIError, KeyEntry, KeyStore
+from conftest import key_line
+
+MODELS = {"claude-opus-4-8": "up-4-8", "claude-opus-4-7": "up-4-7"}
+ANY = KeyEntry("any", b"\0" * 32)
+ONLY_47 = KeyEntry("only47", b"\0" * 32, models=frozenset({"claude-opus-4-7"}))
+
+
+# -- key file -------------------------------------------------------------------------------
+
+def test_parse_key_file_reads_names_digests_models_and_flags():
+    text = ("# comment\n\n" + key_line("alice", "sk-a")
+            + key_line("bob", "sk-b", "claude-opus-4-7,claude-opus-4-8", "disabled"))
+    store = gateway.parse_key_file(text)
+    assert [e.name for e in store.entries] == ["alice", "bob"]
+    assert store.find("sk-a").name == "alice"
+    bob = store.find("sk-b")
+    assert bob.enabled is False and bob.models == {"claude-opus-4-7", "claude-opus-4-8"}
+    assert store.find("sk-c") is None and store.find("") is None
+
+
+def test_salted_digests_match_only_their_key():
+    salt = bytes.fromhex("a1b2c3")
+    import hashlib
+    digest = hashlib.sha256(salt + b"sk-salty").hexdigest()
+    store = gateway.parse_key_file("s sha256:a1b2c3:%s * enabled\n" % digest)
+    assert store.find("sk-salty").name == "s"
+    assert store.find("sk-salt") is None
+
+
+def test_key_entry_round_trips_through_its_line():
+    entry = KeyEntry("ci", gateway.digest_key("sk-x"), b"\x01\x02", frozenset({"m1", "m2"}),
+                     False)
+    assert gateway.parse_key_file(entry.to_line()).entries == (entry,)
+
+
+@pytest.mark.parametrize("line, complaint", [
+    ("alice sha256:abcd * enabled", "64 hex digits"),
+    ("alice md5:" + "0" * 64 + " * enabled", "sha256"),
+    ("alice sha256:" + "z" * 64 + " * enabled", "hexadecimal"),
+    ("alice sha256:" + "0" * 64 + " * yes", "enabled"),
+    ("alice sha256:" + "0" * 64 + " *", "4 fields"),
+])
+def test_parse_key_file_names_the_bad_line(line, complaint):
+    with pytest.raises(ValueError) as error:
+        gateway.parse_key_file("# header\n" + line + "\n")
+    assert "line 2" in str(error.value) and complaint in str(error.value)
+
+
+def test_parse_key_file_refuses_duplicate_names():
+    with pytest.raises(ValueError, match="duplicate"):
+        gateway.parse_key_file(key_line("a", "k1") + key_line("a", "k2"))
+
+
+def test_watched_file_reloads_on_change_and_keeps_last_good(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text(key_line("alice", "sk-a"))
+    watched = gateway.WatchedFile(str(path), gateway.parse_key_file, KeyStore())
+    assert watched.get().find("sk-a").name == "alice"
+    path.write_text(key_line("alice", "sk-a") + key_line("bob", "sk-bbbbbbbb"))
+    assert watched.get().find("sk-bbbbbbbb").name == "bob"
+    path.write_text("this is not a key file\n")
+    assert watched.get().find("sk-bbbbbbbb").name == "bob"
+    path.unlink()
+    assert watched.get().find("sk-a").name == "alice"
+
+
+# -- credentials and headers -----------------------------------------------------------------
+
+@pytest.mark.parametrize("environ, key", [
+    ({"HTTP_X_API_KEY": "sk-1"}, "sk-1"),
+    ({"HTTP_AUTHORIZATION": "Bearer sk-2"}, "sk-2"),
+    ({"HTTP_AUTHORIZATION": "bearer  sk-2 "}, "sk-2"),
+    ({"HTTP_X_API_KEY": "sk-1", "HTTP_AUTHORIZATION": "Bearer sk-2"}, "sk-1"),
+    ({"HTTP_AUTHORIZATION": "Basic c2stMg=="}, None),
+    ({"HTTP_AUTHORIZATION": "Bearer "}, None),
+    ({}, None),
+])
+def test_client_key(environ, key):
+    assert gateway.client_key(environ) == key
+
+
+def test_upstream_headers_forward_anthropic_and_telemetry_but_no_credentials():
+    environ = {
+        "HTTP_X_API_KEY": "sk-client", "HTTP_AUTHORIZATION": "Bearer sk-client",
+        "HTTP_ANTHROPIC_VERSION": "2026-10-21", "HTTP_ANTHROPIC_BETA": "a-1,b-2",
+        "HTTP_ANTHROPIC_USER_PROFILE_ID": "p1", "HTTP_X_STAINLESS_RETRY_COUNT": "0",
+        "HTTP_USER_AGENT": "Anthropic/Python 2.14.0", "HTTP_X_CLAUDE_CODE_SESSION_ID": "s",
+        "HTTP_COOKIE": "a=b", "HTTP_HOST": "gw", "HTTP_CONNECTION": "keep-alive",
+        "HTTP_X_FORWARDED_FOR": "1.2.3.4", "HTTP_ACCEPT_ENCODING": "gzip, br, zstd",
+        "HTTP_PROXY_AUTHORIZATION": "x", "CONTENT_LENGTH": "12",
+    }
+    headers = gateway.upstream_headers(environ, "sk-upstream")
+    assert headers == {
+        "anthropic-version": "2026-10-21", "anthropic-beta": "a-1,b-2",
+        "anthropic-user-profile-id": "p1", "x-stainless-retry-count": "0",
+        "user-agent": "Anthropic/Python 2.14.0", "x-claude-code-session-id": "s",
+        "x-api-key": "sk-upstream", "content-type": "application/json",
+        "accept": "application/json", "accept-encoding": "identity",
+    }
+
+
+def test_upstream_headers_default_the_version_only_when_absent():
+    assert gateway.upstream_headers({}, "k")["anthropic-version"] == "2023-06-01"
+
+
+def test_client_headers_relay_only_what_clients_use():
+    upstream = {"Content-Type": "application/json", "request-id": "req_1",
+                "retry-after": "3", "retry-after-ms": "3000", "x-should-retry": "true",
+                "anthropic-ratelimit-tokens-remaining": "9000", "Content-Length": "5",
+                "Transfer-Encoding": "chunked", "Connection": "keep-alive",
+                "Content-Encoding": "gzip", "Set-Cookie": "_cfuvid=x", "server": "cloudflare",
+                "anthropic-organization-id": "org-ours", "cf-ray": "1"}
+    assert dict(gateway.client_headers(upstream)) == {
+        "Content-Type": "application/json", "request-id": "req_1", "retry-after": "3",
+        "retry-after-ms": "3000", "x-should-retry": "true",
+        "anthropic-ratelimit-tokens-remaining": "9000"}
+
+
+# -- bodies ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw, message", [
+    (b"{", "not valid JSON"), (b"[1]", "JSON object"), (b'"x"', "JSON object"),
+    (b'{"a": NaN}', "NaN"), (b'{"a": Infinity}', "Infinity"), (b"\xff\xfe{", "JSON"),
+    (b"[" * 100000 + b"]" * 100000, "nested too deeply"),
+])
+def test_parse_json_body_refuses_with_400(raw, message):
+    with pytest.raises(APIError) as error:
+        gateway.parse_json_body(raw)
+    assert error.value.status == 400 and error.value.error_type == "invalid_request_error"
+    assert message in error.value.message
+
+
+def test_route_models_rewrites_every_model_id():
+    body = {"model": "claude-opus-4-8", "max_tokens": 5,
+            "fallbacks": [{"model": "claude-opus-4-7", "max_tokens": 3}],
+            "tools": [{"type": "advisor_20260301", "name": "advisor", "model": "claude-opus-4-8"},
+                      {"name": "get_weather", "model": "not-a-model-field-for-custom-tools",
+                       "input_schema": {}}]}
+    routed, public, upstream = gateway.route_models(body, MODELS, ANY)
+    assert (public, upstream) == ("claude-opus-4-8", "up-4-8")
+    assert routed["fallbacks"] == [{"model": "up-4-7", "max_tokens": 3}]
+    assert routed["tools"][0]["model"] == "up-4-8"
+    assert routed["tools"][1] == body["tools"][1]
+    assert body["model"] == "claude-opus-4-8"  # the input is not changed
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"model": "claude-foo"}, 404, "model: claude-foo"),
+    ({"model": "up-4-8"}, 404, "model: up-4-8"),
+    ({"model": "claude-opus-4-8"}, 403, "claude-opus-4-8"),
+    ({"model": "claude-opus-4-7", "fallbacks": [{"model": "claude-opus-4-8"}]}, 403, ""),
+    ({"model": "claude-opus-4-7", "fallbacks": [{"model": "gpt-5"}]}, 404, "model: gpt-5"),
+    ({"model": "claude-opus-4-7",
+      "tools": [{"type": "advisor_20260301", "model": "opus-upstream-x"}]}, 404, "model:"),
+    ({"model": 7}, 400, "model"), ({}, 400, "model"),
+])
+def test_route_models_refuses_what_is_outside_the_map_or_the_key(body, status, message):
+    with pytest.raises(APIError) as error:
+        gateway.route_models(body, MODELS, ONLY_47)
+    assert error.value.status == status and message in error.value.message
+
+
+def test_count_tokens_body_drops_fields_count_tokens_rejects():
+    body = {"model": "m", "messages": [], "max_tokens": 5, "stream": True,
+            "temperature": 1, "top_p": 1, "top_k": 1, "stop_sequences": [], "metadata": {},
+            "service_tier": "auto", "container": "c", "system": "s", "tools": [],
+            "thinking": {"type": "adaptive"}, "context_management": {}}
+    assert gateway.count_tokens_body(body) == {
+        "model": "m", "messages": [], "system": "s", "tools": [],
+        "thinking": {"type": "adaptive"}, "context_management": {}}
+
+
+def test_encode_json_keeps_meaning_and_utf8():
+    body = {"model": "m", "messages": [{"role": "user", "content": "héllo ✓ 🦀"}],
+            "x": [1.5, None, True, {"deep": "\u2028"}]}
+    encoded = gateway.encode_json(body)
+    assert json.loads(encoded) == body and "🦀".encode() in encoded
+    assert json.loads(gateway.encode_json({"s": "\ud800"})) == {"s": "\ud800"}
+
+
+# -- usage -------------------------------------------------------------------------------------
+
+def sse_stream():
+    import upstream
+    return b"".join(upstream.text_stream("m", pieces=("a", '"message_start"', "c" * 5000)))
+
+
+def test_stream_meter_reads_usage_whatever_the_chunking():
+    data = sse_stream()
+    rng = random.Random(7)
+    for _ in range(50):
+        meter, position = gateway.StreamMeter(), 0
+        while position < len(data):
+            size = rng.choice([1, 2, 7, 64, 1000, 9000])
+            meter.feed(data[position:position + size])
+            position += size
+        assert meter.usage == {"input_tokens": 12, "output_tokens": 7,
+                               "cache_creation_input_tokens": 0, "cache_read_input_tokens": 3}
+        assert meter.finished
+
+
+def test_stream_meter_notices_a_missing_message_stop():
+    data = sse_stream()
+    meter = gateway.StreamMeter()
+    meter.feed(data[:data.index(b"event: message_stop")])
+    assert not meter.finished and meter.usage["output_tokens"] == 7
+
+
+def test_usage_from_json():
+    assert gateway.usage_from_json(b'{"usage": {"input_tokens": 3, "output_tokens": 4}}') == {
+        "input_tokens": 3, "output_tokens": 4}
+    assert gateway.usage_from_json(b'{"input_tokens": 42}') == {}
+    assert gateway.usage_from_json(b"not json") == {}
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def test_display_name():
+    assert gateway.display_name("claude-opus-4-8") == "Claude Opus 4.8"
+    assert gateway.display_name("claude-sonnet-5") == "Claude Sonnet 5"
+
+
+def test_models_page_paginates_like_the_api():
+    ids = ["a", "b", "c", "d", "e"]
+    first = gateway.models_page(ids, "limit=2")
+    assert [m["id"] for m in first["data"]] == ["a", "b"] and first["has_more"]
+    assert (first["first_id"], first["last_id"]) == ("a", "b")
+    second = gateway.models_page(ids, "limit=2&after_id=b")
+    assert [m["id"] for m in second["data"]] == ["c", "d"] and second["has_more"]
+    last = gateway.models_page(ids, "limit=2&after_id=d")
+    assert [m["id"] for m in last["data"]] == ["e"] and not last["has_more"]
+    back = gateway.models_page(ids, "limit=2&before_id=e")
+    assert [m["id"] for m in back["data"]] == ["c", "d"] and back["has_more"]
+    assert gateway.models_page([], "")["first_id"] is None
+    for bad in ("limit=0", "limit=1001", "limit=x"):
+        with pytest.raises(APIError):
+            gateway.models_page(ids, bad)
+
+
+# -- config ------------------------------------------------------------------------------------
+
+def test_config_from_file_resolves_paths_against_the_file(tmp_path):
+    ini = tmp_path / "gateway.ini"
+    ini.write_text("[gateway]\nupstream_url = http://up.example/\nkeys_file = k/keys\n"
+                   "max_body_bytes = 1000\nread_timeout = 900\ntrust_env = yes\n"
+                   "trusted_proxies = 127.0.0.1, ::1\n[models]\nclaude-x = upstream-x\n")
+    config = gateway.Config.from_file(str(ini), environ={})
+    assert config.upstream_url == "http://up.example"
+    assert config.keys_path == str(tmp_path / "k" / "keys")
+    assert config.upstream_key_path == str(tmp_path / "upstream.key")
+    assert (config.max_body_bytes, config.read_timeout, config.trust_env) == (1000, 900.0, True)
+    assert config.trusted_proxies == {"127.0.0.1", "::1"}
+    assert dict(config.models) == {"claude-x": "upstream-x"}
+
+
+def test_config_defaults_and_the_upstream_key_from_the_environment(tmp_path):
+    ini = tmp_path / "gateway.ini"
+    ini.write_text("[gateway]\n")
+    config = gateway.Config.from_file(str(ini), environ={"ANTHROPIC_API_KEY": "sk-ant-env"})
+    assert dict(config.models) == dict(gateway.DEFAULT_MODELS)
+    assert config.upstream_key == "sk-ant-env" and config.upstream_key_path is None
+    assert "sk-ant-env" not in repr(config)
+    ini.write_text("[gateway]\nupstream_key_file = secret/up.key\n")
+    explicit = gateway.Config.from_file(str(ini), environ={"ANTHROPIC_API_KEY": "sk-ant-env"})
+    assert explicit.upstream_key is None  # a named file is never overridden by the env
+    assert explicit.upstream_key_path == str(tmp_path / "secret" / "up.key")
+
+
+@pytest.mark.parametrize("text, complaint", [
+    ("[gateway]\nmax_body_byte = 5\n", "unknown setting"),
+    ("[gateway]\nmax_body_bytes = -5\n", "positive"),
+    ("[gateway]\nread_timeout = soon\n", "read_timeout"),
+    ("[gateway]\ntrust_env = perhaps\n", "true or false"),
+    ("[models]\nclaude-x =\n", "maps to nothing"),
+    ("not an ini file", "cannot read config"),
+])
+def test_config_errors_say_what_is_wrong(tmp_path, text, complaint):
+    ini = tmp_path / "gateway.ini"
+    ini.write_text(text)
+    with pytest.raises(ValueError, match=complaint):
+        gateway.Config.from_file(str(ini), environ={})
+
+
+def test_config_from_environ_without_a_file_uses_defaults():
+    config = gateway.Config.from_environ({})
+    assert config.upstream_url == "https://api.anthropic.com"
+    assert config.max_body_bytes == 32 * 1024 * 1024 and config.read_timeout >= 600
+
+
+def test_error_body_is_the_anthropic_envelope():
+    assert json.loads(gateway.error_body("not_found_error", "model: x", "req_gw_1")) == {
+        "type": "error", "error": {"type": "not_found_error", "message": "model: x"},
+        "request_id": "req_gw_1"}
