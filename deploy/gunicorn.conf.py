@@ -24,6 +24,10 @@ graceful_timeout = 600
 # Clients (and nginx's upstream keepalive) reuse connections between calls.
 keepalive = 75
 
+# gunicorn 27's control socket defaults to one path per user (~/.gunicorn/gunicorn.ctl), so two
+# gateways on one host would fight over it; we manage the server with signals (HUP, TERM).
+control_socket_disable = True
+
 # The access log is the gateway's own JSON line (logger 'gateway.access'); gunicorn's would
 # duplicate it without the key name, model or tokens.
 accesslog = None

@@ -271,3 +271,15 @@ def test_two_apps_in_one_process_share_nothing(config_dir, upstream):
     webtest.TestApp(first).post_json("/v1/messages", MESSAGE, headers=auth())
     webtest.TestApp(second).post_json("/v1/messages", MESSAGE, headers=auth(), status=401)
     assert first.session() is not second.session()
+
+
+def test_an_unexpected_failure_is_a_500_envelope_with_the_traceback_only_in_the_log(app,
+                                                                                   caplog):
+    def broken(environ, exchange):
+        raise RuntimeError("internal detail that must not leak")
+    app.routes["/healthz"]["GET"] = broken
+    with caplog.at_level(logging.ERROR, logger="gateway"):
+        response = webtest.TestApp(app).get("/healthz", status=500)
+    assert_envelope(response, 500, "api_error")
+    assert "internal detail" not in response.text and "Traceback" not in response.text
+    assert "internal detail that must not leak" in caplog.text
