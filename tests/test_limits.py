@@ -1,0 +1,194 @@
+"""Per-key limits, key lifecycle (rotate, disable, expiry, last use) and upstream key failover."""
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import requests
+import webtest
+
+import gateway
+from gateway import APIError, HostState, KeyEntry
+from conftest import CLIENT_KEY, ROOT, auth, gateway_process, key_line
+from upstream import UPSTREAM_KEY, free_port, stream_events, text_stream
+
+MESSAGE = {"model": "claude-opus-4-8", "max_tokens": 16,
+           "messages": [{"role": "user", "content": "Hello"}]}
+T0 = 1_800_000_000.0  # a fixed 'now' (2027-01-15) for the counters
+
+
+def limited(**limits):
+    return KeyEntry("k", b"\0" * 32, **limits)
+
+
+def refusal(state, entry, holder, now):
+    with pytest.raises(APIError) as error:
+        state.admit(entry, holder, now)
+    assert error.value.status == 429 and error.value.error_type == "rate_limit_error"
+    return dict(error.value.headers)["retry-after"]
+
+
+# -- the shared counters, with an explicit clock -----------------------------------------------
+
+def test_rpm_is_a_sliding_minute_shared_by_every_instance(tmp_path):
+    path = str(tmp_path / "state")
+    worker_a, worker_b = HostState(path), HostState(path)  # two processes' views of one file
+    entry = limited(rpm=3)
+    worker_a.admit(entry, "r1", T0)
+    worker_b.admit(entry, "r2", T0 + 10)
+    worker_a.admit(entry, "r3", T0 + 20)
+    assert refusal(worker_b, entry, "r4", T0 + 30) == "30"  # the first hit leaves at T0+60
+    worker_b.admit(entry, "r5", T0 + 60.5)  # recovered: the first hit is out of the window
+    assert refusal(worker_a, entry, "r6", T0 + 61) == "9"
+
+
+def test_concurrency_counts_open_requests_until_released(tmp_path):
+    state, entry = HostState(str(tmp_path / "state")), limited(concurrency=2)
+    state.admit(entry, "a", T0)
+    state.admit(entry, "b", T0)
+    assert refusal(state, entry, "c", T0) == "1"
+    state.release("a")
+    state.admit(entry, "c", T0)  # recovered as soon as one finished
+
+
+def test_slots_of_a_dead_process_are_freed(tmp_path):
+    state, entry = HostState(str(tmp_path / "state")), limited(concurrency=1)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    state._db().execute("INSERT INTO slots VALUES ('ghost', 'k', ?, ?)", (dead.pid, T0))
+    state.admit(entry, "alive", T0)
+    assert refusal(state, entry, "more", T0) == "1"
+
+
+def test_tokens_per_day_refuse_until_the_next_utc_day(tmp_path):
+    state, entry = HostState(str(tmp_path / "state")), limited(tokens_per_day=100)
+    state.admit(entry, "a", T0)
+    state.add_tokens("k", 60, T0)
+    state.admit(entry, "b", T0)
+    state.add_tokens("k", 60, T0)
+    midnight = (T0 // 86400 + 1) * 86400
+    assert refusal(state, entry, "c", T0) == str(int(midnight - T0))
+    state.admit(entry, "d", midnight + 1)
+
+
+def test_last_use_is_recorded_and_read_back(tmp_path):
+    state = HostState(str(tmp_path / "state"))
+    assert HostState(str(tmp_path / "absent")).last_use() == {}
+    state.touch("alice", T0)
+    state.touch("alice", T0 + 5)  # within the minute: not written again
+    assert state.last_use() == {"alice": T0}
+    state.touch("alice", T0 + 61)
+    assert HostState(str(tmp_path / "state")).last_use() == {"alice": T0 + 61}
+
+
+def test_an_unusable_state_file_serves_and_logs(tmp_path, caplog):
+    state = HostState(str(tmp_path / "no-such-dir" / "state"))
+    state.admit(limited(rpm=1), "a", T0)
+    state.admit(limited(rpm=1), "b", T0)
+    assert "limits not enforced" in caplog.text
+
+
+# -- through the app ----------------------------------------------------------------------------
+
+def test_429_reaches_the_client_with_retry_after(config_dir, upstream):
+    (config_dir / "gateway.keys").write_text(key_line("alice", CLIENT_KEY).strip()
+                                            + " rpm=2\n")
+    client = webtest.TestApp(gateway.make_app(
+        gateway.Config.from_file(str(config_dir / "gateway.ini"))))
+    client.post_json("/v1/messages", MESSAGE, headers=auth())
+    client.post_json("/v1/messages", MESSAGE, headers=auth())
+    refused = client.post_json("/v1/messages", MESSAGE, headers=auth(), status=429)
+    assert refused.json["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert len(upstream.received) == 2
+
+
+def test_expired_key_is_401_saying_so(config_dir, app):
+    (config_dir / "gateway.keys").write_text(key_line("alice", CLIENT_KEY).strip()
+                                            + " expires=2020-01-01\n")
+    refused = webtest.TestApp(app).get("/v1/models", headers=auth(), status=401)
+    assert "expired at 2020-01-01T00:00:00Z" in refused.json["error"]["message"]
+
+
+def test_rotated_key_keeps_the_old_one_for_the_grace_period(config_dir, app):
+    old = KeyEntry("alice", gateway.digest_key(CLIENT_KEY))
+    client = webtest.TestApp(app)
+    for until, status in ((T0 * 2, 200), (T0 / 2, 401)):
+        rotated = KeyEntry("alice", gateway.digest_key("sk-gw-new-one"),
+                           previous=(old.salt, old.digest), previous_until=until)
+        (config_dir / "gateway.keys").write_text(rotated.to_line() + "\n")
+        client.get("/v1/models", headers=auth(), status=status)
+        client.get("/v1/models", headers=auth("sk-gw-new-one"), status=200)
+
+
+def test_upstream_key_failover_moves_to_the_next_key(config_dir, app, upstream, caplog):
+    (config_dir / "upstream.key").write_text("# rotated\nsk-ant-revoked\n%s\n" % UPSTREAM_KEY)
+    client = webtest.TestApp(app)
+    assert client.post_json("/v1/messages", MESSAGE, headers=auth()).json["type"] == "message"
+    assert [r.headers["x-api-key"] for r in upstream.received] == ["sk-ant-revoked",
+                                                                    UPSTREAM_KEY]
+    client.post_json("/v1/messages", MESSAGE, headers=auth())
+    assert upstream.last.headers["x-api-key"] == UPSTREAM_KEY and len(upstream.received) == 3
+    assert "key #1 of 2" in caplog.text and "sk-ant-revoked" not in caplog.text
+
+
+# -- under the real gunicorn, several workers ----------------------------------------------------
+
+def run_keys(config_dir, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "gateway"), "keys"] + list(args)
+                          + ["--config", str(config_dir / "gateway.ini")],
+                          capture_output=True, text=True, timeout=30, check=True).stdout
+
+
+def test_concurrency_limit_across_workers_and_rotation_loses_nothing(config_dir, upstream,
+                                                                      tmp_path):
+    """Streams held open on several workers count against one limit; rotating the client key
+    and the upstream key while they are open loses none of them."""
+    run_keys(config_dir, "set", "alice", "--concurrency", "3")
+    gates = []
+
+    def held(handler, received):
+        gate = threading.Event()
+        gates.append(gate)
+        handler.start_sse("chunked")
+        events = text_stream("m")
+        handler.send_chunk(events[0])
+        gate.wait(20)
+        for event in events[1:]:
+            handler.send_chunk(event)
+        handler.end_sse()
+    upstream.handler = held
+    stream = dict(MESSAGE, stream=True)
+    with gateway_process(["serve", "--config", str(config_dir / "gateway.ini"), "--bind",
+                          "127.0.0.1:%d" % free_port()], tmp_path / "serve.log") as (_, url):
+        session = requests.Session()
+        opened = [requests.post(url + "/v1/messages", json=stream, headers=auth(),
+                                stream=True, timeout=20) for _ in range(3)]
+        readers = [r.iter_content(None) for r in opened]
+        firsts = [next(reader) for reader in readers]
+        assert all(f.startswith(b"event: message_start") for f in firsts)
+        refused = session.post(url + "/v1/messages", json=MESSAGE, headers=auth(), timeout=20)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+
+        new_key = run_keys(config_dir, "rotate", "alice", "--grace", "1h").splitlines()[-1]
+        (config_dir / "upstream.key").write_text(UPSTREAM_KEY + "\nsk-ant-spare\n")
+        for gate in gates:
+            gate.set()
+        bodies = [first + b"".join(reader) for first, reader in zip(firsts, readers)]
+        assert all(body.endswith(b"event: message_stop\ndata: {\"type\":\"message_stop\""
+                                 b"       }\n\n") for body in bodies)
+
+        upstream.handler = lambda handler, received: stream_events(
+            handler, text_stream("m"), upstream) if received.json().get("stream") else \
+            handler.send_json(200, {"type": "message", "usage": {}})
+        for key in (new_key, CLIENT_KEY):  # recovered, and the old key is in its grace period
+            assert session.post(url + "/v1/messages", json=MESSAGE, headers=auth(key),
+                                timeout=20).status_code == 200
+    listed = run_keys(config_dir, "list")
+    alice = [line for line in listed.splitlines() if line.startswith("alice")][0]
+    assert "concurrency=3" in alice and "never" not in alice
+    log = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()
+           if line.startswith("{")]
+    assert sorted(r["status"] for r in log) == [200] * 5 + [429]
