@@ -123,3 +123,36 @@ def test_error_event_mid_stream_raises(sdk, upstream):
         with sdk.messages.stream(model="claude-opus-4-8", max_tokens=8,
                                  messages=MESSAGES) as s:
             s.get_final_message()
+
+
+TS_SDK_VERSION = "1.14.0"
+
+
+@pytest.fixture(scope="session")
+def ts_sdk():
+    """The official TypeScript SDK, installed from the npm registry into tests/ts once."""
+    import os
+    import shutil
+    import subprocess
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ts")
+    if not (shutil.which("node") and shutil.which("npm")):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must test the TypeScript SDK: node and npm are missing")
+        pytest.skip("node and npm are not installed")
+    if not os.path.isdir(os.path.join(here, "node_modules", "@anthropic-ai", "sdk")):
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund",
+                        "--no-save", "@anthropic-ai/sdk@" + TS_SDK_VERSION],
+                       cwd=here, check=True, timeout=300)
+    return here
+
+
+def test_typescript_sdk(ts_sdk, served_app, upstream):
+    import json
+    import subprocess
+    result = subprocess.run(["node", "client.js", served_app, CLIENT_KEY], cwd=ts_sdk,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "text": "Hello!", "streamed": ["Hel", "lo", "!"], "output_tokens": 7,
+        "input_tokens": 42, "error": {"status": 404, "type": "not_found_error"}}
+    assert all(CLIENT_KEY not in repr(r.headers) for r in upstream.received)
