@@ -1,0 +1,794 @@
+#!/usr/bin/env python3
+"""The gateway's benchmark: what it adds to a call, side by side with "direct" and "nginx".
+
+Run it from a checkout (wrk and nginx from the Debian packages; nothing else beyond what the
+tests use)::
+
+    python3 tests/benchmark.py --json bench.json      # about 4 minutes
+    python3 tests/benchmark.py --quick                # CI smoke run, under a minute
+
+One run starts, on 127.0.0.1 only:
+
+- a fast fake upstream (asyncio, this file's ``--upstream`` mode) that answers JSON and paced,
+  chunked SSE, so that the upstream is never the bottleneck: the "direct" row proves it;
+- nginx ``proxy_pass`` to it with upstream keepalive (the practical floor of any proxy);
+- the gateway exactly as deployed: ``./gateway serve`` with ``deploy/gunicorn.conf.py``.
+
+The proxy under test is pinned to core 0 and the load generator and upstream to core 1 (when
+the machine has two cores or more), so throughput and CPU per request are per core. wrk
+measures latency and throughput; a small asyncio client measures what wrk cannot (time to
+first and last SSE event, byte equality, 200 slow streams), and /proc gives CPU and RSS.
+Every figure is printed with its ratio to direct and to nginx and written to ``--json``.
+Every wait is bounded and every process started here is stopped here.
+
+pytest does not collect this file (no ``test_`` name); it has no assertions, only figures.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLIENT_KEY = "sk-gw-bench-0123456789abcdefghijklmnopqrstuv"
+UPSTREAM_KEY = "sk-ant-bench-upstream-0123456789abcdef"
+PUBLIC_MODEL = "claude-opus-4-8"
+UPSTREAM_MODEL = "claude-opus-4-8-20261101"
+
+#: The targets of issue 5 (per core, same run).
+TARGETS = {
+    "added_c1_p50_ms": 0.7, "added_c1_p99_ms": 2.0, "rps_c16": 1300,
+    "added_ttfe_p99_ms_c50": 2.0, "late_first_events_200": 0, "rss_idle_mb": 60,
+    "rss_after_vs_idle": 1.10, "added_5mb_p50_ms": 20.0,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast fake upstream (runs in its own process: --upstream PORT)
+# ---------------------------------------------------------------------------------------------
+#
+# asyncio.Protocol with prebuilt answers: one core serves tens of thousands of small JSON
+# answers a second, far above what a Python proxy can send it. SSE is chunked, one event per
+# chunk, like the real API; ``?events=N&gap_ms=M`` paces it (the gateway forwards the query).
+
+def sse(event, data, pad=0):
+    text = json.dumps(data, separators=(",", ":"))
+    if pad:
+        text = text[:-1] + " " * pad + "}"
+    return ("event: %s\ndata: %s\n\n" % (event, text)).encode()
+
+
+def sse_events(count):
+    """A realistic streamed answer of ``count`` events (message_start ... message_stop)."""
+    start = {"id": "msg_01bench", "type": "message", "role": "assistant",
+             "model": UPSTREAM_MODEL, "content": [], "stop_reason": None, "stop_sequence": None,
+             "usage": {"input_tokens": 12, "cache_creation_input_tokens": 0,
+                       "cache_read_input_tokens": 0, "output_tokens": 1}}
+    events = [sse("message_start", {"type": "message_start", "message": start}, pad=7),
+              sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                          "content_block": {"type": "text", "text": ""}}),
+              b'event: ping\ndata: {"type": "ping"}\n\n']
+    for number in range(max(1, count - 6)):
+        events.append(sse("content_block_delta", {
+            "type": "content_block_delta", "index": 0,
+            "delta": {"type": "text_delta", "text": "token %d " % number}}, pad=13))
+    events += [sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+               sse("message_delta", {"type": "message_delta",
+                                     "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                     "usage": {"output_tokens": count}}, pad=3),
+               sse("message_stop", {"type": "message_stop"}, pad=7)]
+    return events
+
+
+JSON_ANSWER = json.dumps({
+    "id": "msg_01bench", "type": "message", "role": "assistant", "model": UPSTREAM_MODEL,
+    "content": [{"type": "text", "text": "Hello! How can I help you today?"}],
+    "stop_reason": "end_turn", "stop_sequence": None,
+    "usage": {"input_tokens": 12, "cache_creation_input_tokens": 0,
+              "cache_read_input_tokens": 0, "output_tokens": 11}}).encode()
+JSON_RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                 b"request-id: req_bench_json\r\nanthropic-ratelimit-requests-remaining: 99\r\n"
+                 b"\r\n%s" % (len(JSON_ANSWER), JSON_ANSWER))
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; charset=utf-8\r\n"
+            b"Cache-Control: no-cache\r\nrequest-id: req_bench_sse\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n")
+
+
+class UpstreamProtocol(asyncio.Protocol):
+    def __init__(self):
+        self.buffer = bytearray()
+        self.head = None
+        self.need = 0
+        self.transport = None
+        self.timer = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def connection_lost(self, exc):
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def data_received(self, data):
+        self.buffer += data
+        while True:
+            if self.head is None:
+                end = self.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                self.head = bytes(self.buffer[:end])
+                del self.buffer[:end + 4]
+                match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", self.head)
+                self.need = int(match.group(1)) if match else 0
+            if len(self.buffer) < self.need:
+                return
+            body = self.buffer[:self.need]
+            del self.buffer[:self.need]
+            head, self.head = self.head, None
+            self.answer(head, body)
+
+    def answer(self, head, body):
+        if b'"stream":true' not in body:
+            self.transport.write(JSON_RESPONSE)
+            return
+        target = head.split(b" ", 2)[1].decode()
+        query = dict(part.split("=", 1) for part in target.partition("?")[2].split("&")
+                     if "=" in part)
+        events = sse_events(int(query.get("events", 20)))
+        gap = int(query.get("gap_ms", 20)) / 1000
+        self.transport.write(SSE_HEAD + b"%x\r\n%s\r\n" % (len(events[0]), events[0]))
+        self.send_later(events, 1, gap)
+
+    def send_later(self, events, index, gap):
+        def send():
+            if self.transport.is_closing():
+                return
+            event = events[index]
+            last = index == len(events) - 1
+            self.transport.write(b"%x\r\n%s\r\n%s" % (len(event), event,
+                                                       b"0\r\n\r\n" if last else b""))
+            if not last:
+                self.send_later(events, index + 1, gap)
+        self.timer = asyncio.get_running_loop().call_later(gap, send)
+
+
+def run_upstream(port):
+    async def serve():
+        server = await asyncio.get_running_loop().create_server(
+            UpstreamProtocol, "127.0.0.1", port, backlog=4096, reuse_address=True)
+        async with server:
+            await server.serve_forever()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes: pinning, starting, stopping, CPU and memory from /proc
+# ---------------------------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cores():
+    """(proxy core, load core): 0 and 1 on a machine with two cores or more, else None."""
+    try:
+        available = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        available = list(range(os.cpu_count() or 1))
+    if len(available) >= 2 and shutil.which("taskset"):
+        return str(available[0]), str(available[1])
+    return None, None
+
+
+def pinned(core, argv):
+    return ["taskset", "-c", core] + argv if core is not None else argv
+
+
+def wait_for_port(port, process, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("%s exited with %s" % (process.args, process.returncode))
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("nothing listens on %d after %.0f s" % (port, timeout))
+
+
+def stop(process, timeout=15.0):
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+def process_tree(pid):
+    """``pid`` and its descendants (the gunicorn master and its workers, nginx and its worker)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as file:
+                    ppid = int(file.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        tree.append(current)
+        todo.extend(children.get(current, []))
+    return tree
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time of the tree, in seconds."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for member in process_tree(pid):
+        try:
+            with open("/proc/%d/stat" % member) as file:
+                fields = file.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / ticks
+
+
+def memory_mb(pid):
+    """(RSS, PSS) of the tree in MB. RSS counts pages the forked workers share with the master
+    once per process (that is what the target names); PSS splits shared pages fairly."""
+    rss = pss = 0
+    for member in process_tree(pid):
+        try:
+            with open("/proc/%d/smaps_rollup" % member) as file:
+                for line in file:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except OSError:
+            pass
+    return rss / 1024, pss / 1024
+
+
+class PeakSampler:
+    """Samples the tree's RSS every 50 ms in a thread; ``peak`` is the highest seen."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, memory_mb(self.pid)[0])
+            self._stop.wait(0.05)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The three targets: direct, nginx, gateway
+# ---------------------------------------------------------------------------------------------
+
+NGINX_CONF = """\
+worker_processes 1;
+error_log %(dir)s/nginx-error.log warn;
+pid %(dir)s/nginx.pid;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path %(dir)s/body;
+    proxy_temp_path %(dir)s/proxy;
+    fastcgi_temp_path %(dir)s/fastcgi;
+    uwsgi_temp_path %(dir)s/uwsgi;
+    scgi_temp_path %(dir)s/scgi;
+    upstream fake { server 127.0.0.1:%(upstream)d; keepalive 256; }
+    server {
+        listen 127.0.0.1:%(port)d;
+        keepalive_requests 1000000;
+        client_max_body_size 64m;
+        location / {
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+        }
+    }
+}
+"""
+
+
+def start_nginx(workdir, upstream_port, core):
+    port = free_port()
+    directory = os.path.join(workdir, "nginx")
+    os.makedirs(directory, exist_ok=True)
+    conf = os.path.join(directory, "nginx.conf")
+    with open(conf, "w") as file:
+        file.write(NGINX_CONF % {"dir": directory, "upstream": upstream_port, "port": port})
+    process = subprocess.Popen(
+        pinned(core, [shutil.which("nginx") or "/usr/sbin/nginx", "-c", conf, "-p", directory,
+                      "-g", "daemon off;"]),
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(directory, "stderr"), "wb"))
+    wait_for_port(port, process)
+    return process, port
+
+
+def start_gateway(workdir, upstream_port, core, gunicorn_config=None):
+    """``./gateway serve`` with the shipped gunicorn defaults (only --bind differs)."""
+    directory = os.path.join(workdir, "gateway")
+    os.makedirs(directory, exist_ok=True)
+    digest = hashlib.sha256(CLIENT_KEY.encode()).hexdigest()
+    with open(os.path.join(directory, "gateway.keys"), "w") as file:
+        file.write("bench sha256:%s * enabled\n" % digest)
+    with open(os.path.join(directory, "upstream.key"), "w") as file:
+        file.write(UPSTREAM_KEY + "\n")
+    os.chmod(os.path.join(directory, "upstream.key"), 0o600)
+    ini = os.path.join(directory, "gateway.ini")
+    with open(ini, "w") as file:
+        file.write("[gateway]\nupstream_url = http://127.0.0.1:%d\nkeys_file = gateway.keys\n"
+                   "upstream_key_file = upstream.key\n[models]\n%s = %s\n"
+                   % (upstream_port, PUBLIC_MODEL, UPSTREAM_MODEL))
+    port = free_port()
+    argv = [sys.executable, os.path.join(ROOT, "gateway"), "serve", "--config", ini,
+            "--bind", "127.0.0.1:%d" % port]
+    if gunicorn_config:
+        argv += ["--gunicorn-config", gunicorn_config]
+    log_path = os.path.join(directory, "serve.log")
+    process = subprocess.Popen(pinned(core, argv), stdout=subprocess.DEVNULL,
+                               stderr=open(log_path, "wb"), env=clean_environment())
+    wait_for_port(port, process)
+    # gunicorn listens before its workers have booted: wait until every worker answers.
+    deadline, stable = time.monotonic() + 30, 0
+    while time.monotonic() < deadline and stable < 5:  # the same count for 0.5 s
+        text = open(log_path, errors="replace").read()
+        booted = len(re.findall(r"Booting worker", text))
+        stable = stable + 1 if booted and booted == len(process_tree(process.pid)) - 1 else 0
+        time.sleep(0.1)
+    return process, port, log_path
+
+
+def clean_environment():
+    environment = dict(os.environ)
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy",
+                 "all_proxy", "GATEWAY_CONFIG", "ANTHROPIC_API_KEY"):
+        environment.pop(name, None)
+    return environment
+
+
+# ---------------------------------------------------------------------------------------------
+# wrk: latency and throughput
+# ---------------------------------------------------------------------------------------------
+
+WRK_SCRIPT = """\
+local f = io.open("%(body)s", "rb")
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["x-api-key"] = "%(key)s"
+wrk.headers["anthropic-version"] = "2023-06-01"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%%d,"duration_us":%%d,"bytes":%%d,"errors":%%d,"non2xx":%%d,' ..
+    '"p50_us":%%d,"p90_us":%%d,"p99_us":%%d,"p999_us":%%d,"mean_us":%%.1f,"max_us":%%d}\\n',
+    summary.requests, summary.duration, summary.bytes,
+    e.connect + e.read + e.write + e.timeout, e.status,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency:percentile(99.9), latency.mean, latency.max))
+end
+"""
+
+
+def small_body(stream=False):
+    body = {"model": PUBLIC_MODEL, "max_tokens": 256,
+            "messages": [{"role": "user", "content": "Hello, Claude"}]}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def image_body(size):
+    """An image-sized message: one base64 image block of about ``size`` bytes."""
+    data = (b"iVBORw0KGgoAAAANSUhEUgAA" * (size // 24 + 1))[:size].decode()
+    return json.dumps({"model": PUBLIC_MODEL, "max_tokens": 256, "messages": [{
+        "role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": data}},
+            {"type": "text", "text": "What is in this image?"}]}]},
+        separators=(",", ":")).encode()
+
+
+def wrk(port, body_path, connections, seconds, core, workdir, path="/v1/messages"):
+    script = os.path.join(workdir, "wrk-%s.lua" % os.path.basename(body_path))
+    with open(script, "w") as file:
+        file.write(WRK_SCRIPT % {"body": body_path, "key": CLIENT_KEY})
+    argv = pinned(core, ["wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds,
+                         "--timeout", "10s", "-s", script,
+                         "http://127.0.0.1:%d%s" % (port, path)])
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    match = re.search(r"^WRKJSON (.*)$", result.stdout, re.M)
+    if not match:
+        raise RuntimeError("wrk failed: %s %s" % (result.stdout, result.stderr))
+    figures = json.loads(match.group(1))
+    figures["rps"] = figures["requests"] / (figures["duration_us"] / 1e6)
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# The SSE client: time to first and last event, and the bytes
+# ---------------------------------------------------------------------------------------------
+
+async def one_stream(port, events, gap_ms, start_at=None):
+    """POST a streaming request; return (seconds to first event, to last event, body bytes)
+    with the body de-chunked, so direct's and the proxies' bytes compare equal."""
+    body = small_body(stream=True)
+    request = (b"POST /v1/messages?events=%d&gap_ms=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               b"Content-Type: application/json\r\nx-api-key: %s\r\n"
+               b"anthropic-version: 2023-06-01\r\nContent-Length: %d\r\n\r\n%s"
+               % (events, gap_ms, CLIENT_KEY.encode(), len(body), body))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        started = time.monotonic()
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError("stream answered %r" % head[:200])
+        chunked = b"transfer-encoding: chunked" in head.lower()
+        data, first, last = bytearray(), None, None
+        while True:
+            if chunked:
+                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                chunk = await reader.readexactly(size + 2)
+                chunk = chunk[:-2]
+                if size == 0:
+                    break
+            else:
+                chunk = await reader.read(65536)
+                if not chunk:
+                    break
+            data += chunk
+            now = time.monotonic()
+            if first is None and b"\n\n" in data:
+                first = now - started
+            if data.endswith(b"\n\n") and b"event: message_stop" in data[-200:]:
+                last = now - started
+        return first, last, bytes(data)
+    finally:
+        writer.close()
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    index = min(len(ordered) - 1, max(0, int(round(fraction * (len(ordered) - 1)))))
+    return ordered[index]
+
+
+def streams(port, concurrency, rounds, events, gap_ms, timeout, burst=True):
+    """``concurrency`` streams open at once, ``rounds`` times each: TTFE/TTLE p50 and p99.
+
+    A burst starts them all in the same instant, so the last one waits for the proxy to
+    accept and forward the other ones first (queueing, on one core). Otherwise the starts are
+    spread evenly over one stream's length and each slot starts its next stream when the last
+    ends: ``concurrency`` streams are always open and each new one meets a proxy busy relaying
+    the others, which is the steady state the "at 50 streams" target is about.
+    """
+    length = events * gap_ms / 1000
+
+    async def slot(number):
+        if not burst:
+            await asyncio.sleep(length * number / concurrency)
+        return [await one_stream(port, events, gap_ms) for _ in range(rounds)]
+
+    async def run():
+        if burst:
+            results = []
+            for _ in range(rounds):
+                results += await asyncio.wait_for(asyncio.gather(*[
+                    one_stream(port, events, gap_ms) for _ in range(concurrency)]), timeout)
+            return results
+        slots = await asyncio.wait_for(asyncio.gather(*[
+            slot(number) for number in range(concurrency)]), timeout)
+        return [result for results in slots for result in results]
+    results = asyncio.run(run())
+    firsts = [r[0] for r in results]
+    lasts = [r[1] for r in results]
+    bodies = {r[2] for r in results}
+    return {
+        "streams": len(results),
+        "ttfe_p50_ms": percentile(firsts, 0.5) * 1000, "ttfe_p99_ms": percentile(firsts, 0.99)
+        * 1000, "ttle_p50_ms": percentile(lasts, 0.5) * 1000,
+        "ttle_p99_ms": percentile(lasts, 0.99) * 1000,
+        "late_first_events": sum(1 for f in firsts if f > 1.0),
+        "body_sha256": hashlib.sha256(results[0][2]).hexdigest() if len(bodies) == 1 else None,
+        "bodies_identical": len(bodies) == 1,
+        "_body": results[0][2],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One target, every figure
+# ---------------------------------------------------------------------------------------------
+
+def measure(name, port, pid, plan, load_core, workdir, bodies):
+    """Every figure for one target. ``pid`` is the process tree whose CPU and RSS count (the
+    upstream for direct, nginx, or the gunicorn master and its workers)."""
+    figures = {}
+    say = lambda text: print("  %-8s %s" % (name, text), flush=True)  # noqa: E731
+    # Warm up: connections, imports, pools, the first key-file read.
+    wrk(port, bodies["small"], 4, 1, load_core, workdir)
+    streams(port, 2, 1, 4, 1, 30)
+    time.sleep(plan["settle"])
+    figures["rss_idle_mb"], figures["pss_idle_mb"] = memory_mb(pid)
+
+    c1 = wrk(port, bodies["small"], 1, plan["seconds"], load_core, workdir)
+    figures.update(c1_p50_ms=c1["p50_us"] / 1000, c1_p99_ms=c1["p99_us"] / 1000,
+                   c1_rps=c1["rps"])
+    say("c1 p50 %.3f ms p99 %.3f ms" % (figures["c1_p50_ms"], figures["c1_p99_ms"]))
+
+    for connections in (16, 64):
+        before = cpu_seconds(pid)
+        with PeakSampler(pid) as sampler:
+            run = wrk(port, bodies["small"], connections, plan["seconds"], load_core, workdir)
+        cpu = cpu_seconds(pid) - before
+        figures["rps_c%d" % connections] = run["rps"]
+        figures["p99_ms_c%d" % connections] = run["p99_us"] / 1000
+        figures["cpu_ms_per_req_c%d" % connections] = cpu * 1000 / max(1, run["requests"])
+        figures["errors_c%d" % connections] = run["errors"] + run["non2xx"]
+        if connections == 64:
+            figures["rss_load_mb"] = sampler.peak
+        say("c%d %.0f req/s, %.3f ms CPU/req, %d errors" % (
+            connections, run["rps"], figures["cpu_ms_per_req_c%d" % connections],
+            figures["errors_c%d" % connections]))
+
+    for concurrency, rounds in ((1, plan["stream_rounds_1"]), (50, plan["stream_rounds_50"])):
+        result = streams(port, concurrency, rounds, 20, 20, 120, burst=False)
+        for key in ("ttfe_p50_ms", "ttfe_p99_ms", "ttle_p50_ms", "ttle_p99_ms"):
+            figures["%s_s%d" % (key, concurrency)] = result[key]
+        figures["sse_body_s%d" % concurrency] = result["_body"]
+        figures["sse_consistent_s%d" % concurrency] = result["bodies_identical"]
+        say("%d stream(s): TTFE p50 %.2f p99 %.2f ms, TTLE p50 %.1f ms" % (
+            concurrency, result["ttfe_p50_ms"], result["ttfe_p99_ms"], result["ttle_p50_ms"]))
+    burst = streams(port, 50, plan["stream_rounds_50"], 20, 20, 120, burst=True)
+    figures["burst_ttfe_p50_ms_s50"] = burst["ttfe_p50_ms"]
+    figures["burst_ttfe_p99_ms_s50"] = burst["ttfe_p99_ms"]
+    say("burst of 50 streams: TTFE p50 %.2f p99 %.2f ms" % (burst["ttfe_p50_ms"],
+                                                            burst["ttfe_p99_ms"]))
+
+    with PeakSampler(pid) as sampler:
+        slow = streams(port, plan["slow_streams"], 1, 20, 250, 120)
+    figures["late_first_events_200"] = slow["late_first_events"]
+    figures["slow_ttfe_p99_ms"] = slow["ttfe_p99_ms"]
+    figures["rss_peak_slow_mb"] = sampler.peak
+    say("%d slow streams: %d first events later than 1 s, peak RSS %.1f MB" % (
+        plan["slow_streams"], slow["late_first_events"], sampler.peak))
+
+    big = wrk(port, bodies["big"], 1, plan["seconds"], load_core, workdir)
+    figures["big_p50_ms"] = big["p50_us"] / 1000
+    figures["big_p99_ms"] = big["p99_us"] / 1000
+    say("5 MB body p50 %.2f ms" % figures["big_p50_ms"])
+
+    time.sleep(plan["settle"])
+    figures["rss_after_mb"], figures["pss_after_mb"] = memory_mb(pid)
+    say("RSS idle %.1f MB, under load %.1f MB, after %.1f MB" % (
+        figures["rss_idle_mb"], figures["rss_load_mb"], figures["rss_after_mb"]))
+    return figures
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+ROWS = [  # (key, label, lower is better)
+    ("c1_p50_ms", "latency c1 p50 (ms)", True),
+    ("c1_p99_ms", "latency c1 p99 (ms)", True),
+    ("added_c1_p50_ms", "added latency c1 p50 (ms)", True),
+    ("added_c1_p99_ms", "added latency c1 p99 (ms)", True),
+    ("rps_c16", "throughput c16 (req/s)", False),
+    ("rps_c64", "throughput c64 (req/s)", False),
+    ("cpu_ms_per_req_c16", "CPU per request c16 (ms)", True),
+    ("cpu_ms_per_req_c64", "CPU per request c64 (ms)", True),
+    ("ttfe_p50_ms_s1", "TTFE 1 stream p50 (ms)", True),
+    ("ttle_p50_ms_s1", "TTLE 1 stream p50 (ms)", True),
+    ("ttfe_p50_ms_s50", "TTFE 50 streams p50 (ms)", True),
+    ("ttfe_p99_ms_s50", "TTFE 50 streams p99 (ms)", True),
+    ("added_ttfe_p99_ms_c50", "added TTFE 50 streams p99 (ms)", True),
+    ("ttle_p99_ms_s50", "TTLE 50 streams p99 (ms)", True),
+    ("burst_ttfe_p50_ms_s50", "TTFE 50 streams started at once p50 (ms)", True),
+    ("burst_ttfe_p99_ms_s50", "TTFE 50 streams started at once p99 (ms)", True),
+    ("late_first_events_200", "200 slow streams: first event > 1 s", True),
+    ("rss_peak_slow_mb", "peak RSS, 200 slow streams (MB)", True),
+    ("rss_idle_mb", "RSS idle (MB)", True),
+    ("pss_idle_mb", "PSS idle (MB)", True),
+    ("rss_load_mb", "RSS under load, c64 peak (MB)", True),
+    ("rss_after_mb", "RSS after load (MB)", True),
+    ("big_p50_ms", "5 MB body p50 (ms)", True),
+    ("added_5mb_p50_ms", "added 5 MB body p50 (ms)", True),
+]
+
+
+def derive(results):
+    """Added figures (target minus direct) and the identical-bytes check."""
+    direct = results.get("direct")
+    expected = b"".join(sse_events(20))
+    for name, figures in results.items():
+        figures["sse_bytes_identical"] = all(
+            figures.pop("sse_body_s%d" % n) == expected and figures["sse_consistent_s%d" % n]
+            for n in (1, 50))
+        if direct is None:
+            continue
+        figures["added_c1_p50_ms"] = figures["c1_p50_ms"] - direct["c1_p50_ms"]
+        figures["added_c1_p99_ms"] = figures["c1_p99_ms"] - direct["c1_p99_ms"]
+        figures["added_ttfe_p99_ms_c50"] = figures["ttfe_p99_ms_s50"] - direct["ttfe_p99_ms_s50"]
+        figures["added_5mb_p50_ms"] = figures["big_p50_ms"] - direct["big_p50_ms"]
+
+
+def ratio(value, base):
+    if value is None or base is None or base <= 0 or value < 0:
+        return None
+    return value / base
+
+
+def check_targets(gateway):
+    rss_back = gateway["rss_after_mb"] <= gateway["rss_idle_mb"] * TARGETS["rss_after_vs_idle"]
+    return {
+        "added latency c1 p50 <= 0.7 ms": gateway["added_c1_p50_ms"] <= TARGETS["added_c1_p50_ms"],
+        "added latency c1 p99 <= 2 ms": gateway["added_c1_p99_ms"] <= TARGETS["added_c1_p99_ms"],
+        "throughput c16 >= 1300 req/s": gateway["rps_c16"] >= TARGETS["rps_c16"],
+        "SSE bytes identical": gateway["sse_bytes_identical"],
+        "added TTFE p99 at 50 streams <= 2 ms":
+            gateway["added_ttfe_p99_ms_c50"] <= TARGETS["added_ttfe_p99_ms_c50"],
+        "200 slow streams: 0 late first events": gateway["late_first_events_200"] == 0,
+        "RSS idle <= 60 MB": gateway["rss_idle_mb"] <= TARGETS["rss_idle_mb"],
+        "RSS after load within 10% of idle": rss_back,
+        "5 MB body added p50 <= 20 ms": gateway["added_5mb_p50_ms"] <= TARGETS["added_5mb_p50_ms"],
+    }
+
+
+def report(results, targets_met):
+    names = [name for name in ("direct", "nginx", "gateway") if name in results]
+    print()
+    print("| figure | %s | gateway/direct | gateway/nginx |" % " | ".join(names))
+    print("|---|%s---|---|" % ("---|" * len(names)))
+    for key, label, _ in ROWS:
+        cells = []
+        for name in names:
+            value = results[name].get(key)
+            cells.append("-" if value is None else ("%.0f" % value if abs(value) >= 100
+                                                    else "%.2f" % value))
+        gateway = results.get("gateway", {}).get(key)
+        rd = ratio(gateway, results.get("direct", {}).get(key))
+        rn = ratio(gateway, results.get("nginx", {}).get(key))
+        print("| %s | %s | %s | %s |" % (label, " | ".join(cells),
+                                         "-" if rd is None else "%.2f×" % rd,
+                                         "-" if rn is None else "%.2f×" % rn))
+    print("| SSE bytes identical to direct | %s | | |" % " | ".join(
+        "yes" if results[name]["sse_bytes_identical"] else "NO" for name in names))
+    if targets_met:
+        print()
+        for target, met in targets_met.items():
+            print("%-45s %s" % (target, "met" if met else "MISSED"))
+
+
+def machine():
+    model = platform.processor()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as file:
+            found = re.search(r"^model name\s*:\s*(.*)$", file.read(), re.M)
+            model = found.group(1) if found else model
+    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(),
+            "kernel": platform.release()}
+
+
+PLANS = {
+    "full": {"seconds": 10, "settle": 3, "stream_rounds_1": 20, "stream_rounds_50": 5,
+             "slow_streams": 200},
+    "quick": {"seconds": 2, "settle": 1, "stream_rounds_1": 3, "stream_rounds_50": 2,
+              "slow_streams": 200},
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", metavar="FILE", help="write every figure here")
+    parser.add_argument("--quick", action="store_true",
+                        help="short runs (CI smoke test, under a minute)")
+    parser.add_argument("--only", action="append", choices=("direct", "nginx", "gateway"),
+                        help="measure only this target (repeatable; default all three)")
+    parser.add_argument("--gunicorn-config", metavar="FILE",
+                        help="try another gunicorn config instead of the shipped one")
+    parser.add_argument("--upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.upstream:
+        run_upstream(args.upstream)
+        return 0
+    for tool in ("wrk",) + (("nginx",) if not args.only or "nginx" in args.only else ()):
+        if not shutil.which(tool) and not os.path.exists("/usr/sbin/" + tool):
+            print("error: %s is not installed (apt-get install -y wrk nginx)" % tool,
+                  file=sys.stderr)
+            return 2
+    plan = PLANS["quick" if args.quick else "full"]
+    proxy_core, load_core = cores()
+    info = dict(machine(), plan="quick" if args.quick else "full",
+                pinning="proxy on core %s, wrk/client/upstream on core %s" % (
+                    proxy_core, load_core) if proxy_core else "none (one core)",
+                command=" ".join(["python3", "tests/benchmark.py"] + (argv or sys.argv[1:])))
+    print("machine: %(nproc)s cores, %(cpu)s, Python %(python)s; %(pinning)s" % info)
+    # The client runs in this process: pin it beside wrk and the upstream.
+    if load_core is not None:
+        os.sched_setaffinity(0, {int(load_core)})
+    started = time.monotonic()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="gateway-bench-") as workdir, \
+            contextlib.ExitStack() as stack:
+        bodies = {"small": os.path.join(workdir, "small.json"),
+                  "big": os.path.join(workdir, "big.json")}
+        with open(bodies["small"], "wb") as file:
+            file.write(small_body())
+        with open(bodies["big"], "wb") as file:
+            file.write(image_body(5 * 1024 * 1024))
+        upstream_port = free_port()
+        upstream = subprocess.Popen(pinned(load_core, [
+            sys.executable, os.path.abspath(__file__), "--upstream", str(upstream_port)]))
+        stack.callback(stop, upstream)
+        wait_for_port(upstream_port, upstream)
+        for name in args.only or ("direct", "nginx", "gateway"):
+            print("%s:" % name, flush=True)
+            if name == "direct":
+                port, pid = upstream_port, upstream.pid
+            elif name == "nginx":
+                process, port = start_nginx(workdir, upstream_port, proxy_core)
+                stack.callback(stop, process)
+                pid = process.pid
+            else:
+                process, port, _ = start_gateway(workdir, upstream_port, proxy_core,
+                                                 args.gunicorn_config)
+                stack.callback(stop, process)
+                pid = process.pid
+            results[name] = measure(name, port, pid, plan, load_core, workdir, bodies)
+            if name != "direct":
+                stop(process)
+    derive(results)
+    targets_met = check_targets(results["gateway"]) if "gateway" in results and \
+        "direct" in results else None
+    report(results, targets_met)
+    print("\n%.0f s in all" % (time.monotonic() - started))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump({"machine": info, "targets": targets_met, "results": results}, file,
+                      indent=2, sort_keys=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
