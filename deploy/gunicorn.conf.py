@@ -2,6 +2,8 @@
 'gunicorn -c deploy/gunicorn.conf.py' (then set GATEWAY_CONFIG). Each non-default setting
 says why."""
 
+import os
+
 # The app factory; it reads the file that GATEWAY_CONFIG names ('gateway serve --config' sets it).
 wsgi_app = "gateway:make_app()"
 
@@ -11,8 +13,19 @@ bind = ["127.0.0.1:8080"]
 # gthread needs nothing beyond the standard library. A stream holds a thread for its whole
 # length, so concurrency is workers * threads open streams.
 worker_class = "gthread"
-workers = 2
-threads = 128
+
+# One worker per core this process may run on: the GIL lets a worker use one core, and a
+# second worker on the same core added no throughput but 28 MB of RSS (tests/benchmark.py,
+# README "Performance"). 'taskset -c 0 gateway serve' therefore runs one worker.
+workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+# Each open stream holds a thread. gthread does not balance connections between workers, and
+# a worker whose threads are all busy queues the next request: 2 workers x 128 threads let
+# first events of 200 slow streams wait over 1 s (performance-facts.md). So each worker alone
+# holds 256 streams; the benchmark's one pinned worker serves its 200 with none late. A thread
+# costs memory only once it has run (about 60 KB of stack and state each, measured).
+threads = 256
+
 
 # gthread workers keep heartbeating while a thread waits on a quiet stream, so this only kills
 # a worker whose main loop is stuck; it never cuts a long answer.
@@ -31,6 +44,59 @@ control_socket_disable = True
 # The access log is the gateway's own JSON line (logger 'gateway.access'); gunicorn's would
 # duplicate it without the key name, model or tokens.
 accesslog = None
+
+
+def _logger_class():
+    """gunicorn's logger, minus its access line. Any logconfig_dict turns gunicorn's access log
+    on, and it then formats a line for every request (about 3% of a request's CPU under
+    py-spy) that nothing prints. The gateway's own line (above) is the access log."""
+    import gunicorn.glogging
+
+    class Logger(gunicorn.glogging.Logger):
+        def access(self, resp, req, environ, request_time):
+            pass
+
+    return Logger
+
+
+logger_class = _logger_class  # a function: gunicorn calls it to get the class
+
+
+def post_worker_init(worker):
+    """Give memory back once big request bodies stop, without paying for it on every one.
+
+    Facts -> decision: glibc serves big blocks from mmap until one is freed, then raises its
+    mmap threshold, so later big blocks come from heaps that seldom shrink: RSS after the
+    benchmark's 5 MB bodies grew from 62 to 111 MB. Fixing the threshold (mallopt) kept it at
+    77 MB but made every 5 MB body 8 ms slower (fresh pages each time). So each worker calls
+    malloc_trim(3) once a second has passed since its last big body or answer (post_request
+    notes when). glibc only; elsewhere nothing changes."""
+    import ctypes
+    import threading
+    import time
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    worker.gateway_big_request_at = None
+
+    def trim_when_quiet():
+        while True:
+            time.sleep(1)
+            seen = worker.gateway_big_request_at
+            if seen is not None and time.monotonic() - seen >= 1:
+                worker.gateway_big_request_at = None
+                trim(0)
+
+    threading.Thread(target=trim_when_quiet, name="malloc-trim", daemon=True).start()
+
+
+def post_request(worker, req, environ, resp):
+    """Note a request that moved a megabyte or more (see post_worker_init)."""
+    import time
+    size = max(int(environ.get("CONTENT_LENGTH") or 0), getattr(resp, "sent", 0) or 0)
+    if size >= 1 << 20:
+        worker.gateway_big_request_at = time.monotonic()
 
 logconfig_dict = {
     "version": 1,
