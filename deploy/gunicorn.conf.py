@@ -1,6 +1,7 @@
 """gunicorn settings for the gateway: 'gateway serve' loads this file; so can
 'gunicorn -c deploy/gunicorn.conf.py' (then set GATEWAY_CONFIG). Each non-default setting
-says why."""
+says why. Its timeouts fit deploy/nginx.conf and deploy/gateway.service; for thousands of
+concurrent streams, gunicorn-gevent.conf.py builds on this file."""
 
 import os
 
@@ -11,7 +12,7 @@ wsgi_app = "gateway:make_app()"
 bind = ["127.0.0.1:8080"]
 
 # gthread needs nothing beyond the standard library. A stream holds a thread for its whole
-# length, so concurrency is workers * threads open streams.
+# length (thousands of streams: gunicorn-gevent.conf.py).
 worker_class = "gthread"
 
 # One worker per core this process may run on: the GIL lets a worker use one core, and a
@@ -21,7 +22,8 @@ workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 
 
 # Each open stream holds a thread. gthread does not balance connections between workers, and
 # a worker whose threads are all busy queues the next request: 2 workers x 128 threads let
-# first events of 200 slow streams wait over 1 s (performance-facts.md). So each worker alone
+# first events of 200 slow streams wait over 1 s (performance-facts.md; seen again here: 130
+# of a burst of 200 on one worker, 60 first events 4.9 s late). So each worker alone
 # holds 256 streams; the benchmark's one pinned worker serves its 200 with none late. A thread
 # costs memory only once it has run (about 60 KB of stack and state each, measured).
 threads = 256
@@ -31,10 +33,13 @@ threads = 256
 # a worker whose main loop is stuck; it never cuts a long answer.
 timeout = 120
 
-# On HUP or stop, open streams get this long to finish (a long answer can take minutes).
+# On HUP or stop, open streams get this long to finish (a long answer can take minutes, the
+# SDKs wait 600 s). systemd must wait longer before killing: TimeoutStopSec=630 in the unit.
 graceful_timeout = 600
 
-# Clients (and nginx's upstream keepalive) reuse connections between calls.
+# Clients and nginx reuse connections between calls. Longer than nginx's upstream
+# keepalive_timeout (60 s), so nginx closes an idle connection first and never sends a
+# request on one that gunicorn is closing.
 keepalive = 75
 
 # gunicorn 27's control socket defaults to one path per user (~/.gunicorn/gunicorn.ctl), so two
