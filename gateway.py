@@ -1698,6 +1698,8 @@ def find_gunicorn_config():
 
 
 def cmd_serve(config, args):
+    if args.dev:
+        return serve_dev(config, args)
     try:
         import gunicorn.app.base
     except ImportError:
@@ -1728,6 +1730,41 @@ def cmd_serve(config, args):
     return 0
 
 
+def serve_dev(config, args):
+    """``gateway serve --dev``: the standard library's ``wsgiref`` server, for development
+    where gunicorn cannot be installed. One thread per connection, HTTP/1.0 answers, no
+    chunked request bodies, no worker restarts, no graceful reload: never in front of users.
+    Streams are still relayed event by event (wsgiref flushes every write)."""
+    import socketserver
+    import wsgiref.simple_server
+
+    class Server(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+        daemon_threads = True  # Ctrl-C must not wait for open streams
+
+    class Handler(wsgiref.simple_server.WSGIRequestHandler):
+        def log_message(self, *args):
+            pass  # the gateway's JSON line is the access log
+
+    if cmd_check(config, args) != 0:
+        print("error: fix the problems above before serving", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    access_log.addHandler(logging.StreamHandler())  # one bare JSON line, as under gunicorn
+    access_log.propagate = False
+    host, _, port = (args.bind or "127.0.0.1:8080").rpartition(":")
+    server = wsgiref.simple_server.make_server(host, int(port), make_app(config), Server,
+                                               Handler)
+    print("DEVELOPMENT SERVER (wsgiref; use 'gateway serve' without --dev in production) "
+          "listening on http://%s:%d" % server.server_address[:2], file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def build_parser():
     # --config is accepted wherever it is written ('gateway --config F keys add x' and
     # 'gateway keys add x --config F'); SUPPRESS keeps a later parser from resetting it.
@@ -1743,6 +1780,8 @@ def build_parser():
     serve.add_argument("--bind", metavar="HOST:PORT", help="listen address (default from "
                        "deploy/gunicorn.conf.py: 127.0.0.1:8080)")
     serve.add_argument("--gunicorn-config", metavar="FILE", help="another gunicorn config")
+    serve.add_argument("--dev", action="store_true", help="DEVELOPMENT ONLY: the standard "
+                       "library's wsgiref server instead of gunicorn")
     serve.set_defaults(run=cmd_serve)
     commands.add_parser("check", parents=[config],
                         help="validate the config, key file and upstream key").set_defaults(
