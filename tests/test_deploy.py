@@ -1,0 +1,592 @@
+"""The deployment as users run it: the shipped deploy/ files with the real gunicorn and nginx.
+
+Every server listens on 127.0.0.1 and every wait is bounded. nginx runs in the foreground from
+a prefix under tmp_path; deploy/nginx.conf is included the way Debian's nginx.conf includes a
+site, with only its listen ports and gateway addresses substituted. Without nginx the nginx
+tests skip locally and fail in CI (CI=true), where a skip could hide a missing install.
+"""
+import configparser
+import contextlib
+import http.client
+import json
+import os
+import re
+import runpy
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import pytest
+import requests
+
+import gateway
+from conftest import CLIENT_KEY, ROOT, auth, gateway_process
+from upstream import UPSTREAM_KEY, free_port, text_stream
+
+DEPLOY = os.path.join(ROOT, "deploy")
+SITE_NAME = "gateway.example.com"  # deploy/nginx.conf's server_name
+WAIT = 10  # seconds; a failure shows as a failed assertion or timeout, never a hang
+IN_CI = os.environ.get("CI") == "true"
+
+STREAM = {"model": "claude-opus-4-8", "max_tokens": 10, "stream": True,
+          "messages": [{"role": "user", "content": "hi"}]}
+MESSAGE = dict(STREAM, stream=False)
+
+
+def required(tool, why):
+    """The path of ``tool``, or a skip locally and a failure in CI."""
+    found = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+    if found:
+        return found
+    message = "%s is not installed (%s)" % (tool, why)
+    if IN_CI:
+        pytest.fail(message + "; CI must install it")
+    pytest.skip(message + "; in CI this test fails instead")
+
+
+def shipped_workers():
+    """How many workers deploy/gunicorn.conf.py asks for on this machine."""
+    return runpy.run_path(os.path.join(DEPLOY, "gunicorn.conf.py"))["workers"]
+
+
+def booted_workers(log_path):
+    text = open(log_path, encoding="utf-8", errors="replace").read()
+    return [int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", text)]
+
+
+def wait_for(condition, what, timeout=WAIT):
+    """Poll ``condition`` until it returns something true; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for " + what)
+        time.sleep(0.02)
+
+
+def with_trusted_proxy(config_dir):
+    """nginx runs on this host, so the gateway believes X-Real-IP from 127.0.0.1 only."""
+    ini = config_dir / "gateway.ini"
+    text = ini.read_text()
+    if "trusted_proxies" not in text:
+        ini.write_text(text.replace("[gateway]\n", "[gateway]\ntrusted_proxies = 127.0.0.1\n"))
+    return str(ini)
+
+
+@contextlib.contextmanager
+def serving(config_dir, tmp_path, name="gateway"):
+    """``gateway serve`` with the shipped gunicorn config: yields (process, port, log path)
+    once every worker has booted."""
+    ini = with_trusted_proxy(config_dir)
+    port = free_port()
+    log_path = tmp_path / (name + ".log")
+    with gateway_process(["serve", "--config", ini, "--bind", "127.0.0.1:%d" % port],
+                         log_path) as (process, _):
+        wait_for(lambda: len(booted_workers(log_path)) >= shipped_workers(), "workers")
+        yield process, port, log_path
+
+
+# -- nginx ------------------------------------------------------------------------------------
+
+# What Debian's /etc/nginx/nginx.conf contributes around a site, every path under the prefix.
+NGINX_MAIN = """\
+{user}worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log info;
+events {{ worker_connections 512; }}
+http {{
+    access_log {prefix}/access.log;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    include {prefix}/sites-enabled/gateway;
+}}
+"""
+
+
+def nginx_site(listen_port, gateway_ports):
+    """deploy/nginx.conf with its ports and gateway addresses substituted, nothing else."""
+    text = open(os.path.join(DEPLOY, "nginx.conf"), encoding="utf-8").read()
+    text, listens = re.subn(r"^(\s*)listen 80\b", r"\g<1>listen 127.0.0.1:%d" % listen_port,
+                            text, flags=re.M)
+    servers = "\n    ".join("server 127.0.0.1:%d;" % port for port in gateway_ports)
+    text, upstreams = re.subn(r"^(\s*)server 127\.0\.0\.1:8080;", r"\g<1>" + servers, text,
+                              flags=re.M)
+    assert (listens, upstreams) == (2, 1)
+    return text
+
+
+@contextlib.contextmanager
+def running_nginx(tmp_path, gateway_ports):
+    """The real nginx in the foreground with the shipped site; yields its base URL."""
+    binary = required("nginx", "apt-get install nginx")
+    prefix = tmp_path / "nginx"
+    (prefix / "sites-enabled").mkdir(parents=True)
+    port = free_port()
+    (prefix / "sites-enabled" / "gateway").write_text(nginx_site(port, gateway_ports))
+    user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach the 0700 tmp_path
+    (prefix / "nginx.conf").write_text(NGINX_MAIN.format(user=user, prefix=prefix))
+    with open(prefix / "stderr.log", "wb") as log:
+        process = subprocess.Popen(
+            [binary, "-p", str(prefix), "-e", str(prefix / "error.log"),
+             "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def listening():
+            if process.poll() is not None:
+                raise AssertionError("nginx exited:\n" + (prefix / "stderr.log").read_text()
+                                     + (prefix / "error.log").read_text())
+            with socket.socket() as probe:
+                return probe.connect_ex(("127.0.0.1", port)) == 0
+        wait_for(listening, "nginx to listen")
+        yield "http://127.0.0.1:%d" % port
+    finally:
+        process.terminate()
+        try:
+            process.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def via_nginx(headers=None):
+    return dict(auth(), Host=SITE_NAME, **(headers or {}))
+
+
+def open_stream(base, source=None):
+    """Start a streamed request and return (connection, response, first bytes) as soon as
+    the first event has arrived."""
+    url = urllib.parse.urlsplit(base)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=WAIT,
+                                            source_address=source)
+    connection.request("POST", "/v1/messages", body=json.dumps(STREAM),
+                       headers=via_nginx({"content-type": "application/json"}))
+    response = connection.getresponse()
+    assert response.status == 200, response.read()
+    return connection, response, read_until(response, b"\n\n")
+
+
+def read_until(response, marker):
+    data = b""
+    while marker not in data:
+        chunk = response.read1(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def read_rest(response):
+    data = b""
+    while True:
+        chunk = response.read1(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def access_lines(log_path):
+    return [json.loads(line) for line in open(log_path, encoding="utf-8").read().splitlines()
+            if line.startswith("{")]
+
+
+# -- through nginx and gunicorn ---------------------------------------------------------------
+
+def test_a_stream_passes_through_nginx_and_gunicorn_event_by_event(config_dir, upstream,
+                                                                   tmp_path):
+    upstream.gate = threading.Event()
+    with serving(config_dir, tmp_path) as (_, port, _), running_nginx(tmp_path, [port]) as base:
+        connection, response, first = open_stream(base)
+        # The upstream is holding event 2 until the gate opens: event 1 came through alone.
+        assert first.startswith(b"event: message_start")
+        assert response.getheader("content-type").startswith("text/event-stream")
+        upstream.gate.set()
+        rest = read_rest(response)
+        connection.close()
+    assert not upstream.gate_timed_out.is_set()
+    assert first + rest == b"".join(text_stream("claude-opus-4-8-20261101"))
+
+
+def test_body_limits_through_nginx(config_dir, upstream, tmp_path):
+    with serving(config_dir, tmp_path) as (_, port, _), running_nginx(tmp_path, [port]) as base:
+        too_large = requests.post(base + "/v1/messages", data=b" " * (33 * 1024 * 1024),
+                                  headers=via_nginx({"content-type": "application/json"}),
+                                  timeout=WAIT)
+        text = "x" * (20 * 1000 * 1000)
+        big = requests.post(base + "/v1/messages", timeout=WAIT, headers=via_nginx(), json=dict(
+            MESSAGE, messages=[{"role": "user", "content": text}]))
+        # Over nginx's own limit (64m): nginx answers before reading, in the same envelope.
+        connection = http.client.HTTPConnection("127.0.0.1", urllib.parse.urlsplit(base).port,
+                                                timeout=WAIT)
+        connection.putrequest("POST", "/v1/messages", skip_host=True)
+        for name, value in via_nginx({"Content-Length": str(100 * 1024 * 1024)}).items():
+            connection.putheader(name, value)
+        connection.endheaders()
+        huge = connection.getresponse()
+        huge_body = json.loads(huge.read())
+        connection.close()
+    assert too_large.status_code == 413
+    assert too_large.json()["error"]["type"] == "request_too_large"
+    assert too_large.json()["request_id"].startswith("req_gw_")  # the gateway's, not nginx's
+    assert big.status_code == 200, big.text
+    assert len(upstream.last.body) > 20 * 1000 * 1000
+    assert upstream.last.json()["messages"][0]["content"] == text
+    assert huge.status == 413 and huge_body["error"]["type"] == "request_too_large"
+
+
+def pings_until_the_client_leaves(handler, received):
+    """Event 1, then a ping every 0.1 s as the real API sends while it thinks, until the
+    gateway hangs up (at most 10 s). The gateway only learns its client left when it writes."""
+    fake = handler.server.fake
+    handler.start_sse()
+    try:
+        handler.send_chunk(text_stream(received.json()["model"])[0])
+        for _ in range(100):
+            handler.send_chunk(b'event: ping\ndata: {"type": "ping"}\n\n')
+            if handler.wait_for_client_gone(0.1):
+                fake.client_gone.set()
+                return
+    except (BrokenPipeError, ConnectionResetError):
+        fake.client_gone.set()
+
+
+def test_a_client_leaving_mid_stream_through_nginx_closes_the_upstream(config_dir, upstream,
+                                                                       tmp_path):
+    upstream.handler = pings_until_the_client_leaves
+    with serving(config_dir, tmp_path) as (_, port, log), running_nginx(tmp_path, [port]) as base:
+        connection, response, first = open_stream(base)
+        assert first.startswith(b"event: message_start")
+        response.close()
+        connection.close()
+        assert upstream.client_gone.wait(WAIT), "the upstream never saw the gateway hang up"
+        record = wait_for(lambda: [r for r in access_lines(log) if r["path"] == "/v1/messages"],
+                          "the access line")[0]
+    assert record["stream"] is True and record["key"] == "alice"
+
+
+def test_hup_reload_finishes_open_streams_and_keeps_serving(config_dir, upstream, tmp_path):
+    upstream.gate = threading.Event()
+    with serving(config_dir, tmp_path) as (process, port, log), \
+            running_nginx(tmp_path, [port]) as base:
+        old_workers = booted_workers(log)
+        streams = [open_stream(base) for _ in range(3)]
+        answers, stop = [], threading.Event()
+
+        def keep_asking():  # new requests before, during and after the reload
+            while not stop.is_set() and len(answers) < 2000:
+                try:
+                    answers.append(requests.post(base + "/v1/messages", json=MESSAGE,
+                                                 headers=via_nginx(), timeout=WAIT).status_code)
+                except requests.RequestException as exc:
+                    answers.append(repr(exc))
+
+        asker = threading.Thread(target=keep_asking)
+        asker.start()
+        try:
+            process.send_signal(signal.SIGHUP)
+            wait_for(lambda: len(booted_workers(log)) >= 2 * len(old_workers), "new workers")
+            served_before = len(answers)
+            wait_for(lambda: len(answers) >= served_before + 20, "requests after the reload")
+            upstream.gate.set()  # now the open streams may finish
+            rests = [read_rest(response) for _, response, _ in streams]
+        finally:
+            stop.set()
+            asker.join(WAIT)
+            upstream.gate.set()
+        for connection, _, _ in streams:
+            connection.close()
+        exited = wait_for(lambda: all("Worker exiting (pid: %d)" % pid in log.read_text()
+                                      for pid in old_workers), "the old workers to exit")
+    assert all(b"event: message_stop" in rest for rest in rests)
+    assert exited and not upstream.gate_timed_out.is_set()
+    assert answers and set(answers) == {200}, answers
+
+
+def test_the_client_address_comes_from_nginx_and_only_from_it(config_dir, upstream, tmp_path):
+    with serving(config_dir, tmp_path) as (_, port, log), running_nginx(tmp_path, [port]) as base:
+        # A client on 127.0.0.2 (loopback too) that also forges X-Real-IP, via nginx...
+        connection = http.client.HTTPConnection("127.0.0.1", urllib.parse.urlsplit(base).port,
+                                                timeout=WAIT, source_address=("127.0.0.2", 0))
+        connection.request("GET", "/v1/models", headers=via_nginx({"X-Real-IP": "192.0.2.1"}))
+        assert connection.getresponse().status == 200
+        connection.close()
+        # ...and straight to gunicorn, where nobody vouches for the header.
+        direct = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT,
+                                            source_address=("127.0.0.2", 0))
+        direct.request("GET", "/v1/models", headers=dict(auth(), **{"X-Real-IP": "192.0.2.1"}))
+        assert direct.getresponse().status == 200
+        direct.close()
+        wait_for(lambda: len(access_lines(log)) >= 2, "two access lines")
+    assert [r["client_ip"] for r in access_lines(log)] == ["127.0.0.2", "127.0.0.2"]
+
+
+def test_nginx_answers_its_own_errors_in_the_anthropic_envelope(tmp_path):
+    with running_nginx(tmp_path, [free_port()]) as base:  # no gateway listening there
+        unavailable = requests.post(base + "/v1/messages", json=MESSAGE, headers=via_nginx(),
+                                    timeout=WAIT)
+        with pytest.raises(requests.ConnectionError):  # any other host name: 444, no answer
+            requests.get(base + "/v1/models", headers={"Host": "scanner.invalid"}, timeout=WAIT)
+    assert unavailable.status_code == 502
+    assert unavailable.headers["content-type"] == "application/json"
+    assert unavailable.json()["type"] == "error"
+    assert unavailable.json()["error"]["type"] == "api_error"
+
+
+def test_scale_out_two_hosts_behind_nginx_share_one_key_file(config_dir, upstream, tmp_path):
+    ini = with_trusted_proxy(config_dir)
+    with serving(config_dir, tmp_path, "host1") as (_, port1, log1), \
+            serving(config_dir, tmp_path, "host2") as (_, port2, log2), \
+            running_nginx(tmp_path, [port1, port2]) as base:
+        for _ in range(4):  # nginx takes turns between the hosts
+            ok = requests.post(base + "/v1/messages", json=MESSAGE, headers=via_nginx(),
+                               timeout=WAIT)
+            assert ok.status_code == 200
+        run_gateway("keys", "revoke", "alice", "--config", ini)
+        refused = [requests.post(base + "/v1/messages", json=MESSAGE, headers=via_nginx(),
+                                 timeout=WAIT).status_code for _ in range(4)]
+        statuses = [sorted(r["status"] for r in access_lines(log)) for log in (log1, log2)]
+    assert refused == [401] * 4
+    assert statuses == [[200, 200, 401, 401]] * 2
+
+
+# -- gunicorn alone ---------------------------------------------------------------------------
+
+def run_gateway(*args):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "gateway")] + list(args),
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _proc_address(host, port):
+    return "%08X:%04X" % (struct.unpack("<I", socket.inet_aton(host))[0], port)
+
+
+def serving_worker(connection, workers):
+    """Which worker process holds the server end of ``connection`` (Linux /proc)."""
+    local, peer = connection.sock.getsockname(), connection.sock.getpeername()
+    wanted = (_proc_address(*peer), _proc_address(*local))
+    inodes = [fields[9] for fields in (line.split() for line in open("/proc/net/tcp"))
+              if tuple(fields[1:3]) == wanted]
+    for pid in workers:
+        for fd in os.listdir("/proc/%d/fd" % pid):
+            with contextlib.suppress(OSError):
+                if os.readlink("/proc/%d/fd/%s" % (pid, fd)) in (
+                        "socket:[%s]" % inode for inode in inodes):
+                    return pid
+    return None
+
+
+def one_connection_per_worker(port, workers):
+    """Keep-alive connections, one held by each worker: a request on it reaches that worker."""
+    held = {}
+    for _ in range(200):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT)
+        connection.request("GET", "/healthz")
+        connection.getresponse().read()
+        pid = serving_worker(connection, workers)
+        if pid is not None and pid not in held:
+            held[pid] = connection
+        else:
+            connection.close()
+        if len(held) == len(workers):
+            return held
+    raise AssertionError("could not reach every worker: %s of %s" % (sorted(held), workers))
+
+
+def status_with(connection, key):
+    connection.request("GET", "/v1/models", headers=auth(key))
+    response = connection.getresponse()
+    response.read()
+    return response.status
+
+
+def test_keys_added_and_revoked_reach_every_worker_without_restart(config_dir, upstream,
+                                                                   tmp_path):
+    ini = str(config_dir / "gateway.ini")
+    with serving(config_dir, tmp_path) as (process, port, log):
+        workers = booted_workers(log)
+        held = one_connection_per_worker(port, workers)
+        assert {pid: status_with(c, CLIENT_KEY) for pid, c in held.items()} == dict.fromkeys(
+            workers, 200)  # every worker has loaded the key file once already
+
+        new_key = run_gateway("keys", "add", "dave", "--config", ini).strip().splitlines()[-1]
+        accepted = {pid: status_with(c, new_key) for pid, c in held.items()}
+        run_gateway("keys", "revoke", "dave", "--config", ini)
+        refused = {pid: status_with(c, new_key) for pid, c in held.items()}
+        for connection in held.values():
+            connection.close()
+        assert process.poll() is None and booted_workers(log) == workers  # no restart
+    assert accepted == dict.fromkeys(workers, 200)
+    assert refused == dict.fromkeys(workers, 401)
+
+
+def readme_block(marker):
+    """The fenced code block after ``marker`` in README.md: what the reader copies."""
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    match = re.search(re.escape(marker) + r".*?\n```\w*\n(.*?)```", text, re.S)
+    assert match, "README.md has no block after " + marker
+    return match.group(1)
+
+
+@contextlib.contextmanager
+def started(command, log_path, env, ready="Booting worker"):
+    """Run a server command; yield it once its log shows ``ready``; terminate it after."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, **env))
+    try:
+        def up():
+            if process.poll() is not None:
+                raise AssertionError("server exited:\n" + log_path.read_text())
+            return ready in log_path.read_text()
+        wait_for(up, "the server to start", timeout=30)
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_mounted_under_a_prefix_in_another_wsgi_app(config_dir, upstream, tmp_path):
+    (tmp_path / "site_app.py").write_text(readme_block("<!-- embedding-example"))
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "-c", os.path.join(DEPLOY, "gunicorn.conf.py"),
+               "--bind", "127.0.0.1:%d" % port, "--pythonpath", "%s,%s" % (tmp_path, ROOT),
+               "site_app:application"]
+    base = "http://127.0.0.1:%d" % port
+    with started(command, tmp_path / "site.log",
+                 {"GATEWAY_CONFIG": str(config_dir / "gateway.ini")}):
+        upstream.gate = threading.Event()
+        stream = requests.post(base + "/anthropic/v1/messages", json=STREAM, headers=auth(),
+                               stream=True, timeout=WAIT)
+        first = read_until(stream.raw, b"\n\n")
+        upstream.gate.set()
+        rest = stream.raw.read()
+        models = requests.get(base + "/anthropic/v1/models", headers=auth(), timeout=WAIT)
+        outside = requests.get(base + "/v1/models", headers=auth(), timeout=WAIT)
+    assert stream.status_code == 200 and first.startswith(b"event: message_start")
+    assert b"event: message_stop" in rest and not upstream.gate_timed_out.is_set()
+    assert upstream.received[0].path == "/v1/messages"
+    assert [m["id"] for m in models.json()["data"]] == ["claude-opus-4-8", "claude-opus-4-7"]
+    assert outside.text == "the rest of the site\n"
+
+
+def test_dev_server_streams_with_the_standard_library_alone(config_dir, upstream, tmp_path):
+    port = free_port()
+    command = [sys.executable, os.path.join(ROOT, "gateway"), "serve", "--dev", "--config",
+               str(config_dir / "gateway.ini"), "--bind", "127.0.0.1:%d" % port]
+    with started(command, tmp_path / "dev.log", {}, ready="DEVELOPMENT SERVER"):
+        upstream.gate = threading.Event()
+        stream = requests.post("http://127.0.0.1:%d/v1/messages" % port, json=STREAM,
+                               headers=auth(), stream=True, timeout=WAIT)
+        first = read_until(stream.raw, b"\n\n")
+        upstream.gate.set()
+        rest = stream.raw.read()
+    assert first.startswith(b"event: message_start") and b"event: message_stop" in rest
+    assert not upstream.gate_timed_out.is_set()
+    assert '"path": "/v1/messages"' in (tmp_path / "dev.log").read_text()
+
+
+def test_the_gevent_config_refuses_gateway_serve(config_dir):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "gateway"), "serve", "--config",
+         str(config_dir / "gateway.ini"), "--bind", "127.0.0.1:%d" % free_port(),
+         "--gunicorn-config", os.path.join(DEPLOY, "gunicorn-gevent.conf.py")],
+        capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert "needs plain gunicorn" in result.stdout + result.stderr
+
+
+def test_the_gevent_extra_streams_under_plain_gunicorn(config_dir, upstream, tmp_path):
+    try:
+        import gevent  # noqa: F401
+    except ImportError:
+        if IN_CI:
+            pytest.fail("gevent is in the test extra; CI must install it")
+        pytest.skip("gevent is not installed (pip install 'gateway[gevent]')")
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "-c",
+               os.path.join(DEPLOY, "gunicorn-gevent.conf.py"),
+               "--bind", "127.0.0.1:%d" % port, "--pythonpath", ROOT]
+    with started(command, tmp_path / "gevent.log",
+                 {"GATEWAY_CONFIG": str(config_dir / "gateway.ini")}):
+        upstream.gate = threading.Event()
+        stream = requests.post("http://127.0.0.1:%d/v1/messages" % port, json=STREAM,
+                               headers=auth(), stream=True, timeout=WAIT)
+        first = read_until(stream.raw, b"\n\n")
+        upstream.gate.set()
+        rest = stream.raw.read()
+    log = (tmp_path / "gevent.log").read_text()
+    assert first.startswith(b"event: message_start") and b"event: message_stop" in rest
+    assert not upstream.gate_timed_out.is_set()
+    assert "Using worker: gevent" in log and "MonkeyPatchWarning" not in log
+
+
+# -- systemd ----------------------------------------------------------------------------------
+
+def test_the_systemd_unit(tmp_path):
+    path = os.path.join(DEPLOY, "gateway.service")
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str
+    unit.read(path, encoding="utf-8")
+    service = unit["Service"]
+    graceful = runpy.run_path(os.path.join(DEPLOY, "gunicorn.conf.py"))["graceful_timeout"]
+    assert service["Type"] == "notify" and service["NotifyAccess"] == "main"
+    assert service["ExecStart"].endswith("gateway serve --config /etc/gateway/gateway.ini")
+    reload = re.findall(r"^ExecReload=(.*)$", open(path, encoding="utf-8").read(), re.M)
+    assert reload == ["/opt/gateway/bin/gateway check --config /etc/gateway/gateway.ini",
+                      "/bin/kill -s HUP $MAINPID"]
+    assert service["KillMode"] == "mixed" and int(service["TimeoutStopSec"]) > graceful
+    assert service["User"] == "gateway" and service["Restart"] == "on-failure"
+    assert service["ProtectSystem"] == "strict" and service["StateDirectory"] == "gateway"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    analyze = shutil.which("systemd-analyze")
+    if analyze:  # systemd's own parser: unknown keys and bad values are errors here
+        copy = tmp_path / "gateway.service"
+        copy.write_text(open(path, encoding="utf-8").read().replace(
+            "/opt/gateway/bin/gateway", os.path.join(ROOT, "gateway")))
+        result = subprocess.run([analyze, "verify", str(copy)], capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
+            result.stdout + result.stderr)
+
+
+# -- found while proving 200 concurrent streams -----------------------------------------------
+
+def test_a_new_workers_concurrent_first_requests_all_see_the_key_file(tmp_path):
+    """Two threads reading a WatchedFile for the first time: the second must not get the
+    empty initial value while the first is still parsing (a burst of 401s at every start)."""
+    path = tmp_path / "gateway.keys"
+    path.write_text("v1")
+    parsing, release, calls = threading.Event(), threading.Event(), []
+
+    def parse(text):
+        calls.append(text)
+        if len(calls) == 1:  # the first reader is slow
+            parsing.set()
+            release.wait(WAIT)
+        return text
+
+    watched = gateway.WatchedFile(str(path), parse, None)
+    first = []
+    reader = threading.Thread(target=lambda: first.append(watched.get()))
+    reader.start()
+    assert parsing.wait(WAIT)
+    second = watched.get()  # arrives while the first reader is still parsing
+    release.set()
+    reader.join(WAIT)
+    assert (first, second) == (["v1"], "v1")
