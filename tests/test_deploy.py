@@ -525,8 +525,10 @@ def test_the_gevent_extra_streams_under_plain_gunicorn(config_dir, upstream, tmp
     with started(command, tmp_path / "gevent.log",
                  {"GATEWAY_CONFIG": str(config_dir / "gateway.ini")}):
         upstream.gate = threading.Event()
+        # Connection: close, or the worker's graceful stop waits for this idle connection.
         stream = requests.post("http://127.0.0.1:%d/v1/messages" % port, json=STREAM,
-                               headers=auth(), stream=True, timeout=WAIT)
+                               headers=dict(auth(), Connection="close"), stream=True,
+                               timeout=WAIT)
         first = read_until(stream.raw, b"\n\n")
         upstream.gate.set()
         rest = stream.raw.read()
