@@ -1485,7 +1485,7 @@ def make_app(config=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Operator commands: keys, check, serve
+# Operator commands: keys, check, usage, serve
 # ---------------------------------------------------------------------------------------------
 
 def generate_key():
@@ -1685,6 +1685,146 @@ def cmd_check(config, args):
     return 1 if problems else 0
 
 
+# -- gateway usage: what each key used, added up from the access log ------------------------
+
+USAGE_GROUPS = ("day", "key", "model")
+USAGE_COLUMNS = ("requests", "errors") + USAGE_FIELDS
+
+
+def access_records(lines):
+    """The access-log records among ``lines``: JSON objects with a request id and a time.
+
+    Other lines (gunicorn's own, errors, tracebacks) are skipped. A record may follow a prefix
+    (syslog's or ``journalctl -o short``'s), so it is read from the line's first ``{``.
+    """
+    for line in lines:
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            record = json.loads(line[start:])
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "request_id" in record and "time" in record:
+            yield record
+
+
+def usage_report(records, since=None, until=None, key=None, by=("key", "model")):
+    """Add ``records`` up into one row per group of ``by`` (names from USAGE_GROUPS),
+    sorted: requests, errors and the four token counts.
+
+    ``since`` (inclusive) and ``until`` (exclusive) are times as the log writes them,
+    ``2026-11-25T15:04:28Z``: the strings compare as the times do. A record's time is when
+    its answer ended. Records without a key (refused before authentication, health checks)
+    are nobody's usage; a request id seen twice (overlapping copies of a log) counts once.
+    An error is a status of 400 or more, or a stream that failed after its 200.
+    """
+    rows, seen = {}, set()
+    for record in records:
+        name, when = record.get("key"), str(record["time"])
+        if not name or (key is not None and name != key) or record["request_id"] in seen:
+            continue
+        if (since is not None and when < since) or (until is not None and when >= until):
+            continue
+        seen.add(record["request_id"])
+        group = tuple(_usage_group(record, field) for field in by)
+        row = rows.get(group)
+        if row is None:
+            row = rows[group] = dict(zip(by, group), **dict.fromkeys(USAGE_COLUMNS, 0))
+        row["requests"] += 1
+        row["errors"] += _failed(record)
+        for field in USAGE_FIELDS:
+            if isinstance(record.get(field), int):
+                row[field] += record[field]
+    return [rows[group] for group in sorted(rows)]
+
+
+def _failed(record):
+    status = record.get("status")
+    return int(bool(record.get("error")) or (isinstance(status, int) and status >= 400))
+
+
+def _usage_group(record, field):
+    if field == "day":
+        return str(record["time"])[:10]
+    return str(record.get(field) or "-")
+
+
+def usage_total(rows):
+    return {column: sum(row[column] for row in rows) for column in USAGE_COLUMNS}
+
+
+def format_usage_table(rows, by):
+    """The report as aligned text: a header, one line per row, and a TOTAL line."""
+    headers = [field.upper() for field in by] + ["REQUESTS", "ERRORS", "INPUT", "OUTPUT",
+                                                 "CACHE_CREATION", "CACHE_READ"]
+    total = dict(usage_total(rows), **{field: "" for field in by})
+    total[by[0]] = "TOTAL"
+    table = [headers] + [[str(row[column]) for column in tuple(by) + USAGE_COLUMNS]
+                         for row in rows + [total]]
+    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) if i < len(by) else cell.rjust(width)
+                  for i, (cell, width) in enumerate(zip(line, widths))).rstrip()
+        for line in table)
+
+
+def read_log_lines(path):
+    """The lines of one log file, ``-`` for standard input. gzip is recognised by its magic
+    bytes, whatever the file is called; a .gz cut short (logrotate still compressing it)
+    gives what it holds, with a warning."""
+    import gzip
+    if path == "-":
+        yield from sys.stdin
+        return
+    with open(path, "rb") as file:
+        compressed = file.read(2) == b"\x1f\x8b"
+    opener = gzip.open if compressed else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as file:
+        try:
+            yield from file
+        except EOFError:
+            print("warning: %s ends early; counted what it holds" % path, file=sys.stderr)
+
+
+def _usage_by(text):
+    by = tuple(field.strip() for field in text.split(",") if field.strip())
+    if not by or set(by) - set(USAGE_GROUPS):
+        raise argparse.ArgumentTypeError("group by one or more of day,key,model")
+    return by
+
+
+def _log_time(text):
+    try:
+        return format_time(parse_time(text))
+    except ValueError as exc:
+        raise CommandError(str(exc), 2) from None
+
+
+def cmd_usage(config, args):
+    """Print the usage table (or JSON) for the access-log files named, or standard input."""
+    since = _log_time(args.since) if args.since else None
+    until = _log_time(args.until) if args.until else None
+    paths = args.files or ["-"]
+    if paths == ["-"] and (sys.stdin is None or sys.stdin.isatty()):
+        raise CommandError("name the access-log files (plain or .gz), or pipe the log in: "
+                           "journalctl -u gateway -o cat | gateway usage -", 2)
+    try:
+        rows = usage_report(access_records(line for path in paths
+                                           for line in read_log_lines(path)),
+                            since, until, args.key, args.by)
+    except OSError as exc:
+        raise CommandError("%s: %s" % (getattr(exc, "filename", None) or "log",
+                                       exc.strerror or exc)) from None
+    if args.json:
+        print(json.dumps({"since": since, "until": until, "key": args.key,
+                          "by": list(args.by), "rows": rows, "total": usage_total(rows)},
+                         indent=1))
+    else:
+        print(format_usage_table(rows, args.by))
+    return 0
+
+
 def find_gunicorn_config():
     """deploy/gunicorn.conf.py beside this module (a checkout or editable install), else the
     copy that ``pip install`` puts in ``<prefix>/share/gateway``."""
@@ -1786,6 +1926,19 @@ def build_parser():
     commands.add_parser("check", parents=[config],
                         help="validate the config, key file and upstream key").set_defaults(
         run=cmd_check)
+    usage = commands.add_parser(
+        "usage", parents=[config], help="requests, errors and tokens per key and model, "
+        "from access logs", description="Add up the access log (plain or gzip, rotated or "
+        "not; '-' or no FILE reads standard input). Times are UTC; a date means its "
+        "midnight, so --since 2026-11-01 --until 2026-12-01 is November.")
+    usage.add_argument("files", nargs="*", metavar="FILE", help="access-log files, or -")
+    usage.add_argument("--since", metavar="WHEN", help="from this time on (inclusive)")
+    usage.add_argument("--until", metavar="WHEN", help="before this time (exclusive)")
+    usage.add_argument("--key", metavar="NAME", help="only this key")
+    usage.add_argument("--by", type=_usage_by, default=("key", "model"), metavar="FIELDS",
+                       help="group by day, key, model or a list of them (default key,model)")
+    usage.add_argument("--json", action="store_true", help="rows and total as JSON")
+    usage.set_defaults(run=cmd_usage)
     keys = commands.add_parser("keys", parents=[config], help="manage client keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
 
@@ -1823,7 +1976,7 @@ def _add_key_settings(command):
 
 
 def main(argv=None):
-    """The command line: ``gateway serve|check|keys``. Returns the exit code.
+    """The command line: ``gateway serve|check|keys|usage``. Returns the exit code.
 
     Reached three ways that all call this function: the ``gateway`` script in a checkout, the
     installed console script, and ``python -m gateway`` (for environments without scripts on

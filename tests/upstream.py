@@ -203,3 +203,43 @@ def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+PINGS_BEFORE_GIVING_UP = 100
+
+
+def abandoned_stream(handler, received):
+    """A stream whose client leaves after the first event: ``message_start`` (input and
+    cache counts), then pings, as the real API sends while it thinks, until the gateway hangs
+    up. So the tokens returned are exactly those of ``message_start``, wherever the gateway
+    notices the client left. Bounded: at most PINGS_BEFORE_GIVING_UP pings."""
+    fake = handler.server.fake
+    handler.start_sse(fake.framing)
+    try:
+        handler.send_chunk(text_stream(received.json()["model"])[0])
+        for _ in range(PINGS_BEFORE_GIVING_UP):
+            handler.send_chunk(PING)
+            if handler.wait_for_client_gone(0.1):
+                break
+        else:
+            return
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    fake.client_gone.set()
+
+
+def returned_usage(kind, model="claude-opus-4-8-20261101"):
+    """The token counts this fake returns for one answer of ``kind`` ('json', 'stream' or
+    'abandoned'), read from the bodies it sends, the way a client adds them up."""
+    if kind == "json":
+        return dict(message(model)["usage"])
+    events = text_stream(model)[:1] if kind == "abandoned" else text_stream(model)
+    usage = {}
+    for event in events:
+        data = json.loads(event.split(b"data: ", 1)[1])
+        if data["type"] == "message_start":
+            usage.update(data["message"]["usage"])
+        elif data["type"] == "message_delta":
+            usage.update(data["usage"])
+    return usage
