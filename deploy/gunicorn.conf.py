@@ -107,6 +107,20 @@ def post_request(worker, req, environ, resp):
     if size >= 1 << 20:
         worker.gateway_big_request_at = time.monotonic()
 
+
+def child_exit(server, worker):
+    """With metrics on, prometheus_client's multiprocess mode keeps each worker's values in
+    PROMETHEUS_MULTIPROC_DIR; an exited worker's open-streams gauge must stop counting
+    (client_python docs, "Multiprocess Mode", step 3). Its counters stay: they are totals."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    try:
+        from prometheus_client import multiprocess
+    except ImportError:
+        return
+    multiprocess.mark_process_dead(worker.pid)
+
+
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
