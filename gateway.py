@@ -21,6 +21,7 @@ Runtime needs the standard library and ``requests``; ``gateway serve`` also need
 
 import argparse
 import configparser
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -29,7 +30,9 @@ import json
 import logging
 import os
 import math
+import re
 import secrets
+import socket
 import shutil
 import sqlite3
 import sys
@@ -68,6 +71,12 @@ HOP_BY_HOP = frozenset({
 #: thought of. ``anthropic-*`` must pass unchanged as an open list (wire.md 2.4, GW-PROTO).
 FORWARDED_PREFIXES = ("anthropic-", "x-stainless-", "x-claude-code-")
 FORWARDED_HEADERS = frozenset({"user-agent", "x-client-request-id", "x-app"})
+
+#: RFC 9110 5.1 and 5.5: a field name is a token, a field value VCHAR, obs-text, SP and HTAB.
+#: A WSGI server hands values over as latin-1 text; anything outside these cannot be sent on
+#: as it came (http.client raises on CR/LF and on characters beyond latin-1).
+FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 #: Upstream response headers relayed to the client (wire.md 7.1). Framing headers are ours to
 #: set; infrastructure headers and ``anthropic-organization-id`` (our org) stay behind.
@@ -180,6 +189,8 @@ class Config:
         "gateway.state", "SQLite file the workers share for per-key limits and last use.")
     max_body_bytes: int = _setting(
         32 * 1024 * 1024, "Largest request body accepted; larger gets 413 (upstream's limit).")
+    body_timeout: float = _setting(
+        60.0, "Seconds a client has to send its whole request body; a slower one gets 408.")
     connect_timeout: float = _setting(10.0, "Seconds to connect to the upstream.")
     read_timeout: float = _setting(
         600.0, "Idle seconds between upstream reads; long silent thinking is normal.")
@@ -868,6 +879,10 @@ def upstream_headers(environ, upstream_key):
             continue
         header = name[5:].replace("_", "-").lower()
         if header.startswith(FORWARDED_PREFIXES) or header in FORWARDED_HEADERS:
+            value = value.strip(" \t")  # optional white space, not part of the value
+            if not FIELD_NAME.fullmatch(header) or not FIELD_VALUE.fullmatch(value):
+                raise APIError(400, "invalid_request_error", "A request header cannot be "
+                               "forwarded: it has characters that HTTP does not allow.")
             headers[header] = value
     headers.setdefault("anthropic-version", DEFAULT_ANTHROPIC_VERSION)
     headers["x-api-key"] = upstream_key
@@ -1461,7 +1476,25 @@ class Gateway:
                 time.time()))
 
     def read_body(self, environ):
-        """The request body, refused with 413 before reading when it is over the limit."""
+        """The request body: 413 over ``max_body_bytes`` (before reading when the length is
+        declared), 408 when it takes longer than ``body_timeout`` to arrive, 400 when the
+        client sends less than it declared, breaks the chunked framing or goes away."""
+        with _body_deadline(environ, self.config.body_timeout) as expired:
+            try:
+                return self._read_body(environ)
+            except APIError:
+                if not expired.is_set():
+                    raise
+            except Exception as exc:  # wsgi.input's own: a reset, a bad chunk, EOF mid-chunk
+                if not expired.is_set():
+                    log.info("request body unreadable [%s]: %s",
+                             environ.get("gateway.request_id"), type(exc).__name__)
+                    raise APIError(400, "invalid_request_error",
+                                   "The request body could not be read.") from None
+        raise APIError(408, "timeout_error", "The request body did not arrive within %g "
+                       "seconds." % self.config.body_timeout)
+
+    def _read_body(self, environ):
         limit = self.config.max_body_bytes
         too_large = APIError(413, "request_too_large",
                              "Request exceeds the maximum allowed size of %d bytes." % limit)
@@ -1585,6 +1618,42 @@ class Gateway:
         headers = [("Content-Type", JSON_CONTENT_TYPE), ("Content-Length", str(len(body))),
                    ("request-id", exchange.request_id)] + exc.headers
         return exc.status, headers, body
+
+
+@contextlib.contextmanager
+def _body_deadline(environ, seconds):
+    """Bound the time a client may take to send its body, and yield an Event set when it ran
+    out. A slowloris holds a worker thread for as long as it dribbles: gthread reads the body
+    in the thread that runs the app.
+
+    Facts -> decision: a socket timeout bounds each ``recv``, not the body, and gunicorn's
+    ``read(n)`` loops over ``recv`` until it has ``n`` bytes, so one byte a second never trips
+    it. So at the deadline a timer shuts the socket's read side: the pending ``recv`` returns
+    EOF at once and the read ends short. Only gunicorn lends the socket (``gunicorn.socket``)
+    and only over HTTP/1 is it one request's alone; elsewhere there is no deadline (nginx in
+    front buffers whole bodies before it passes them on). A timer that fires just as the read
+    completes costs that connection its keep-alive, nothing more.
+    """
+    expired = threading.Event()
+    sock = environ.get("gunicorn.socket")
+    if sock is None or not environ.get("SERVER_PROTOCOL", "").startswith("HTTP/1"):
+        yield expired
+        return
+
+    def cut_off():
+        expired.set()
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:  # already closed
+            pass
+
+    timer = threading.Timer(seconds, cut_off)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
 
 
 def _read_exactly(stream, length):
