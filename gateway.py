@@ -900,13 +900,37 @@ def client_headers(upstream):
             if name.lower() in RELAYED_HEADERS or name.lower().startswith(RELAYED_PREFIXES)]
 
 
+def upstream_json(raw):
+    """The upstream's answer parsed, or None when it is not JSON (a proxy's login page, a
+    body cut short, a compression nobody undid)."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+
+
 def usage_from_json(raw):
     """Token counts from a JSON message body, or {} when it has none."""
-    try:
-        usage = json.loads(raw).get("usage")
-    except (ValueError, AttributeError, RecursionError):
-        return {}
-    return _token_counts(usage)
+    return usage_of(upstream_json(raw))
+
+
+def usage_of(answer):
+    return _token_counts(answer.get("usage")) if isinstance(answer, dict) else {}
+
+
+def undecodable_coding(upstream):
+    """The upstream's first content coding that urllib3 cannot undo, or None.
+
+    We ask for identity (wire.md 5.6), yet a proxy on the way may compress anyway. gzip and
+    deflate are undone as the bytes pass and the client gets them plain, without the header.
+    Any other coding (br and zstd when their modules are missing) would reach the client as
+    bytes that no header explains, so it is refused instead.
+    """
+    decodable = ("", "identity", *urllib3.response.HTTPResponse.CONTENT_DECODERS)
+    for coding in upstream.get("content-encoding", "").lower().split(","):
+        if coding.strip() not in decodable:
+            return coding.strip()
+    return None
 
 
 USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens",
@@ -961,7 +985,7 @@ class StreamMeter:
     def _parse(self, line):
         try:
             event = json.loads(line[5:])
-        except ValueError:
+        except (ValueError, RecursionError):  # the bytes pass on untouched all the same
             return
         if not isinstance(event, dict):
             return
@@ -1526,6 +1550,12 @@ class Gateway:
         response = self._send_with_failover(environ, exchange, path, body)
         exchange.upstream_request_id = response.headers.get("request-id")
         exchange.upstream_status = response.status_code
+        coding = undecodable_coding(response.headers)
+        if coding:
+            response.close()
+            log.error("upstream answered in content coding %r, which the gateway cannot "
+                      "decode [%s]", coding[:40], exchange.request_id)
+            raise APIError(502, "api_error", "The upstream's answer could not be decoded.")
         headers = client_headers(response.headers)
         streaming = (exchange.stream and response.status_code == 200
                      and response.headers.get("content-type", "").startswith(SSE_CONTENT_TYPE))
@@ -1541,7 +1571,14 @@ class Gateway:
             raise _upstream_error(exc, exchange) from None
         finally:
             response.close()
-        exchange.usage = usage_from_json(content)
+        answer = upstream_json(content)
+        if answer is None and 200 <= response.status_code < 300:
+            # A client would take a 2xx for the answer and fail to parse it, without retrying
+            # (wire.md 5.7: "API returned an empty or malformed response (HTTP 200)").
+            log.error("upstream answered %d with a body that is not JSON [%s]",
+                      response.status_code, exchange.request_id)
+            raise APIError(502, "api_error", "The upstream's answer was not JSON.")
+        exchange.usage = usage_of(answer)
         headers.append(("Content-Length", str(len(content))))
         return response.status_code, headers, content
 
