@@ -480,25 +480,37 @@ def _parse_key_line(line):
     name, digest, models, enabled = fields[:4]
     salt, digest_bytes = _parse_digest(digest)
     if enabled not in ("enabled", "disabled"):
-        raise ValueError("fourth field must be 'enabled' or 'disabled', not %r" % enabled)
+        # The errors name fields by position, never by content: the log must not show a
+        # digest that an editing slip put in the wrong place.
+        raise ValueError("fourth field must be 'enabled' or 'disabled'")
     allowed = None if models == "*" else frozenset(m for m in models.split(",") if m)
-    options = dict(_parse_key_option(field) for field in fields[4:])
+    options = {}
+    for number, field in enumerate(fields[4:], 5):
+        try:
+            option, value = _parse_key_option(field)
+        except ValueError as exc:
+            raise ValueError("field %d: %s" % (number, exc)) from None
+        options[option] = value
     return KeyEntry(name, digest_bytes, salt, allowed, enabled == "enabled", **options)
 
 
 def _parse_key_option(field):
     name, equals, value = field.partition("=")
     if not equals:
-        raise ValueError("expected name=value after the fourth field, found %r" % field)
+        raise ValueError("expected name=value after the fourth field")
     if name == "previous":
         return name, _parse_digest(value)
     if name in TIME_OPTIONS:
-        return name, parse_time(value)
+        try:
+            return name, parse_time(value)
+        except ValueError:
+            raise ValueError("%s is not a date or an ISO 8601 time" % name) from None
     if name in LIMIT_OPTIONS:
         if not value.isdigit() or int(value) <= 0:
             raise ValueError("%s must be a positive whole number" % name)
         return name, int(value)
-    raise ValueError("unknown option %r" % name)
+    raise ValueError("unknown option; known: previous, %s"
+                     % ", ".join(TIME_OPTIONS + LIMIT_OPTIONS))
 
 
 class WatchedFile:
@@ -518,7 +530,8 @@ class WatchedFile:
     def get(self):
         try:
             stat = os.stat(self.path)
-            signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+            # ctime too: a chmod alone (making an unreadable file readable) changes only it.
+            signature = (stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size, stat.st_ino)
         except OSError as exc:
             signature = ("missing", exc.errno)
             if signature != self._signature:
@@ -531,13 +544,22 @@ class WatchedFile:
             # must find the new value. (The other order made a new worker's concurrent first
             # requests read the empty initial key store: 401s at every start and reload.)
             self._reload()
+            if stat.st_mode & 0o077:
+                log.warning("%s is readable by group or others (mode %03o): chmod 600 it",
+                            self.path, stat.st_mode & 0o777)
             self._signature = signature
         return self._value
 
     def _reload(self):
         try:
             with open(self.path, encoding="utf-8") as file:
-                self._value = self._parse(file.read())
+                text = file.read()
+            if not text:
+                # What a reader sees between an in-place rewrite's truncate and its write. A
+                # key file emptied on purpose keeps a comment ('gateway keys' writes one).
+                raise ValueError("the file is empty")
+            self._value = self._parse(text)
+            log.info("loaded %s", self.path)  # once per change per worker: rotations show
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             log.error("cannot load %s (%s); keeping the last good version", self.path, exc)
 
@@ -1358,6 +1380,11 @@ class Gateway:
         self._upstream_key_file = (
             WatchedFile(config.upstream_key_path, parse_upstream_keys, ())
             if config.upstream_key_path else None)
+        # Load both as the worker boots: a last good version must exist before the file can
+        # go bad, or a worker that had served nothing yet would have no keys to fall back on.
+        self.keys.get()
+        if self._upstream_key_file is not None:
+            self._upstream_key_file.get()
         self._refused_upstream_keys = set()  # refused with a 401 by the upstream
         self._local = threading.local()
         # Worked out once, not per call: the upstream's path prefix and urllib3's timeout.
