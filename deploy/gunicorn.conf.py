@@ -103,7 +103,8 @@ def post_worker_init(worker):
 def post_request(worker, req, environ, resp):
     """Note a request that moved a megabyte or more (see post_worker_init)."""
     import time
-    size = max(int(environ.get("CONTENT_LENGTH") or 0), getattr(resp, "sent", 0) or 0)
+    length = environ.get("CONTENT_LENGTH") or ""  # environ is {} when parsing failed
+    size = max(int(length) if length.isdigit() else 0, getattr(resp, "sent", 0) or 0)
     if size >= 1 << 20:
         worker.gateway_big_request_at = time.monotonic()
 
