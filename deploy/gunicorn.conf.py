@@ -122,6 +122,8 @@ def child_exit(server, worker):
     multiprocess.mark_process_dead(worker.pid)
 
 
+# Everything on stderr (the journal under systemd): the access log (logger 'gateway.access') as
+# bare JSON lines, one per request; every other line with time, pid and level.
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
