@@ -455,7 +455,9 @@ def started(command, log_path, env, ready="Booting worker"):
     finally:
         process.terminate()
         try:
-            process.wait(WAIT)
+            # A TERM that reaches a worker before it has set its signal handlers (gevent
+            # patching takes a moment) is lost, and gunicorn waits graceful_timeout for it.
+            process.wait(5)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
