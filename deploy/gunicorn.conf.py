@@ -17,8 +17,23 @@ worker_class = "gthread"
 
 # One worker per core this process may run on: the GIL lets a worker use one core, and a
 # second worker on the same core added no throughput but 28 MB of RSS (tests/benchmark.py,
-# README "Performance"). 'taskset -c 0 gateway serve' therefore runs one worker.
-workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+# README "Performance"). 'taskset -c 0 gateway serve' therefore runs one worker, and so does a
+# container whose cgroup (v2) allows one CPU's time, however many cores its host has.
+# WEB_CONCURRENCY (gunicorn's own convention) sets the number outright.
+def _cores():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    cores = cores or os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as file:
+            quota, period = file.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))  # rounded up
+    except (OSError, ValueError):
+        pass
+    return cores
+
+
+workers = int(os.environ.get("WEB_CONCURRENCY") or _cores())
 
 # Each open stream holds a thread. gthread does not balance connections between workers, and
 # a worker whose threads are all busy queues the next request: 2 workers x 128 threads let
