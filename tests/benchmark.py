@@ -748,6 +748,9 @@ def main(argv=None):
                     proxy_core, load_core) if proxy_core else "none (one core)",
                 command=" ".join(["python3", "tests/benchmark.py"] + (argv or sys.argv[1:])))
     print("machine: %(nproc)s cores, %(cpu)s, Python %(python)s; %(pinning)s" % info)
+    # Other work on the machine moves the figures (p99s most): say how busy it was.
+    info["load_average_before"] = os.getloadavg()[0]
+    print("load average before: %.2f" % info["load_average_before"])
     # The client runs in this process: pin it beside wrk and the upstream.
     if load_core is not None:
         os.sched_setaffinity(0, {int(load_core)})
@@ -786,7 +789,9 @@ def main(argv=None):
     targets_met = check_targets(results["gateway"]) if "gateway" in results and \
         "direct" in results else None
     report(results, targets_met)
-    print("\n%.0f s in all" % (time.monotonic() - started))
+    info["load_average_after"] = os.getloadavg()[0]
+    print("\n%.0f s in all; load average after: %.2f (the benchmark itself adds up to 2)"
+          % (time.monotonic() - started, info["load_average_after"]))
     if args.json:
         with open(args.json, "w") as file:
             json.dump({"machine": info, "targets": targets_met, "results": results}, file,
