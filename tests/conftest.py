@@ -96,13 +96,15 @@ def served_app(app):
 
 
 @contextlib.contextmanager
-def gateway_process(args, log_path, env=None, timeout=30):
+def gateway_process(args, log_path, env=None, timeout=30, **popen):
     """Run ``./gateway <args>`` (gunicorn in the foreground) and yield (process, base_url)
-    once gunicorn says 'Listening at'; stop it with SIGTERM afterwards."""
+    once gunicorn says 'Listening at'; stop it with SIGTERM afterwards. ``popen`` goes to
+    ``subprocess.Popen`` (test_faults passes a ``preexec_fn``)."""
     environment = dict(os.environ, **(env or {}))
     with open(log_path, "wb") as log:
         process = subprocess.Popen([sys.executable, os.path.join(ROOT, "gateway")] + args,
-                                   stdout=log, stderr=subprocess.STDOUT, env=environment)
+                                   stdout=log, stderr=subprocess.STDOUT, env=environment,
+                                   **popen)
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -121,3 +123,17 @@ def gateway_process(args, log_path, env=None, timeout=30):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true",
+                     help="also run the soak tests (minutes); GATEWAY_SOAK=1 does the same")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--soak") or os.environ.get("GATEWAY_SOAK") == "1":
+        return
+    skip = pytest.mark.skip(reason="soak test: opt in with --soak or GATEWAY_SOAK=1")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)

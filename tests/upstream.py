@@ -135,6 +135,10 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # socketserver's 5 drops connects under load (the soak's bursts)
+
+
 class FakeUpstream:
     """The server plus what the tests steer and observe."""
 
@@ -146,7 +150,7 @@ class FakeUpstream:
         self.gate_timed_out = threading.Event()
         self.client_gone = threading.Event()
         self.stream_finished = threading.Event()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.server.fake = self
         self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
