@@ -103,6 +103,8 @@ STREAM_READ_SIZE = 65536
 BODY_READ_SIZE = 262144
 
 KEY_PREFIX = "sk-gw-"
+#: The access log's ``error`` for a stream the client abandoned (not counted as an error).
+CLIENT_WENT_AWAY = "client went away"
 JSON_CONTENT_TYPE = "application/json"
 SSE_CONTENT_TYPE = "text/event-stream"
 
@@ -1161,7 +1163,11 @@ def relay_stream(response, exchange):
             meter.feed(chunk)
             exchange.first_byte()
             separator = b"" if chunk.endswith(b"\n\n") else b"\n\n"
-            yield chunk
+            try:
+                yield chunk
+            except GeneratorExit:  # the server closed us: the client went away mid-stream
+                exchange.error = CLIENT_WENT_AWAY
+                raise
         if not meter.finished:
             exchange.error = "upstream stream ended early"
             yield separator + sse_error_event(
@@ -2084,8 +2090,10 @@ def usage_report(records, since=None, until=None, key=None, by=("key", "model"))
 
 
 def _failed(record):
+    """A client that walks away is not an error of ours or the upstream's."""
     status = record.get("status")
-    return int(bool(record.get("error")) or (isinstance(status, int) and status >= 400))
+    failed_stream = record.get("error") not in (None, CLIENT_WENT_AWAY)
+    return int(failed_stream or (isinstance(status, int) and status >= 400))
 
 
 def _usage_group(record, field):
@@ -2197,18 +2205,30 @@ def cmd_serve(config, args):
 
     class GatewayServer(gunicorn.app.base.Application):
         # The gunicorn master is this process, so 'gateway serve' can be supervised directly
-        # (systemd, HUP to reload). Workers build their own app from GATEWAY_CONFIG.
+        # (systemd, HUP to reload). On HUP the master re-reads the gateway config; the new
+        # workers fork from it and build their app from the last config that parsed. A HUP
+        # with a broken config therefore keeps serving (and logs why), where workers that
+        # parsed it themselves would fail to boot and take the master down with them.
+        gateway_config = config
+
         def load_config(self):
             if gunicorn_config:
                 self.load_config_from_file(gunicorn_config)
             if args.bind:
                 self.cfg.set("bind", [args.bind])
 
+        def reload(self):
+            try:
+                self.gateway_config = Config.from_environ(os.environ)
+            except ValueError as exc:
+                log.error("reload: %s; keeping the previous gateway config", exc)
+            super().reload()
+
         def init(self, parser, opts, args):
             return None  # no gunicorn command line: 'gateway serve' has its own
 
         def load(self):
-            return make_app(Config.from_environ(os.environ))
+            return make_app(self.gateway_config)
 
     made = prepare_metrics_dir() if config.metrics else None
     master = os.getpid()

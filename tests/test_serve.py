@@ -105,3 +105,39 @@ def test_python_dash_m_reaches_the_same_main(config_dir):
                              str(config_dir / "gateway.ini")], cwd=ROOT, capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0 and "alice" in result.stdout
+
+
+def test_hup_applies_a_new_config_and_survives_a_broken_one(config_dir, upstream, tmp_path):
+    import signal
+    import time
+    ini = config_dir / "gateway.ini"
+    log_path = tmp_path / "serve.log"
+
+    def models(url):
+        return [m["id"] for m in requests.get(url + "/v1/models", headers=auth(),
+                                              timeout=10).json()["data"]]
+
+    def after_hup(process, url, expected):
+        """HUP, then wait (bounded) until every answer shows ``expected``."""
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if all(models(url) == expected for _ in range(6)):
+                return
+            time.sleep(0.1)
+        raise AssertionError("the reload did not take effect:\n" + log_path.read_text())
+
+    with gateway_process(["serve", "--config", str(ini), "--bind",
+                          "127.0.0.1:%d" % free_port()], log_path) as (process, url):
+        assert models(url) == ["claude-opus-4-8", "claude-opus-4-7"]
+        ini.write_text(ini.read_text() + "claude-opus-5 = claude-opus-5-20270101\n")
+        after_hup(process, url, ["claude-opus-4-8", "claude-opus-4-7", "claude-opus-5"])
+        ini.write_text("[gateway]\nno_such_setting = 1\n")
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "keeping the previous gateway config" not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        for _ in range(6):
+            assert models(url)[-1] == "claude-opus-5"
+        assert process.poll() is None

@@ -89,7 +89,7 @@ def test_each_event_is_relayed_as_it_arrives(app, upstream):
 
 
 @pytest.mark.parametrize("framing", ["chunked", "close"])
-def test_client_going_away_closes_the_upstream_connection(app, upstream, framing):
+def test_client_going_away_closes_the_upstream_connection(app, upstream, framing, caplog):
     upstream.framing = framing
     upstream.gate = threading.Event()
     gone = threading.Event()
@@ -101,9 +101,12 @@ def test_client_going_away_closes_the_upstream_connection(app, upstream, framing
             gone.set()
     upstream.handler = watch
     started, body = call(app, STREAM)
-    next(iter(body))
-    body.close()  # what gunicorn does when the client disconnects
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        next(iter(body))
+        body.close()  # what gunicorn does when the client disconnects
     assert gone.wait(10), "the upstream never saw its connection closed"
+    record = json.loads(caplog.records[-1].getMessage())
+    assert record["error"] == "client went away" and record["input_tokens"] == 12
 
 
 def test_upstream_failing_mid_stream_ends_with_an_error_event(app, upstream, caplog):
