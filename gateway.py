@@ -23,23 +23,26 @@ import argparse
 import configparser
 import contextlib
 import dataclasses
+import datetime
+import gzip
 import hashlib
 import hmac
 import http.cookiejar
 import json
 import logging
-import os
 import math
+import os
 import re
 import secrets
-import socket
 import shutil
+import socket
 import sqlite3
 import sys
 import tempfile
 import threading
 import time
 import types
+import urllib.parse
 
 import requests
 import requests.adapters
@@ -59,16 +62,10 @@ access_log = logging.getLogger("gateway.access")
 #: SDKs always send one and it is forwarded as received (wire.md, correction box).
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
-#: RFC 9110 section 7.6.1 connection-specific headers. Never forwarded in either direction; a
-#: WSGI app must not emit them at all (PEP 3333; wsgiref asserts on them).
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-    "trailer", "transfer-encoding", "upgrade",
-})
-
-#: Client headers forwarded upstream. Everything else (credentials, cookies, host, proxy and
-#: forwarding headers, accept-encoding) is dropped: an allowlist cannot leak a header nobody
-#: thought of. ``anthropic-*`` must pass unchanged as an open list (wire.md 2.4, GW-PROTO).
+#: Client headers forwarded upstream. Everything else (credentials, cookies, host, the RFC 9110
+#: 7.6.1 hop-by-hop headers, proxy and forwarding headers, accept-encoding) is dropped: an
+#: allowlist cannot leak a header nobody thought of. ``anthropic-*`` must pass unchanged as an
+#: open list (wire.md 2.4, GW-PROTO).
 FORWARDED_PREFIXES = ("anthropic-", "x-stainless-", "x-claude-code-")
 FORWARDED_HEADERS = frozenset({"user-agent", "x-client-request-id", "x-app"})
 
@@ -78,8 +75,9 @@ FORWARDED_HEADERS = frozenset({"user-agent", "x-client-request-id", "x-app"})
 FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
-#: Upstream response headers relayed to the client (wire.md 7.1). Framing headers are ours to
-#: set; infrastructure headers and ``anthropic-organization-id`` (our org) stay behind.
+#: Upstream response headers relayed to the client (wire.md 7.1), an allowlist too: framing
+#: and hop-by-hop headers are the server's to set (a WSGI app must not emit them, PEP 3333);
+#: infrastructure headers and ``anthropic-organization-id`` (our org) stay behind.
 RELAYED_PREFIXES = ("anthropic-ratelimit-",)
 RELAYED_HEADERS = frozenset({
     "content-type", "request-id", "retry-after", "retry-after-ms", "x-should-retry",
@@ -405,7 +403,6 @@ def _parse_digest(text):
 
 def parse_time(text):
     """'2027-01-01' or '2027-01-01T12:00:00Z' (UTC unless an offset is given) -> epoch."""
-    import datetime
     try:
         moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -1059,7 +1056,6 @@ def models_page(model_ids, query):
 
 
 def _parse_query(query):
-    import urllib.parse
     return dict(urllib.parse.parse_qsl(query, keep_blank_values=True))
 
 
@@ -1858,7 +1854,7 @@ def write_key_file(path, store):
 def edit_key_file(config, change):
     """Read, change and write the key file under an exclusive lock beside it, so two
     'gateway keys' runs never interleave. ``change(store)`` returns the new store."""
-    import fcntl
+    import fcntl  # here, not at the top: POSIX only, and embedders never edit keys
     with open(config.keys_path + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         write_key_file(config.keys_path, change(load_key_file(config.keys_path)))
@@ -2125,7 +2121,6 @@ def read_log_lines(path):
     """The lines of one log file, ``-`` for standard input. gzip is recognised by its magic
     bytes, whatever the file is called; a .gz cut short (logrotate still compressing it)
     gives what it holds, with a warning."""
-    import gzip
     if path == "-":
         yield from sys.stdin
         return
