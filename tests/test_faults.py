@@ -1410,8 +1410,21 @@ def up_soak_stream(handler, received):
 UPSTREAM_FAULTS["soak_stream"] = up_soak_stream
 
 
-def worker_stats(master_pid):
-    """{pid: (open fds, threads, RSS in KiB)} for each gunicorn worker of ``master_pid``."""
+def _sockets_to(port):
+    """Inodes of the host's TCP sockets connected to 127.0.0.1:``port``."""
+    inodes = set()
+    with open("/proc/net/tcp") as file:
+        for line in file.read().splitlines()[1:]:
+            fields = line.split()
+            if fields[2] == "0100007F:%04X" % port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def worker_stats(master_pid, upstream_port, state_path):
+    """{pid: (open fds, threads, RSS in KiB, upstream connections, state-file fds)} for each
+    gunicorn worker of ``master_pid``."""
+    upstream = _sockets_to(upstream_port)
     stats = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -1423,8 +1436,14 @@ def worker_stats(master_pid):
                 continue
             with open("/proc/%s/status" % entry) as file:
                 status = dict(line.split(":", 1) for line in file.read().splitlines())
-            stats[int(entry)] = (len(os.listdir("/proc/%s/fd" % entry)),
-                                 int(status["Threads"]), int(status["VmRSS"].split()[0]))
+            fds = []
+            for fd in os.listdir("/proc/%s/fd" % entry):
+                with contextlib.suppress(OSError):
+                    fds.append(os.readlink("/proc/%s/fd/%s" % (entry, fd)))
+            connections = sum(1 for fd in fds if fd[len("socket:["):-1] in upstream)
+            state = sum(1 for fd in fds if fd.startswith(state_path))
+            stats[int(entry)] = (len(fds), int(status["Threads"]),
+                                 int(status["VmRSS"].split()[0]), connections, state)
         except (OSError, ValueError, IndexError, KeyError):
             continue
     return stats
@@ -1490,7 +1509,9 @@ def test_soak_nothing_piles_up(soak_rig, capsys):
     import concurrent.futures
     rig, rng = soak_rig, random.Random(6)
     started, rows, outcomes = time.monotonic(), [], collections.Counter()
-    pids = set(worker_stats(rig.process.pid))
+    port = int(rig.upstream.url.rsplit(":", 1)[1])
+    state = str(rig.directory / "gateway.state")  # HostState's SQLite file and its WAL
+    pids = set(worker_stats(rig.process.pid, port, state))
     assert len(pids) == shipped_workers()
     with concurrent.futures.ThreadPoolExecutor(48) as pool:
         for number in range(SOAK_ROUNDS):
@@ -1513,26 +1534,30 @@ def test_soak_nothing_piles_up(soak_rig, capsys):
             while SOAK["active"]:
                 assert time.monotonic() < deadline, "upstream streams still open: %s" % SOAK
                 time.sleep(0.02)
-            stats = worker_stats(rig.process.pid)
+            stats = worker_stats(rig.process.pid, port, state)
             assert set(stats) == pids, "a worker died or was replaced"
-            rows.append(tuple(sum(values[i] for values in stats.values()) for i in range(3)))
+            rows.append(tuple(sum(values[i] for values in stats.values()) for i in range(5)))
     elapsed = time.monotonic() - started
     with capsys.disabled():
         print("\nsoak: %d rounds in %.0f s: %s" % (SOAK_ROUNDS, elapsed, dict(outcomes)))
         print("soak: upstream streams finished %d, hung up by the gateway %d"
               % (SOAK["finished"], SOAK["gone"]))
-        print("soak: the workers' open fds / threads / RSS after each round:")
-        for number, (fds, threads, rss) in enumerate(rows, 1):
-            print("  round %2d: %4d fds  %4d threads  %6.1f MiB" % (number, fds, threads,
-                                                                    rss / 1024))
+        print("soak: the workers' open fds (upstream connections, state file, the rest), "
+              "threads, RSS by round:")
+        for number, (fds, threads, rss, upstream, state) in enumerate(rows, 1):
+            print("  round %3d: %4d fds (%3d, %3d, %3d)  %4d threads  %6.1f MiB" % (
+                number, fds, upstream, state, fds - upstream - state, threads, rss / 1024))
     # Every stream a client abandoned was abandoned upstream too; every other one finished.
     assert SOAK["gone"] == outcomes["abandoned"] and SOAK["finished"] == outcomes["complete"]
     # gthread starts pool threads as concurrency peaks, up to 'threads' per worker: bounded by
-    # the config, not flat. Each thread may keep one idle upstream connection, so it is the
-    # open files beyond one per thread, and memory, that must stay flat once warm.
+    # the config, not flat. Each thread keeps its last upstream connection for its next
+    # request, and its own SQLite connection to the state file once it has written there
+    # (HostState), so those are bounded by threads; the other open files must not grow at
+    # all, and memory must stay flat once warm.
     warm, last = rows[min(2, len(rows) - 1)], rows[-1]
     assert all(row[1] <= shipped_workers() * (shipped("threads") + 8) for row in rows), rows
-    assert last[0] - last[1] <= warm[0] - warm[1] + 8 * shipped_workers(), rows  # fds
+    assert all(row[3] <= row[1] and row[4] <= 3 * row[1] for row in rows), rows
+    assert last[0] - last[3] - last[4] <= warm[0] - warm[3] - warm[4], rows  # other fds
     assert last[2] <= warm[2] * 1.25 + 16 * 1024, rows           # RSS, KiB
     assert "Traceback" not in rig.log()
 
