@@ -1744,8 +1744,9 @@ def _body_deadline(environ, seconds, deadlines):
     it. So at the deadline (``Deadlines``) the socket's read side is shut: the pending ``recv``
     returns EOF at once and the read ends short. Only gunicorn lends the socket
     (``gunicorn.socket``) and only over HTTP/1 is it one request's alone; elsewhere there is no
-    deadline (nginx in front buffers whole bodies before it passes them on). A deadline that
-    fires just as the read completes costs that connection its keep-alive, nothing more.
+    deadline. nginx in front makes none: its client_body_timeout counts between two reads, and
+    deploy/nginx.conf passes bodies on as they come. A deadline that fires just as the read
+    completes costs that connection its keep-alive, nothing more.
     """
     expired = threading.Event()
     sock = environ.get("gunicorn.socket")
