@@ -741,6 +741,9 @@ def main(argv=None):
             print("error: %s is not installed (apt-get install -y wrk nginx)" % tool,
                   file=sys.stderr)
             return 2
+    # A TERM (CI's timeout, a supervisor) unwinds like Ctrl-C, so the ExitStack below stops
+    # the upstream, nginx and the gateway instead of leaving them running.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     plan = PLANS["quick" if args.quick else "full"]
     proxy_core, load_core = cores()
     info = dict(machine(), plan="quick" if args.quick else "full",
