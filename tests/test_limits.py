@@ -192,3 +192,26 @@ def test_concurrency_limit_across_workers_and_rotation_loses_nothing(config_dir,
     log = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()
            if line.startswith("{")]
     assert sorted(r["status"] for r in log) == [200] * 5 + [429]
+
+
+def test_rpm_and_tokens_are_exact_under_concurrent_clients(config_dir, upstream, tmp_path):
+    """20 clients at once against rpm=7 on two gunicorn workers: exactly 7 get through.
+    Then a daily token budget: spent by the answers' usage, refused until the next day."""
+    import concurrent.futures
+    (config_dir / "gateway.keys").write_text(
+        key_line("alice", CLIENT_KEY).strip() + " rpm=7\n"
+        + key_line("bob", "sk-gw-bob-budget-0123456789").strip() + " tokens_per_day=30\n")
+    with gateway_process(["serve", "--config", str(config_dir / "gateway.ini"), "--bind",
+                          "127.0.0.1:%d" % free_port()], tmp_path / "serve.log",
+                         env={"WEB_CONCURRENCY": "2"}) as (_, url):
+        def call(key):
+            return requests.post(url + "/v1/messages", json=MESSAGE, headers=auth(key),
+                                 timeout=20).status_code
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            statuses = list(pool.map(call, [CLIENT_KEY] * 20))
+        assert sorted(statuses) == [200] * 7 + [429] * 13
+        # each answer reports 12 input + 5 output tokens: 17, 34 (over 30), then refused
+        assert [call("sk-gw-bob-budget-0123456789") for _ in range(3)] == [200, 200, 429]
+    request_ids = {json.loads(line).get("request_id") for line in
+            (tmp_path / "serve.log").read_text().splitlines() if line.startswith("{")}
+    assert len(request_ids) == 23  # every request logged once, refused ones included
