@@ -43,7 +43,6 @@ workers = int(os.environ.get("WEB_CONCURRENCY") or _cores())
 # costs memory only once it has run (about 60 KB of stack and state each, measured).
 threads = 256
 
-
 # gthread workers keep heartbeating while a thread waits on a quiet stream, so this only kills
 # a worker whose main loop is stuck; it never cuts a long answer.
 timeout = 120
