@@ -296,6 +296,9 @@ def _parse_setting(field, text):
     except ValueError as exc:
         raise ValueError("setting %s = %r: %s" % (field.name, text, exc)) from None
     if field.name == "upstream_url":
+        parts = urllib.parse.urlsplit(text)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("setting upstream_url = %r: expected http(s)://host[:port]" % text)
         return text.rstrip("/")
     return text
 

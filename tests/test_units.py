@@ -279,6 +279,8 @@ def test_config_defaults_and_the_upstream_key_from_the_environment(tmp_path):
     ("[gateway]\nmax_body_bytes = -5\n", "positive"),
     ("[gateway]\nread_timeout = soon\n", "read_timeout"),
     ("[gateway]\ntrust_env = perhaps\n", "true or false"),
+    ("[gateway]\nupstream_url = api.anthropic.com\n", "http"),
+    ("[gateway]\nupstream_url = ftp://x\n", "http"),
     ("[models]\nclaude-x =\n", "maps to nothing"),
     ("not an ini file", "cannot read config"),
 ])
