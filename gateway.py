@@ -182,7 +182,7 @@ class Config:
     upstream_url: str = _setting(
         "https://api.anthropic.com", "Base URL of the upstream Messages API (no /v1).")
     upstream_key_file: str = _setting(
-        None, "File holding the upstream API key (first line); see the class docstring.")
+        None, "File of upstream API keys, one per line, first first; see the class docstring.")
     keys_file: str = _setting(
         "gateway.keys", "The client key file: name, digest, models, enabled (gateway keys).")
     state_file: str = _setting(
@@ -546,7 +546,7 @@ class WatchedFile:
             # must find the new value. (The other order made a new worker's concurrent first
             # requests read the empty initial key store: 401s at every start and reload.)
             self._reload()
-            if stat.st_mode & 0o077:
+            if too_open(stat.st_mode):
                 log.warning("%s is readable by group or others (mode %03o): chmod 600 it",
                             self.path, stat.st_mode & 0o777)
             self._signature = signature
@@ -554,26 +554,47 @@ class WatchedFile:
 
     def _reload(self):
         try:
-            with open(self.path, encoding="utf-8") as file:
-                text = file.read()
-            if not text:
-                # What a reader sees between an in-place rewrite's truncate and its write. A
-                # key file emptied on purpose keeps a comment ('gateway keys' writes one).
-                raise ValueError("the file is empty")
-            self._value = self._parse(text)
+            self._value = read_parsed(self.path, self._parse)
             log.info("loaded %s", self.path)  # once per change per worker: rotations show
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            log.error("cannot load %s (%s); keeping the last good version", self.path, exc)
+        except FILE_ERRORS as exc:
+            log.error("cannot load %s (%s); keeping the last good version", self.path,
+                      describe(exc))
 
 
-def parse_upstream_keys(text):
-    """The upstream key file: one key per line, in the order to use them ('#' comments and
-    blank lines skipped). The first is used until the upstream refuses it; see Gateway."""
-    keys = tuple(line.strip() for line in text.splitlines()
-                 if line.strip() and not line.strip().startswith("#"))
-    if not keys:
+#: What reading and parsing one of our files can raise (see read_parsed).
+FILE_ERRORS = (OSError, UnicodeDecodeError, ValueError)
+
+
+def read_parsed(path, parse):
+    """``parse`` of the UTF-8 text at ``path``. An empty file is an error, never a version:
+    it is what a reader sees between an in-place rewrite's truncate and its write (a key file
+    emptied on purpose keeps a comment; 'gateway keys' writes one)."""
+    with open(path, encoding="utf-8") as file:
+        text = file.read()
+    if not text:
+        raise ValueError("the file is empty")
+    return parse(text)
+
+
+def describe(exc):
+    """An error from FILE_ERRORS in a few words: 'Permission denied', not the errno tuple."""
+    return getattr(exc, "strerror", None) or str(exc)
+
+
+def too_open(mode):
+    """Whether group or others may read a file holding secrets (or granting access)."""
+    return bool(mode & 0o077)
+
+
+def parse_secret_lines(text):
+    """A file of secrets, one per line, in the order to use them ('#' comments and blank
+    lines skipped): the upstream key file (the first key is used until the upstream refuses
+    it; see Gateway) and the metrics token file."""
+    lines = tuple(line.strip() for line in text.splitlines()
+                  if line.strip() and not line.strip().startswith("#"))
+    if not lines:
         raise ValueError("the file holds no key")
-    return keys
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1383,7 +1404,7 @@ class Gateway:
         self.keys = WatchedFile(config.keys_path, parse_key_file, KeyStore())
         self.state = HostState(config.state_path)
         self._upstream_key_file = (
-            WatchedFile(config.upstream_key_path, parse_upstream_keys, ())
+            WatchedFile(config.upstream_key_path, parse_secret_lines, ())
             if config.upstream_key_path else None)
         # Load both as the worker boots: a last good version must exist before the file can
         # go bad, or a worker that had served nothing yet would have no keys to fall back on.
@@ -1407,7 +1428,7 @@ class Gateway:
         self.metrics = Metrics() if config.metrics else None
         # Same format as the upstream key file; listing two tokens lets a scraper move over.
         self._metrics_tokens = (
-            WatchedFile(config.path(config.metrics_token_file), parse_upstream_keys, ())
+            WatchedFile(config.path(config.metrics_token_file), parse_secret_lines, ())
             if config.metrics_token_file else None)
         if self.metrics is not None:
             self.routes["/metrics"] = {"GET": self.on_metrics}
@@ -1831,12 +1852,12 @@ class CommandError(Exception):
 def load_key_file(path):
     """Read the key file for editing; a missing file is an empty one."""
     try:
-        with open(path, encoding="utf-8") as file:
+        with open(path, encoding="utf-8") as file:  # empty is fine here: no keys yet
             return parse_key_file(file.read())
     except FileNotFoundError:
         return KeyStore()
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CommandError("key file %s: %s" % (path, exc)) from None
+    except FILE_ERRORS as exc:
+        raise CommandError("key file %s: %s" % (path, describe(exc))) from None
 
 
 def write_key_file(path, store):
@@ -1982,7 +2003,7 @@ def cmd_check(config, args):
     print("upstream: %s" % config.upstream_url)
     print("models: %s" % ", ".join("%s -> %s" % item for item in config.models.items()))
     try:
-        with open(config.keys_path, encoding="utf-8") as file:
+        with open(config.keys_path, encoding="utf-8") as file:  # empty: no keys, as for 'keys'
             store = parse_key_file(file.read())
         enabled = sum(1 for e in store.entries if e.enabled)
         print("keys: %s: %d key(s), %d enabled" % (config.keys_path, len(store.entries), enabled))
@@ -1991,21 +2012,20 @@ def cmd_check(config, args):
             if unknown:
                 problems.append("key %r allows unknown model(s) %s" % (entry.name,
                                                                        ", ".join(unknown)))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        problems.append("key file %s: %s" % (config.keys_path, exc))
+    except FILE_ERRORS as exc:
+        problems.append("key file %s: %s" % (config.keys_path, describe(exc)))
     if config.upstream_key_path is None:
         print("upstream key: from ANTHROPIC_API_KEY")
     else:
         try:
-            with open(config.upstream_key_path, encoding="utf-8") as file:
-                count = len(parse_upstream_keys(file.read()))
+            count = len(read_parsed(config.upstream_key_path, parse_secret_lines))
             print("upstream key: %s (%d key(s), readable)" % (config.upstream_key_path, count))
-            if os.stat(config.upstream_key_path).st_mode & 0o077:
+            if too_open(os.stat(config.upstream_key_path).st_mode):
                 print("warning: %s is readable by group or others; chmod 600 it"
                       % config.upstream_key_path)
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
+        except FILE_ERRORS as exc:
             problems.append("upstream key file %s: %s (or set ANTHROPIC_API_KEY)"
-                            % (config.upstream_key_path, getattr(exc, "strerror", None) or exc))
+                            % (config.upstream_key_path, describe(exc)))
     if config.metrics:
         problems += _check_metrics(config)
     for problem in problems:
@@ -2026,12 +2046,10 @@ def _check_metrics(config):
         return problems
     path = config.path(config.metrics_token_file)
     try:
-        with open(path, encoding="utf-8") as file:
-            parse_upstream_keys(file.read())
+        read_parsed(path, parse_secret_lines)
         print("metrics: GET /metrics, bearer token from %s" % path)
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        problems.append("metrics token file %s: %s" % (path, getattr(exc, "strerror", None)
-                                                        or exc))
+    except FILE_ERRORS as exc:
+        problems.append("metrics token file %s: %s" % (path, describe(exc)))
     return problems
 
 
