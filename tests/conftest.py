@@ -96,33 +96,43 @@ def served_app(app):
 
 
 @contextlib.contextmanager
-def gateway_process(args, log_path, env=None, timeout=30, **popen):
-    """Run ``./gateway <args>`` (gunicorn in the foreground) and yield (process, base_url)
-    once gunicorn says 'Listening at'; stop it with SIGTERM afterwards. ``popen`` goes to
-    ``subprocess.Popen`` (test_faults passes a ``preexec_fn``)."""
-    environment = dict(os.environ, **(env or {}))
+def server_process(command, log_path, ready, env=None, timeout=30, stop_timeout=15, **popen):
+    """Run ``command`` with its output in ``log_path``; yield the process once ``ready(log
+    text)`` is true; stop it with SIGTERM afterwards (SIGKILL after ``stop_timeout``).
+    ``popen`` goes to ``subprocess.Popen`` (test_faults passes a ``preexec_fn``)."""
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, os.path.join(ROOT, "gateway")] + args,
-                                   stdout=log, stderr=subprocess.STDOUT, env=environment,
-                                   **popen)
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, **(env or {})), **popen)
     try:
         deadline = time.monotonic() + timeout
-        while True:
-            text = open(log_path, encoding="utf-8", errors="replace").read()
-            match = re.search(r"Listening at: http://([\d.]+:\d+)", text)
-            if match and "Booting worker" in text:
-                break
+        while not ready(open(log_path, encoding="utf-8", errors="replace").read()):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("gateway serve did not start:\n" + text)
+                raise AssertionError("%s did not start:\n%s" % (
+                    os.path.basename(command[1] if len(command) > 1 else command[0]),
+                    open(log_path, encoding="utf-8", errors="replace").read()))
             time.sleep(0.05)
-        yield process, "http://" + match.group(1)
+        yield process
     finally:
         process.terminate()
         try:
-            process.wait(15)
+            process.wait(stop_timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+LISTENING = re.compile(r"Listening at: http://([\d.]+:\d+)")
+
+
+@contextlib.contextmanager
+def gateway_process(args, log_path, env=None, timeout=30, **popen):
+    """Run ``./gateway <args>`` (gunicorn in the foreground) and yield (process, base_url)
+    once gunicorn listens and has booted a worker."""
+    def ready(text):
+        return LISTENING.search(text) and "Booting worker" in text
+    with server_process([sys.executable, os.path.join(ROOT, "gateway")] + args, log_path,
+                        ready, env, timeout, **popen) as process:
+        yield process, "http://" + LISTENING.search(log_path.read_text()).group(1)
 
 
 def pytest_addoption(parser):

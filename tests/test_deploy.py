@@ -26,7 +26,7 @@ import pytest
 import requests
 
 import gateway
-from conftest import CLIENT_KEY, ROOT, auth, gateway_process
+from conftest import CLIENT_KEY, ROOT, auth, gateway_process, server_process
 from upstream import UPSTREAM_KEY, free_port, text_stream
 
 DEPLOY = os.path.join(ROOT, "deploy")
@@ -439,28 +439,12 @@ def readme_block(marker):
     return match.group(1)
 
 
-@contextlib.contextmanager
 def started(command, log_path, env, ready="Booting worker"):
-    """Run a server command; yield it once its log shows ``ready``; terminate it after."""
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                   env=dict(os.environ, **env))
-    try:
-        def up():
-            if process.poll() is not None:
-                raise AssertionError("server exited:\n" + log_path.read_text())
-            return ready in log_path.read_text()
-        wait_for(up, "the server to start", timeout=30)
-        yield process
-    finally:
-        process.terminate()
-        try:
-            # A TERM that reaches a worker before it has set its signal handlers (gevent
-            # patching takes a moment) is lost, and gunicorn waits graceful_timeout for it.
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """Run a server command; yield it once its log shows ``ready``; terminate it after.
+    A TERM that reaches a worker before it has set its signal handlers (gevent patching
+    takes a moment) is lost, and gunicorn waits graceful_timeout for it: 5 s, then KILL."""
+    return server_process(command, log_path, lambda text: ready in text, env,
+                          stop_timeout=5)
 
 
 def test_mounted_under_a_prefix_in_another_wsgi_app(config_dir, upstream, tmp_path):

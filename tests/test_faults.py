@@ -427,20 +427,27 @@ def serving(directory, upstream_url, name, **popen):
         yield url, log_path, process
 
 
-@pytest.fixture(scope="module")
-def rig(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("faults")
+@contextlib.contextmanager
+def running_rig(tmp_path_factory, name):
+    """A fault-injecting upstream and one gateway serve in front of it, for a module."""
+    directory = tmp_path_factory.mktemp(name)
     upstream = FakeUpstream()
     upstream.handler = dispatch
     upstream.start()
     UPSTREAMS.append(upstream)
     try:
-        with serving(directory, upstream.url, "faults") as (url, log_path, process):
+        with serving(directory, upstream.url, name) as (url, log_path, process):
             yield Rig(url, upstream, log_path, process, directory)
     finally:
-        for stage in STAGES.values():
+        for stage in STAGES.values():  # let any upstream handler still held finish
             stage.release.set()
         upstream.stop()
+
+
+@pytest.fixture(scope="module")
+def rig(tmp_path_factory):
+    with running_rig(tmp_path_factory, "faults") as made:
+        yield made
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1489,16 +1496,8 @@ EXPECTED_STATUS = {"ok": 200, "rate_limited": 429, "internal": 500,
 
 @pytest.fixture(scope="module")
 def soak_rig(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("soak")
-    upstream = FakeUpstream()
-    upstream.handler = dispatch
-    upstream.start()
-    UPSTREAMS.append(upstream)
-    try:
-        with serving(directory, upstream.url, "soak") as (url, log_path, process):
-            yield Rig(url, upstream, log_path, process, directory)
-    finally:
-        upstream.stop()
+    with running_rig(tmp_path_factory, "soak") as made:
+        yield made
 
 
 @pytest.mark.soak
