@@ -992,9 +992,9 @@ class StreamMeter:
     """Reads token counts from SSE bytes as they pass, without changing or holding them.
 
     ``message_start`` carries the input and cache counts, each ``message_delta`` the cumulative
-    output count (wire.md 5.1). Only ``data:`` lines that start like a ``message_*`` event are
-    collected and parsed; every other line is skipped as it streams by, so a large
-    content block costs a scan, not a copy.
+    output count (wire.md 5.1). Only ``data:`` lines that start like a ``message_*`` event, and
+    ``event: error`` lines, are collected and parsed; every other line is skipped as it
+    streams by, so a large content block costs a scan, not a copy.
     """
 
     _PROBE = 40  # bytes enough to see '"type":"message_' at the start of a data line
@@ -1002,6 +1002,7 @@ class StreamMeter:
     def __init__(self):
         self.usage = {}
         self.finished = False  # message_stop seen
+        self.failed = False  # the upstream sent its own ``event: error``
         self._line = bytearray()
         self._skipping = False
 
@@ -1025,9 +1026,14 @@ class StreamMeter:
 
     def _interesting(self):
         head = bytes(self._line[:self._PROBE])
-        return head.startswith(b"data:") and b'"message_' in head
+        return (head.startswith(b"data:") and b'"message_' in head
+                or head.startswith(b"event:") and len(head) < self._PROBE)
 
     def _parse(self, line):
+        if line.startswith(b"event:"):
+            # The SSE spec strips one space after the colon; a stray \r stays from CRLF ends.
+            self.failed = self.failed or line[6:].strip() == b"error"
+            return
         try:
             event = json.loads(line[5:])
         except (ValueError, RecursionError):  # the bytes pass on untouched all the same
@@ -1175,8 +1181,9 @@ def relay_stream(response, exchange):
                 log.warning("upstream stream failed [%s]: %s", exchange.request_id,
                             type(exc).__name__)
                 exchange.error = "upstream stream failed"
-                yield separator + sse_error_event(
-                    "The upstream connection failed during the stream.")
+                if not meter.failed:
+                    yield separator + sse_error_event(
+                        "The upstream connection failed during the stream.")
                 return
             if not chunk:
                 break
@@ -1188,7 +1195,11 @@ def relay_stream(response, exchange):
             except GeneratorExit:  # the server closed us: the client went away mid-stream
                 exchange.error = CLIENT_WENT_AWAY
                 raise
-        if not meter.finished:
+        if meter.failed:
+            # The upstream's own error event (overloaded_error, say) already told the client;
+            # a second one would only hide it (the SDKs raise the first they parse).
+            exchange.error = "upstream error event"
+        elif not meter.finished:
             exchange.error = "upstream stream ended early"
             yield separator + sse_error_event(
                 "The upstream ended the stream before message_stop.")

@@ -142,6 +142,43 @@ def test_stream_ending_without_message_stop_ends_with_an_error_event(app, upstre
     assert data.endswith(b"\n\n") and b"event: error" in data.split(b"content_block_stop")[-1]
 
 
+OVERLOADED_EVENT = (b'event: error\ndata: {"type": "error", "error": {"type": '
+                    b'"overloaded_error", "message": "Overloaded"}}\n\n')
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_the_upstreams_own_error_event_passes_alone_and_unchanged(app, upstream, framing,
+                                                                   caplog):
+    """The upstream ends with its own error event: the client gets those bytes and no second
+    error event of the gateway's (a client would otherwise see two errors, or the wrong one)."""
+    upstream.framing = framing
+    sent = text_stream("m")[:3] + [OVERLOADED_EVENT]
+    upstream.handler = lambda handler, received: stream_events(handler, sent, upstream)
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        started, body = call(app, STREAM)
+        data = b"".join(body)
+        body.close()
+    assert data == b"".join(sent)
+    record = json.loads([r for r in caplog.records if r.name == "gateway.access"][-1]
+                        .getMessage())
+    assert record["error"] == "upstream error event"
+
+
+def test_an_upstream_error_event_then_a_broken_connection_adds_no_second_one(app, upstream):
+    def dies(handler, received):
+        handler.start_sse("chunked")
+        handler.send_chunk(text_stream("m")[0])
+        handler.send_chunk(OVERLOADED_EVENT)
+        handler.wfile.write(b"5\r\nev")  # a chunk shorter than it claims, then reset
+        handler.wfile.flush()
+        handler.connection.shutdown(2)
+    upstream.handler = dies
+    started, body = call(app, STREAM)
+    data = b"".join(body)
+    body.close()
+    assert data.count(b"event: error") == 1 and OVERLOADED_EVENT in data
+
+
 def test_usage_is_read_from_the_events_as_they_pass(app, upstream, caplog):
     with caplog.at_level(logging.INFO, logger="gateway.access"):
         started, body = call(app, STREAM)
