@@ -332,6 +332,8 @@ def _parse_bool(text):
 #     rpm=N  concurrency=N  tokens_per_day=N    limits (see HostState)
 
 LIMIT_OPTIONS = ("rpm", "concurrency", "tokens_per_day")
+#: Salted digests cost a SHA-256 each per request (KeyStore); 'gateway check' warns above this.
+SALTED_KEYS_WARNING = 300
 TIME_OPTIONS = ("expires", "previous_until")
 
 
@@ -420,29 +422,59 @@ def format_time(epoch):
 
 
 class KeyStore:
-    """An immutable set of key entries, as parsed from one version of the key file."""
+    """An immutable set of key entries, as parsed from one version of the key file.
+
+    Looking a key up costs one SHA-256 and one dict lookup, whatever the number of keys:
+    unsalted digests (every key ``gateway keys`` makes) are indexed by digest. Why indexing
+    by ``sha256(presented key)`` leaks nothing an attacker can use: the dict is keyed by the
+    hash, never by the key, so the time a lookup takes depends on the hash's bits, and learning
+    bits of the hash of a guess says nothing about any stored key (SHA-256 is preimage
+    resistant; a near-miss in hash space is not a near-miss in key space). To find a key by
+    timing, an attacker would have to guess one of 2**256 keys ``gateway keys add`` draws,
+    which no timing signal shortens. Salted digests (keys imported from elsewhere) cannot be
+    indexed, since each needs its own hash; they are compared one by one, in constant time,
+    and ``gateway check`` warns when there are many.
+    """
 
     def __init__(self, entries=()):
         self.entries = tuple(entries)
+        self._by_name = {}
+        self._current = {}  # unsalted sha256(key) -> (position, entry)
+        self._previous = {}  # the same for digests from before a rotation
+        self._salted = []  # (position, entry) with a salted current or previous digest
+        for position, entry in enumerate(self.entries):
+            self._by_name.setdefault(entry.name, entry)
+            previous_salt, previous = entry.previous or (b"", None)
+            if entry.salt or previous_salt:
+                self._salted.append((position, entry))
+            if not entry.salt:
+                self._current.setdefault(entry.digest, (position, entry))
+            if previous is not None and not previous_salt:
+                self._previous.setdefault(previous, (position, entry))
 
     def find(self, key, now=None):
-        """The entry whose digest matches ``key``, or None.
-
-        Every entry is compared, with ``hmac.compare_digest``, and the loop never stops early,
-        so the time taken says nothing about which digest came close.
-        """
+        """The entry whose digest matches ``key`` (its previous digest within the rotation's
+        grace period), or None; the first in the file when several match."""
         now = time.time() if now is None else now
-        found = None
-        for entry in self.entries:
-            if entry.matches(key, now) and found is None:
-                found = entry
-        return found
+        digest = digest_key(key)
+        found = [self._current[digest]] if digest in self._current else []
+        previous = self._previous.get(digest)
+        if previous is not None and now < (previous[1].previous_until or 0):
+            found.append(previous)
+        # Every salted entry is compared, with hmac.compare_digest, and the loop never stops
+        # early, so the time taken says nothing about which digest came close.
+        found += [(position, entry) for position, entry in self.salted_entries(now)
+                  if entry.matches(key, now)]
+        return min(found, key=lambda hit: hit[0])[1] if found else None
+
+    def salted_entries(self, now):
+        """(position, entry) for the entries whose key can only be checked by hashing it with
+        the entry's salt: a salted digest, or a salted previous one still in its grace period."""
+        return [(position, entry) for position, entry in self._salted
+                if entry.salt or now < (entry.previous_until or 0)]
 
     def get(self, name):
-        for entry in self.entries:
-            if entry.name == name:
-                return entry
-        return None
+        return self._by_name.get(name)
 
     def replace(self, name, **changes):
         """A new store with the entry called ``name`` changed (appended when new)."""
@@ -453,7 +485,7 @@ class KeyStore:
 
 
 def digest_key(key):
-    return hashlib.sha256(key.encode()).digest()
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 def parse_key_file(text):
@@ -2018,6 +2050,11 @@ def cmd_check(config, args):
             store = parse_key_file(file.read())
         enabled = sum(1 for e in store.entries if e.enabled)
         print("keys: %s: %d key(s), %d enabled" % (config.keys_path, len(store.entries), enabled))
+        salted = len(store.salted_entries(time.time()))
+        if salted > SALTED_KEYS_WARNING:
+            print("warning: %d keys have salted (imported) digests, which every request "
+                  "hashes one by one; 'gateway keys rotate' gives each an unsalted one"
+                  % salted)
         for entry in store.entries:
             unknown = sorted((entry.models or set()) - set(config.models))
             if unknown:

@@ -6,6 +6,8 @@ import sys
 
 import requests
 
+import gateway
+
 from conftest import CLIENT_KEY, ROOT, auth, gateway_process
 from upstream import free_port
 
@@ -82,6 +84,17 @@ def test_check_reports_what_it_found(config_dir):
     (config_dir / "upstream.key").unlink()
     bad = run_gateway("check", "--config", ini)
     assert bad.returncode == 1 and "upstream key file" in bad.stdout
+
+
+def test_check_warns_about_many_salted_keys(config_dir):
+    ini = str(config_dir / "gateway.ini")
+    lines = ["k%d sha256:0102:%s * enabled\n" % (n, "%064x" % n)
+             for n in range(gateway.SALTED_KEYS_WARNING + 1)]
+    (config_dir / "gateway.keys").write_text("".join(lines[:-1]))
+    assert "salted" not in run_gateway("check", "--config", ini).stdout
+    (config_dir / "gateway.keys").write_text("".join(lines))
+    warned = run_gateway("check", "--config", ini)
+    assert warned.returncode == 0 and "warning: 301 keys have salted" in warned.stdout
 
 
 def test_check_reports_a_broken_key_file_and_config(config_dir):

@@ -41,6 +41,50 @@ def test_key_entry_round_trips_through_its_line():
     assert gateway.parse_key_file(entry.to_line()).entries == (entry,)
 
 
+def _salted(name, key, salt=b"\x01\x02"):
+    import hashlib
+    return KeyEntry(name, hashlib.sha256(salt + key.encode()).digest(), salt)
+
+
+def test_find_looks_up_current_previous_and_salted_digests_alike():
+    now = 1000.0
+    rotated = KeyEntry("rotated", gateway.digest_key("sk-new"),
+                       previous=(b"", gateway.digest_key("sk-old")), previous_until=now + 1)
+    salted_before = _salted("salted-before", "sk-salted-old")
+    from_salted = KeyEntry("from-salted", gateway.digest_key("sk-new2"),
+                           previous=(salted_before.salt, salted_before.digest),
+                           previous_until=now + 1)
+    store = KeyStore([rotated, _salted("imported", "sk-imported"), from_salted])
+    assert store.find("sk-new", now).name == "rotated"
+    assert store.find("sk-old", now).name == "rotated"
+    assert store.find("sk-old", now + 1) is None  # the grace period is over
+    assert store.find("sk-imported", now).name == "imported"
+    assert store.find("sk-salted-old", now).name == "from-salted"
+    assert store.find("sk-salted-old", now + 1) is None
+    assert store.find("sk-new2", now + 1).name == "from-salted"
+    # Only the imported key is still hashed one by one once the grace periods are over.
+    assert [e.name for _, e in store.salted_entries(now + 1)] == ["imported"]
+
+
+def test_find_answers_the_first_entry_in_the_file_when_two_share_a_key():
+    store = KeyStore([_salted("first", "sk-same"), KeyEntry("second", gateway.digest_key(
+        "sk-same")), KeyEntry("third", gateway.digest_key("sk-same"))])
+    assert store.find("sk-same").name == "first"
+    assert KeyStore(store.entries[1:]).find("sk-same").name == "second"
+
+
+def test_find_and_get_do_not_depend_on_the_number_of_keys(monkeypatch):
+    # Not a timing test: it counts the SHA-256 computations a lookup makes.
+    entries = [KeyEntry("k%d" % n, gateway.digest_key("sk-%d" % n)) for n in range(5000)]
+    store = KeyStore(entries)
+    calls, real = [], gateway.hashlib.sha256
+    monkeypatch.setattr(gateway.hashlib, "sha256", lambda data=b"": calls.append(data) or real(data))
+    assert store.find("sk-4321").name == "k4321" and store.find("sk-x") is None
+    monkeypatch.undo()
+    assert len(calls) == 2
+    assert store.get("k4999") is entries[-1] and store.get("nobody") is None
+
+
 @pytest.mark.parametrize("line, complaint", [
     ("alice sha256:abcd * enabled", "64 hex digits"),
     ("alice md5:" + "0" * 64 + " * enabled", "sha256"),
