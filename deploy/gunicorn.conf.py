@@ -17,7 +17,7 @@ worker_class = "gthread"
 
 # One worker per core this process may run on: the GIL lets a worker use one core, and a
 # second worker on the same core added no throughput but 28 MB of RSS (tests/benchmark.py,
-# README "Performance"). 'taskset -c 0 gateway serve' therefore runs one worker, and so does a
+# docs/performance.md). 'taskset -c 0 gateway serve' therefore runs one worker, and so does a
 # container whose cgroup (v2) allows one CPU's time, however many cores its host has.
 # WEB_CONCURRENCY (gunicorn's own convention) sets the number outright.
 def _cores():

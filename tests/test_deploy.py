@@ -431,11 +431,12 @@ def test_keys_added_and_revoked_reach_every_worker_without_restart(config_dir, u
     assert refused == dict.fromkeys(workers, 401)
 
 
-def readme_block(marker):
-    """The fenced code block after ``marker`` in README.md: what the reader copies."""
-    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+def doc_block(doc, marker):
+    """The fenced code block after ``marker`` in ``doc`` (a path under the checkout): what the
+    reader copies."""
+    text = open(os.path.join(ROOT, doc), encoding="utf-8").read()
     match = re.search(re.escape(marker) + r".*?\n```\w*\n(.*?)```", text, re.S)
-    assert match, "README.md has no block after " + marker
+    assert match, "%s has no block after %s" % (doc, marker)
     return match.group(1)
 
 
@@ -448,7 +449,8 @@ def started(command, log_path, env, ready="Booting worker"):
 
 
 def test_mounted_under_a_prefix_in_another_wsgi_app(config_dir, upstream, tmp_path):
-    (tmp_path / "site_app.py").write_text(readme_block("<!-- embedding-example"))
+    site_app = doc_block("docs/embedding.md", "<!-- embedding-example")
+    (tmp_path / "site_app.py").write_text(site_app)
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-c", os.path.join(DEPLOY, "gunicorn.conf.py"),
                "--bind", "127.0.0.1:%d" % port, "--pythonpath", "%s,%s" % (tmp_path, ROOT),
