@@ -195,7 +195,8 @@ class Config:
     read_timeout: float = _setting(
         600.0, "Idle seconds between upstream reads; long silent thinking is normal.")
     pool_maxsize: int = _setting(
-        4, "Pooled upstream connections per worker thread (one request at a time each).")
+        16, "Idle upstream connections each worker keeps for reuse. A burst opens as many as "
+        "it needs; those beyond this number are closed as their requests end.")
     trust_env: bool = _setting(
         False, "Let requests read proxy settings and .netrc from the environment.")
     trusted_proxies: frozenset = _setting(
@@ -660,33 +661,58 @@ class HostState:
 
     def __init__(self, path):
         self.path = path
-        self._local = threading.local()
+        self._lock = threading.Lock()  # one statement or transaction at a time per process
+        self._connection = None  # (pid, sqlite3 connection): SQLite's must not cross a fork
         self._touched = {}  # key name -> when this process last wrote its last use
 
+    @contextlib.contextmanager
     def _db(self):
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        """This process's one connection, for one statement or transaction at a time.
+
+        Facts -> decision: one connection per thread kept a SQLite handle (and its page
+        cache) for every gthread thread that ever wrote, about 200 after a burst of 200
+        streams, for the worker's life; and SQLite keeps a closed connection's file open while
+        another connection of the process holds a lock on it, so a few shared connections
+        would not give those files back either. Every use here is a write or a rare read that
+        takes microseconds, and writers queue on the file's lock anyway, so the threads take
+        turns on one connection."""
+        with self._lock:
+            if self._connection is None or self._connection[0] != os.getpid():
+                self._connection = (os.getpid(), self._connect())
+            db = self._connection[1]
+            try:
+                yield db
+            finally:
+                if db.in_transaction:  # its ROLLBACK failed: start afresh next time
+                    self._connection = None
+                    db.close()
+
+    def _connect(self):
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None,
+                             check_same_thread=False)  # one thread at a time: _db's lock
+        try:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")  # counters, not ledgers: no fsync per hit
             db.executescript(self.SCHEMA)
-            self._local.db = db
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def admit(self, entry, holder, now):
         """Count one request of ``entry`` against its limits, or raise a 429 saying when to
         retry. ``holder`` names the request's concurrency slot until ``release(holder)``."""
         try:
-            db = self._db()
-            db.execute("BEGIN IMMEDIATE")  # one writer at a time: check and count atomically
-            try:
-                refusal = self._refusal(db, entry, now)
-                if refusal is None:
-                    self._count(db, entry, holder, now)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+            with self._db() as db:
+                db.execute("BEGIN IMMEDIATE")  # one writer at a time: check and count atomically
+                try:
+                    refusal = self._refusal(db, entry, now)
+                    if refusal is None:
+                        self._count(db, entry, holder, now)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
         except (sqlite3.Error, OSError) as exc:
             log.error("limits not enforced: cannot use %s (%s)", self.path, exc)
             return
@@ -750,13 +776,15 @@ class HostState:
         if not os.path.exists(self.path):
             return {}
         try:
-            return dict(self._db().execute("SELECT name, at FROM last_use").fetchall())
+            with self._db() as db:
+                return dict(db.execute("SELECT name, at FROM last_use").fetchall())
         except sqlite3.Error:
             return {}
 
     def _write(self, statement, parameters):
         try:
-            self._db().execute(statement, parameters)
+            with self._db() as db:
+                db.execute(statement, parameters)
         except (sqlite3.Error, OSError) as exc:
             log.error("cannot update %s (%s)", self.path, exc)
 
@@ -1122,7 +1150,7 @@ def _parse_query(query):
 
 
 # ---------------------------------------------------------------------------------------------
-# The upstream: one pooled session per thread, and relaying what it answers
+# The upstream: one pooled session per process, and relaying what it answers
 # ---------------------------------------------------------------------------------------------
 
 class _NoCookies(http.cookiejar.DefaultCookiePolicy):
@@ -1133,13 +1161,44 @@ class _NoCookies(http.cookiejar.DefaultCookiePolicy):
         return False
 
 
+class _KeepsAtMost:
+    """A connection pool whose ``maxsize`` bounds the idle connections it keeps, not the open
+    ones: a burst opens as many as it needs (urllib3 with ``block=False``) and each one that
+    comes back to a full pool is closed. urllib3 does exactly that, with a warning each time;
+    here it is the design, so it happens quietly."""
+
+    def _put_conn(self, conn):
+        if conn is not None and self.pool is not None and self.pool.full():
+            conn.close()
+            return
+        super()._put_conn(conn)
+
+
+class _HTTPPool(_KeepsAtMost, urllib3.HTTPConnectionPool):
+    pass
+
+
+class _HTTPSPool(_KeepsAtMost, urllib3.HTTPSConnectionPool):
+    pass
+
+
+class _Adapter(requests.adapters.HTTPAdapter):
+    """requests' adapter with the pools above (proxied connections keep urllib3's own)."""
+
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
 def new_session(config):
+    """The upstream session that every thread of one process shares: urllib3's pools are
+    thread-safe, and one per thread left a worker holding as many idle upstream connections as
+    it had threads (about 200 after a burst of 200 streams) until it restarted."""
     session = requests.Session()
     session.trust_env = config.trust_env
     session.cookies.set_policy(_NoCookies())
     session.headers.clear()  # every header we send is chosen by upstream_headers()
-    adapter = requests.adapters.HTTPAdapter(
-        pool_connections=1, pool_maxsize=config.pool_maxsize, max_retries=0)
+    adapter = _Adapter(pool_connections=1, pool_maxsize=config.pool_maxsize, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
@@ -1148,7 +1207,7 @@ def new_session(config):
 def upstream_pool(session, url):
     """The connection pool that ``session``'s adapter keeps for ``url``'s host: the same
     requests-owned urllib3 pool (size, TLS verification against requests' CA bundle) that
-    ``session.post`` would use, looked up once per thread instead of once per call."""
+    ``session.post`` would use, looked up once per process instead of once per call."""
     adapter = session.get_adapter(url)
     request = requests.Request("POST", url).prepare()
     if hasattr(adapter, "get_connection_with_tls_context"):  # requests >= 2.32.2
@@ -1455,7 +1514,8 @@ class Gateway:
         if self._upstream_key_file is not None:
             self._upstream_key_file.get()
         self._refused_upstream_keys = set()  # refused with a 401 by the upstream
-        self._local = threading.local()
+        self._upstream_lock = threading.Lock()
+        self._upstream = None  # (pid, session, pool): made in the process that serves
         self._deadlines = Deadlines()  # body_timeout, for every request of this app
         # Worked out once, not per call: the upstream's path prefix and urllib3's timeout.
         self._upstream_path = urllib3.util.parse_url(config.upstream_url).path or ""
@@ -1728,17 +1788,25 @@ class Gateway:
         return keys
 
     def session(self):
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = self._local.session = new_session(self.config)
-        return session
+        """This process's upstream session, shared by its threads (``new_session``)."""
+        return self._process_upstream()[1]
 
     def upstream_pool(self):
-        pool = getattr(self._local, "pool", None)
-        if pool is None:
-            pool = self._local.pool = upstream_pool(self.session(),
-                                                    self.config.upstream_url + "/")
-        return pool
+        """This process's connection pool to the upstream host, shared by its threads."""
+        return self._process_upstream()[2]
+
+    def _process_upstream(self):
+        # Made on first use in the process that serves: an app built before gunicorn forks
+        # (preload_app) must not share its sockets with the workers.
+        upstream = self._upstream
+        if upstream is None or upstream[0] != os.getpid():
+            with self._upstream_lock:
+                upstream = self._upstream
+                if upstream is None or upstream[0] != os.getpid():
+                    session = new_session(self.config)
+                    pool = upstream_pool(session, self.config.upstream_url + "/")
+                    upstream = self._upstream = (os.getpid(), session, pool)
+        return upstream
 
     def _client_ip(self, environ):
         remote = environ.get("REMOTE_ADDR")

@@ -15,11 +15,9 @@ reproduced with gevent 26.9, urllib3 2, Python 3.11). Plain gunicorn imports the
 each worker, after the worker has patched. So this file refuses to load where urllib3 is
 already imported.
 
-Limits: ``threading.local`` becomes greenlet-local, so the gateway's pooled upstream session
-lives as long as one client connection. Behind nginx's keep-alive (deploy/nginx.conf) those
-connections are long-lived and upstream connections are still reused. On reload or stop a
-gevent worker also waits for its idle keep-alive connections (gthread closes them after 2 s),
-so old workers linger until nginx drops them (60 s) or ``keepalive`` (75 s) runs out.
+Limits: on reload or stop a gevent worker also waits for its idle keep-alive connections
+(gthread closes them after 2 s), so old workers linger until nginx drops them (60 s) or
+``keepalive`` (75 s) runs out.
 """
 
 import os

@@ -57,7 +57,8 @@ def test_slots_of_a_dead_process_are_freed(tmp_path):
     state, entry = HostState(str(tmp_path / "state")), limited(concurrency=1)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    state._db().execute("INSERT INTO slots VALUES ('ghost', 'k', ?, ?)", (dead.pid, T0))
+    with state._db() as db:
+        db.execute("INSERT INTO slots VALUES ('ghost', 'k', ?, ?)", (dead.pid, T0))
     state.admit(entry, "alive", T0)
     assert refusal(state, entry, "more", T0) == "1"
 
@@ -215,3 +216,26 @@ def test_rpm_and_tokens_are_exact_under_concurrent_clients(config_dir, upstream,
     request_ids = {json.loads(line).get("request_id") for line in
             (tmp_path / "serve.log").read_text().splitlines() if line.startswith("{")}
     assert len(request_ids) == 23  # every request logged once, refused ones included
+
+
+def test_threads_share_one_sqlite_connection(tmp_path):
+    """Eight threads writing at once hold one handle on the state file between them (one per
+    thread stayed open for the worker's life before)."""
+    path = str(tmp_path / "state")
+    state, entry = HostState(path), limited(rpm=100)
+    start = threading.Barrier(8, timeout=10)
+
+    def admit(number):
+        start.wait()
+        for round_ in range(5):
+            state.admit(entry, "r%d-%d" % (number, round_), T0 + round_)
+    threads = [threading.Thread(target=admit, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    handles = [fd for fd in os.listdir("/proc/self/fd")
+               if os.path.realpath("/proc/self/fd/" + fd) == path]
+    assert len(handles) == 1
+    with state._db() as db:
+        assert db.execute("SELECT count(*) FROM hits").fetchone()[0] == 40

@@ -283,3 +283,37 @@ def test_an_unexpected_failure_is_a_500_envelope_with_the_traceback_only_in_the_
     assert_envelope(response, 500, "api_error")
     assert "internal detail" not in response.text and "Traceback" not in response.text
     assert "internal detail that must not leak" in caplog.text
+
+
+def _established_to(port):
+    """This host's client-side TCP connections to 127.0.0.1:``port`` that are still open."""
+    with open("/proc/net/tcp") as file:
+        rows = [line.split() for line in file.read().splitlines()[1:]]
+    return sum(1 for row in rows if row[2] == "0100007F:%04X" % port and row[3] == "01")
+
+
+def test_threads_share_one_upstream_pool_that_keeps_pool_maxsize_idle(config, upstream):
+    """A burst of 8 concurrent requests opens 8 upstream connections; afterwards the app
+    keeps pool_maxsize (2) of them for reuse and has closed the rest."""
+    import dataclasses
+    import threading
+    app = gateway.make_app(dataclasses.replace(config, pool_maxsize=2))
+    burst = threading.Barrier(8, timeout=10)
+
+    def answer_together(handler, received):
+        burst.wait()  # every request holds its upstream connection open at the same time
+        handler.send_json(200, message(received.json()["model"]))
+    upstream.handler = answer_together
+    statuses = []
+    threads = [threading.Thread(target=lambda: statuses.append(webtest.TestApp(app).post_json(
+        "/v1/messages", MESSAGE, headers=auth()).status_int)) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert statuses == [200] * 8
+    pools = set()
+    threading.Thread(target=lambda: pools.add(app.upstream_pool())).start()
+    pools.add(app.upstream_pool())
+    assert len(pools) == 1
+    assert _established_to(int(upstream.url.rsplit(":", 1)[1])) == 2
