@@ -59,13 +59,14 @@ access_log = logging.getLogger("gateway.access")
 # ---------------------------------------------------------------------------------------------
 
 #: Sent upstream when the client sent no ``anthropic-version`` (curl users often don't); the
-#: SDKs always send one and it is forwarded as received (wire.md, correction box).
+#: SDKs always send one and it is forwarded as received (docs/protocol.md, "Client
+#: generations").
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 #: Client headers forwarded upstream. Everything else (credentials, cookies, host, the RFC 9110
 #: 7.6.1 hop-by-hop headers, proxy and forwarding headers, accept-encoding) is dropped: an
 #: allowlist cannot leak a header nobody thought of. ``anthropic-*`` must pass unchanged as an
-#: open list (wire.md 2.4, GW-PROTO).
+#: open list (docs/protocol.md, "Request headers").
 FORWARDED_PREFIXES = ("anthropic-", "x-stainless-", "x-claude-code-")
 FORWARDED_HEADERS = frozenset({"user-agent", "x-client-request-id", "x-app"})
 
@@ -75,16 +76,18 @@ FORWARDED_HEADERS = frozenset({"user-agent", "x-client-request-id", "x-app"})
 FIELD_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
 FIELD_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
-#: Upstream response headers relayed to the client (wire.md 7.1), an allowlist too: framing
-#: and hop-by-hop headers are the server's to set (a WSGI app must not emit them, PEP 3333);
-#: infrastructure headers and ``anthropic-organization-id`` (our org) stay behind.
+#: Upstream response headers relayed to the client (docs/protocol.md, "Response headers"), an
+#: allowlist too: framing and hop-by-hop headers are the server's to set (a WSGI app must not
+#: emit them, PEP 3333); infrastructure headers and ``anthropic-organization-id`` (our org)
+#: stay behind.
 RELAYED_PREFIXES = ("anthropic-ratelimit-",)
 RELAYED_HEADERS = frozenset({
     "content-type", "request-id", "retry-after", "retry-after-ms", "x-should-retry",
 })
 
 #: count_tokens takes "the same message shape" but rejects these fields with 400 "Extra inputs
-#: are not permitted" (wire.md 3.2), so they are dropped before forwarding.
+#: are not permitted" (docs/protocol.md, "count_tokens fields"), so they are dropped before
+#: forwarding.
 COUNT_TOKENS_DROPPED_FIELDS = frozenset({
     "max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences", "metadata",
     "service_tier", "container",
@@ -148,8 +151,9 @@ def error_body(error_type, message, request_id):
 
 
 def sse_error_event(message):
-    """The event a client gets when the upstream fails after the stream started (wire.md 5.3):
-    the SDKs raise it as an API error instead of silently ending on a truncated stream."""
+    """The event a client gets when the upstream fails after the stream started
+    (docs/protocol.md, "Errors inside a stream"): the SDKs raise it as an API error instead of
+    silently ending on a truncated stream."""
     data = json.dumps({"type": "error", "error": {"type": "api_error", "message": message}})
     return b"event: error\ndata: " + data.encode() + b"\n\n"
 
@@ -640,9 +644,9 @@ class HostState:
     gunicorn runs several worker processes, so a limit kept in memory would be a limit per
     worker. SQLite (standard library, WAL mode, one short write transaction per limited
     request) makes the limits exact per host without a server to run. Across several hosts
-    each host counts on its own: the README says how to size limits for that. Only keys with
-    limits pay for a transaction; last use is written at most once a minute per key and
-    process. If the file cannot be used, requests are served and the problem is logged:
+    each host counts on its own: docs/keys-and-limits.md says how to size limits for that.
+    Only keys with limits pay for a transaction; last use is written at most once a minute per
+    key and process. If the file cannot be used, requests are served and the problem is logged:
     a broken counter must not take the gateway down for every key.
     """
 
@@ -843,8 +847,9 @@ def route_models(body, models, key_entry):
     """Return (body with every model id mapped to its upstream id, public id, upstream id).
 
     Model ids occur in the top-level ``model``, in ``fallbacks[].model`` and in the advisor
-    tool's ``tools[].model`` (wire.md 3.1). Each one must be a public id in ``models`` that the
-    key may use; otherwise a client could reach upstream models outside our map.
+    tool's ``tools[].model`` (docs/protocol.md, "Request bodies and model ids"). Each one must
+    be a public id in ``models`` that the key may use; otherwise a client could reach upstream
+    models outside our map.
     """
     public = body.get("model")
     if not isinstance(public, str) or not public:
@@ -993,8 +998,7 @@ def upstream_headers(environ, upstream_key):
     headers["x-api-key"] = upstream_key
     headers["content-type"] = JSON_CONTENT_TYPE
     headers["accept"] = JSON_CONTENT_TYPE
-    # wire.md 5.6: upstream gzips SSE and brotli-compresses JSON when offered; relaying bytes
-    # unchanged needs them unencoded.
+    # Relaying bytes unchanged needs them unencoded (docs/protocol.md, "Compression").
     headers["accept-encoding"] = "identity"
     return headers
 
@@ -1026,8 +1030,9 @@ def usage_of(answer):
 def undecodable_coding(upstream):
     """The upstream's first content coding that urllib3 cannot undo, or None.
 
-    We ask for identity (wire.md 5.6), yet a proxy on the way may compress anyway. gzip and
-    deflate are undone as the bytes pass and the client gets them plain, without the header.
+    We ask for identity (docs/protocol.md, "Compression"), yet a proxy on the way may compress
+    anyway. gzip and deflate are undone as the bytes pass and the client gets them plain,
+    without the header.
     Any other coding (br and zstd when their modules are missing) would reach the client as
     bytes that no header explains, so it is refused instead.
     """
@@ -1052,9 +1057,10 @@ class StreamMeter:
     """Reads token counts from SSE bytes as they pass, without changing or holding them.
 
     ``message_start`` carries the input and cache counts, each ``message_delta`` the cumulative
-    output count (wire.md 5.1). Only ``data:`` lines that start like a ``message_*`` event, and
-    ``event: error`` lines, are collected and parsed; every other line is skipped as it
-    streams by, so a large content block costs a scan, not a copy.
+    output count (docs/protocol.md, "Responses and streaming"). Only ``data:`` lines that
+    start like a ``message_*`` event, and ``event: error`` lines, are collected and parsed;
+    every other line is skipped as it streams by, so a large content block costs a scan, not a
+    copy.
     """
 
     _PROBE = 40  # bytes enough to see '"type":"message_' at the start of a data line
@@ -1123,8 +1129,8 @@ def model_info(model_id):
 
 
 def models_page(model_ids, query):
-    """One page of the Anthropic model list (wire.md 1.1) over ``model_ids``, honouring
-    ``limit`` (1-1000, default 20), ``after_id`` and ``before_id``."""
+    """One page of the Anthropic model list (docs/protocol.md, "Model list") over
+    ``model_ids``, honouring ``limit`` (1-1000, default 20), ``after_id`` and ``before_id``."""
     params = _parse_query(query)
     try:
         limit = int(params.get("limit", "20"))
@@ -1255,9 +1261,10 @@ def relay_stream(response, exchange):
     """Yield the upstream SSE bytes as they arrive, then close the upstream.
 
     ``raw.read1`` returns as soon as any bytes are available, for chunked and close-delimited
-    framing alike (``iter_content`` waits for EOF on the latter: style.md section 3). When the
-    client goes away the server calls ``close()`` on this generator, the ``finally`` closes
-    the upstream response, and the upstream stops generating output nobody reads.
+    framing alike (``iter_content`` waits for EOF on the latter: docs/protocol.md,
+    "Close-delimited upstream bodies"). When the client goes away the server calls ``close()``
+    on this generator, the ``finally`` closes the upstream response, and the upstream stops
+    generating output nobody reads.
     """
     meter = StreamMeter()
     # The error event must start on a fresh event, or the client's parser glues it onto the
@@ -1731,7 +1738,7 @@ class Gateway:
         answer = upstream_json(content)
         if answer is None and 200 <= response.status_code < 300:
             # A client would take a 2xx for the answer and fail to parse it, without retrying
-            # (wire.md 5.7: "API returned an empty or malformed response (HTTP 200)").
+            # (docs/protocol.md, "A 200 that is not an answer").
             log.error("upstream answered %d with a body that is not JSON [%s]",
                       response.status_code, exchange.request_id)
             raise APIError(502, "api_error", "The upstream's answer was not JSON.")

@@ -870,7 +870,7 @@ def test_client_huge_number_of_keys(rig):
                                           "multipart/form-data; boundary=x"])
 def test_client_missing_or_wrong_content_type_is_served_as_json(rig, content_type):
     # Facts -> decision: the endpoint only takes JSON, curl -d sends a form type, and the
-    # API's own answer to a wrong type is unverified (wire.md 11). So the body decides: the
+    # API's own answer to a wrong type is not documented. So the body decides: the
     # gateway parses it as JSON whatever the label, and sends 'application/json' upstream.
     extra = [] if content_type is None else [b"Content-Type: " + content_type.encode()]
     data = json.dumps(body("fault:count")).encode()

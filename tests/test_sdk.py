@@ -37,7 +37,8 @@ def test_stream_text(sdk, upstream):
 
 
 def test_beta_stream_forwards_the_beta_header(sdk, upstream):
-    # SDK 2.x sends no ?beta=true (wire.md correction box); 0.x's query is tested in test_wsgi.
+    # SDK 2.x sends no ?beta=true (docs/protocol.md, "Client generations"); 0.x's query is
+    # tested in test_wsgi.
     with sdk.beta.messages.stream(model="claude-opus-4-8", max_tokens=16, messages=MESSAGES,
                                   betas=["interleaved-thinking-2025-05-14"]) as s:
         assert s.get_final_message().content[0].text == "Hello!"

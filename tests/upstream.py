@@ -1,9 +1,10 @@
 """A fake Anthropic upstream on 127.0.0.1 that records what it received.
 
-It answers like api.anthropic.com (wire.md 4 and 5): JSON messages, SSE streams with padded
-JSON and pings, count_tokens. A test can swap ``FakeUpstream.handler`` for a function of its
-own to inject a fault, and can gate a stream on a ``threading.Event`` so that it proves the
-gateway relays event 1 before the upstream sends event 2.
+It answers like api.anthropic.com (docs/protocol.md, "Responses and streaming"): JSON
+messages, SSE streams with padded JSON and pings, count_tokens. A test can swap
+``FakeUpstream.handler`` for a function of its own to inject a fault, and can gate a stream on
+a ``threading.Event`` so that it proves the gateway relays event 1 before the upstream sends
+event 2.
 """
 
 import json
