@@ -301,11 +301,48 @@ def _parse_setting(field, text):
     except ValueError as exc:
         raise ValueError("setting %s = %r: %s" % (field.name, text, exc)) from None
     if field.name == "upstream_url":
-        parts = urllib.parse.urlsplit(text)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            raise ValueError("setting upstream_url = %r: expected http(s)://host[:port]" % text)
-        return text.rstrip("/")
+        try:
+            return parse_upstream_url(text)
+        except ValueError as exc:
+            raise ValueError("setting upstream_url = %r: %s" % (text, exc)) from None
     return text
+
+
+def parse_upstream_url(text):
+    """``upstream_url`` without its trailing slash, or ValueError saying what is wrong.
+
+    Facts -> decision: a looser check (``urlsplit``, which never looks at the port) once
+    passed ``http://127.0.0.1:99999``, and urllib3, which builds the workers' connection
+    pool, then refused it in every worker as it booted: gunicorn stopped. So the URL is
+    parsed here by urllib3 and prepared by requests, exactly as a request will be."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("expected http(s)://host[:port]")
+    try:
+        port = parts.port  # urlsplit names a port's problem, where urllib3 says 'failed'
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
+    try:
+        parsed = urllib3.util.parse_url(text)
+    except ValueError as exc:  # urllib3's LocationParseError is one
+        raise ValueError(str(exc).replace("Failed to parse: ", "")) from None
+    if not parsed.host:
+        raise ValueError("no host name")
+    if parts.username is not None:
+        raise ValueError("no user:password@ here: the upstream key goes in upstream_key_file")
+    if parts.query or parts.fragment or text.endswith(("?", "#")):
+        raise ValueError("no ?query or #fragment: the gateway appends /v1/messages to it")
+    url = text.rstrip("/")
+    if parts.path.rstrip("/").endswith("/v1"):
+        raise ValueError("remove the /v1 at the end: the gateway adds /v1/messages itself, "
+                         "so requests would go to /v1/v1/messages")
+    try:
+        requests.Request("POST", url + "/v1/messages").prepare()
+    except requests.RequestException as exc:
+        raise ValueError(str(exc)) from None
+    return url
 
 
 def _parse_bool(text):
@@ -1525,9 +1562,16 @@ class Gateway:
         self._upstream = None  # (pid, session, pool): made in the process that serves
         self._deadlines = Deadlines()  # body_timeout, for every request of this app
         # Worked out once, not per call: the upstream's path prefix and urllib3's timeout.
+        # parse_upstream_url first: an embedder's Config(upstream_url=...) skips the INI
+        # parser, and a URL the pool cannot use must say why as the app is built.
+        parse_upstream_url(config.upstream_url)
         self._upstream_path = urllib3.util.parse_url(config.upstream_url).path or ""
         self._timeout = urllib3.Timeout(connect=config.connect_timeout,
                                         read=config.read_timeout)
+        # The upstream pool, built now: what a worker cannot build fails as it boots, and so
+        # in 'gateway check' and in the master's trial on HUP, which build the app this same
+        # way (make_app), never on every request.
+        self.upstream_pool()
         self.routes = {
             "/v1/messages": {"POST": self.on_messages},
             "/v1/messages/count_tokens": {"POST": self.on_count_tokens},
@@ -2120,6 +2164,9 @@ def cmd_check(config, args):
     print("config: %s" % (os.environ.get("GATEWAY_CONFIG") or "(defaults)"))
     print("upstream: %s" % config.upstream_url)
     print("models: %s" % ", ".join("%s -> %s" % item for item in config.models.items()))
+    problem = boot_problem(config)
+    if problem:
+        problems.append("a worker cannot start with this config: %s" % problem)
     try:
         with open(config.keys_path, encoding="utf-8") as file:  # empty: no keys, as for 'keys'
             store = parse_key_file(file.read())
@@ -2157,13 +2204,29 @@ def cmd_check(config, args):
     return 1 if problems else 0
 
 
+def boot_problem(config):
+    """What stops a worker from booting with ``config``, or None.
+
+    The app is built exactly as every worker builds it as it boots (make_app), so whatever
+    would fail there fails here first: in 'gateway check' (systemd's ExecReload runs it
+    before the HUP) and in the master on HUP, which then keeps its previous config rather
+    than fork workers that cannot boot (gunicorn stops when a worker fails to boot). The
+    app's own log lines ('keeping the last good version') are held back meanwhile: they
+    describe a running worker, and the caller reports what it found in its own words.
+    """
+    quiet, log.disabled = log.disabled, True
+    try:
+        make_app(config)
+    except Exception as exc:  # whatever it is, it would stop every worker
+        return str(exc) if isinstance(exc, ValueError) else "%s: %s" % (type(exc).__name__,
+                                                                         exc)
+    finally:
+        log.disabled = quiet
+    return None
+
+
 def _check_metrics(config):
-    # find_spec, not import: the serving process must not import prometheus_client before
-    # PROMETHEUS_MULTIPROC_DIR is set, or its workers inherit single-process counters.
-    import importlib.util
     problems = []
-    if importlib.util.find_spec("prometheus_client") is None:
-        problems.append("metrics = true needs prometheus_client: pip install 'gateway[metrics]'")
     if not config.metrics_token_file:
         print("metrics: GET /metrics, no token: whoever reaches the gateway can read it")
         return problems
@@ -2338,16 +2401,22 @@ def cmd_serve(config, args):
         print("error: 'gateway serve' runs gunicorn: pip install 'gateway[serve]' (or embed "
               "gateway:make_app() in your own WSGI server)", file=sys.stderr)
         return 2
+    # Before the check, which builds the app: prometheus_client must first be imported
+    # with PROMETHEUS_MULTIPROC_DIR set, or the workers inherit single-process counters.
+    made = prepare_metrics_dir() if config.metrics else None
     if cmd_check(config, args) != 0:
         print("error: fix the problems above before serving", file=sys.stderr)
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
         return 1
     gunicorn_config = args.gunicorn_config or find_gunicorn_config()
 
     class GatewayServer(gunicorn.app.base.Application):
         # The gunicorn master is this process, so 'gateway serve' can be supervised directly
-        # (systemd, HUP to reload). On HUP the master re-reads the gateway config; the new
-        # workers fork from it and build their app from the last config that parsed. A HUP
-        # with a broken config therefore keeps serving (and logs why), where workers that
+        # (systemd, HUP to reload). On HUP the master re-reads the gateway config and builds
+        # the app from it once, as a worker would (boot_problem); the new workers fork from
+        # it and build their app from the last config that did both. A HUP with a broken
+        # config therefore keeps serving the previous one (and logs why), where workers that
         # parsed it themselves would fail to boot and take the master down with them.
         gateway_config = config
 
@@ -2359,9 +2428,17 @@ def cmd_serve(config, args):
 
         def reload(self):
             try:
-                self.gateway_config = Config.from_environ(os.environ)
+                new = Config.from_environ(os.environ)
+                problem = boot_problem(new)
+                if problem is not None:
+                    problem = "a worker cannot start with %s: %s" % (
+                        os.environ.get("GATEWAY_CONFIG") or "the defaults", problem)
             except ValueError as exc:
-                log.error("reload: %s; keeping the previous gateway config", exc)
+                new, problem = None, exc
+            if problem is None:
+                self.gateway_config = new
+            else:
+                log.error("reload: %s; keeping the previous gateway config", problem)
             super().reload()
 
         def init(self, parser, opts, args):
@@ -2370,7 +2447,6 @@ def cmd_serve(config, args):
         def load(self):
             return make_app(self.gateway_config)
 
-    made = prepare_metrics_dir() if config.metrics else None
     master = os.getpid()
     try:
         GatewayServer().run()

@@ -25,6 +25,7 @@ import os
 import random
 import re
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -377,17 +378,22 @@ class Rig:
 
 
 def write_config(directory, upstream_url, **overrides):
-    settings = {"upstream_url": upstream_url, "keys_file": "gateway.keys",
-                "upstream_key_file": "upstream.key", "connect_timeout": CONNECT_TIMEOUT,
-                "read_timeout": READ_TIMEOUT, "body_timeout": BODY_TIMEOUT,
-                "max_body_bytes": MAX_BODY}
-    settings.update(overrides)
     (directory / "upstream.key").write_text(UPSTREAM_KEY + "\n")
     (directory / "gateway.keys").write_text(
         key_line("alice", CLIENT_KEY) + key_line("bob", LIMITED_KEY, "claude-opus-4-7")
         + key_line("carol", DISABLED_KEY, "*", "disabled") + key_line("erin", STREAM_KEY))
     os.chmod(directory / "upstream.key", 0o600)
     os.chmod(directory / "gateway.keys", 0o600)
+    return write_ini(directory, upstream_url, **overrides)
+
+
+def write_ini(directory, upstream_url, **overrides):
+    """gateway.ini alone (an operator's edit of the config), with these settings."""
+    settings = {"upstream_url": upstream_url, "keys_file": "gateway.keys",
+                "upstream_key_file": "upstream.key", "connect_timeout": CONNECT_TIMEOUT,
+                "read_timeout": READ_TIMEOUT, "body_timeout": BODY_TIMEOUT,
+                "max_body_bytes": MAX_BODY}
+    settings.update(overrides)
     (directory / "gateway.ini").write_text(
         "[gateway]\n" + "".join("%s = %s\n" % item for item in settings.items())
         + "[models]\n%s = %s\nclaude-opus-4-7 = claude-opus-4-7-20260601\n"
@@ -408,13 +414,13 @@ def shipped_workers():
 
 
 @contextlib.contextmanager
-def serving(directory, upstream_url, name, **popen):
+def serving(directory, upstream_url, name, env=None, **popen):
     """``gateway serve`` with the shipped gunicorn config, once every worker has loaded the
     key file (so that each has a last good version before a test breaks the file)."""
     ini = write_config(directory, upstream_url)
     log_path = directory / ("%s.log" % name)
     LOG_FILES.append(log_path)
-    env = {"PYTHONDONTWRITEBYTECODE": "1"}
+    env = dict(env or {}, PYTHONDONTWRITEBYTECODE="1")
     loaded = re.compile(r"\[(\d+)\] \[INFO\] gateway: loaded %s$"
                         % re.escape(str(directory / "gateway.keys")), re.M)
     with gateway_process(["serve", "--config", str(ini), "--bind",
@@ -1374,6 +1380,112 @@ def test_upstream_that_never_accepts_is_a_504(dead_rig):
     assert any("ConnectTimeout" in line or "ReadTimeout" in line
                for line in dead_rig.lines(request_id))
     serves_without_upstream(dead_rig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config edits: what 'gateway check' refuses, and HUPs that must keep the gateway serving
+# ---------------------------------------------------------------------------------------------
+
+#: Values that once passed 'gateway check' and then stopped every worker as it booted.
+UNUSABLE_UPSTREAM_URLS = ["http://127.0.0.1:99999", "http://127.0.0.1:abc",
+                          "http://my host:8080"]
+
+
+def run_gateway(*args, env=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "gateway")] + list(args),
+                          capture_output=True, text=True, timeout=WAIT,
+                          env=dict(os.environ, **(env or {})))
+
+
+def without_prometheus(directory):
+    """PYTHONPATH that makes ``import prometheus_client`` fail, as on a host where the
+    'metrics' extra was never installed: a config that parses, yet no worker can build."""
+    package = directory / "blocked" / "prometheus_client"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('not installed here')\n")
+    return {"PYTHONPATH": str(directory / "blocked")}
+
+
+@pytest.mark.parametrize("url", UNUSABLE_UPSTREAM_URLS)
+def test_check_and_serve_refuse_an_upstream_url_no_worker_can_use(tmp_path, url):
+    ini = write_config(tmp_path, url)
+    check = run_gateway("check", "--config", str(ini))
+    assert check.returncode != 0 and "upstream_url" in check.stderr, check
+    serve = run_gateway("serve", "--config", str(ini), "--bind", "127.0.0.1:0")
+    assert serve.returncode != 0 and "upstream_url" in serve.stderr, serve
+    assert "Booting worker" not in serve.stderr
+
+
+def test_check_builds_the_app_as_a_worker_does(tmp_path):
+    ini = write_config(tmp_path, "http://127.0.0.1:9", metrics="true")
+    check = run_gateway("check", "--config", str(ini), env=without_prometheus(tmp_path))
+    assert check.returncode == 1, check
+    assert "problem: a worker cannot start with this config: metrics = true needs " \
+        "prometheus_client" in check.stdout
+
+
+def hup_and_wait(process, log_path, text, count=1):
+    """HUP the master; wait (bounded) until ``text`` is in the log ``count`` times and the
+    new workers have booted and loaded the key file."""
+    booted = log_path.read_text().count("Booting worker")
+    process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + WAIT
+    while True:
+        log = log_path.read_text()
+        if log.count(text) >= count and log.count("Booting worker") >= booted + \
+                shipped_workers():
+            break
+        assert process.poll() is None, "the master died:\n" + log
+        assert time.monotonic() < deadline, "the reload did not happen:\n" + log
+        time.sleep(0.05)
+
+
+def hup_with_broken_config_keeps_serving(tmp_path, upstream, breaking_edit, env=None):
+    """Serve; HUP with ``breaking_edit`` made to gateway.ini: the key that worked still gets
+    200 from the same upstream and the master lives. Then fix the file and HUP: the new
+    config (another upstream) is taken up."""
+    second = FakeUpstream().start()
+    UPSTREAMS.append(second)
+    try:
+        with serving(tmp_path, upstream.url, "hup", env=env) as (url, log_path, process):
+            rig = Rig(url, upstream, log_path, process, tmp_path)
+            assert status_of(rig, CLIENT_KEY) == 200
+            breaking_edit()
+            hup_and_wait(process, log_path, "keeping the previous gateway config")
+            before = len(upstream.received)
+            for _ in range(2 * shipped_workers()):
+                assert status_of(rig, CLIENT_KEY) == 200
+            assert len(upstream.received) == before + 2 * shipped_workers()
+            assert process.poll() is None
+            write_ini(tmp_path, second.url)
+            hup_and_wait(process, log_path, "Booting worker", count=3 * shipped_workers())
+            deadline, streak = time.monotonic() + WAIT, 0
+            while streak < 2 * shipped_workers():  # old workers answer while they drain
+                assert time.monotonic() < deadline, log_path.read_text()
+                count = len(second.received)
+                assert status_of(rig, CLIENT_KEY) == 200
+                streak = streak + 1 if len(second.received) > count else 0
+            assert process.poll() is None
+            return log_path.read_text()
+    finally:
+        second.stop()
+
+
+@pytest.mark.parametrize("url", UNUSABLE_UPSTREAM_URLS[:1])
+def test_hup_with_an_unusable_upstream_url_keeps_serving(tmp_path, upstream, url):
+    log = hup_with_broken_config_keeps_serving(
+        tmp_path, upstream, lambda: write_ini(tmp_path, url))
+    assert "reload: setting upstream_url = %r: the port must be" % url in log
+    assert "Worker failed to boot" not in log and "LocationParseError" not in log
+
+
+def test_hup_with_a_config_no_worker_can_build_keeps_serving(tmp_path, upstream):
+    log = hup_with_broken_config_keeps_serving(
+        tmp_path, upstream, lambda: write_ini(tmp_path, upstream.url, metrics="true"),
+        env=without_prometheus(tmp_path))
+    assert re.search(r"reload: a worker cannot start with \S+gateway.ini: metrics = true "
+                     r"needs prometheus_client", log)
+    assert "Worker failed to boot" not in log
 
 
 # ---------------------------------------------------------------------------------------------

@@ -325,6 +325,13 @@ def test_config_defaults_and_the_upstream_key_from_the_environment(tmp_path):
     ("[gateway]\ntrust_env = perhaps\n", "true or false"),
     ("[gateway]\nupstream_url = api.anthropic.com\n", "http"),
     ("[gateway]\nupstream_url = ftp://x\n", "http"),
+    ("[gateway]\nupstream_url = http://127.0.0.1:99999\n", "port must be a number from 1"),
+    ("[gateway]\nupstream_url = http://up.example:abc\n", "port must be a number from 1"),
+    ("[gateway]\nupstream_url = http://my host\n", "invalid character ' '"),
+    ("[gateway]\nupstream_url = http://:8080\n", "no host name"),
+    ("[gateway]\nupstream_url = https://api.anthropic.com/v1\n", "/v1/v1/messages"),
+    ("[gateway]\nupstream_url = https://u:p@api.anthropic.com\n", "upstream_key_file"),
+    ("[gateway]\nupstream_url = https://api.anthropic.com?beta=1\n", "no \\?query"),
     ("[models]\nclaude-x =\n", "maps to nothing"),
     ("not an ini file", "cannot read config"),
 ])
@@ -345,3 +352,10 @@ def test_error_body_is_the_anthropic_envelope():
     assert json.loads(gateway.error_body("not_found_error", "model: x", "req_gw_1")) == {
         "type": "error", "error": {"type": "not_found_error", "message": "model: x"},
         "request_id": "req_gw_1"}
+
+
+def test_make_app_refuses_an_upstream_url_its_pool_cannot_use():
+    """Embedders skip the INI parser: the app itself refuses, as it is built."""
+    with pytest.raises(ValueError, match="port must be a number"):
+        gateway.make_app(gateway.Config(upstream_url="http://127.0.0.1:99999"))
+    assert gateway.make_app(gateway.Config(upstream_url="http://[::1]:8080/prefix"))
