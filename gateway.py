@@ -531,8 +531,12 @@ def digest_key(key):
 
 
 def parse_key_file(text):
-    """Parse the key file's text into a ``KeyStore``; raise ValueError naming the bad line."""
-    entries, names = [], set()
+    """Parse the key file's text into a ``KeyStore``; raise ValueError naming the bad line.
+
+    A name or a digest (current or previous) may appear once: one key under two names would
+    be logged and limited as whichever line came first, which is never what an edit meant.
+    """
+    entries, names, digests = [], {}, {}
     for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -542,8 +546,15 @@ def parse_key_file(text):
         except ValueError as exc:
             raise ValueError("line %d: %s" % (number, exc)) from None
         if entry.name in names:
-            raise ValueError("line %d: duplicate name %r" % (number, entry.name))
-        names.add(entry.name)
+            raise ValueError("line %d: duplicate name %r (also line %d)"
+                             % (number, entry.name, names[entry.name]))
+        names[entry.name] = number
+        for digest in ((entry.salt, entry.digest), entry.previous):
+            if digest in digests:  # named by line, never shown: the log must not hold it
+                raise ValueError("line %d: the same key digest as line %d"
+                                 % (number, digests[digest]))
+            if digest is not None:
+                digests[digest] = number
         entries.append(entry)
     return KeyStore(entries)
 
@@ -566,6 +577,8 @@ def _parse_key_line(line):
             option, value = _parse_key_option(field)
         except ValueError as exc:
             raise ValueError("field %d: %s" % (number, exc)) from None
+        if option in options:
+            raise ValueError("field %d: %s given twice" % (number, option))
         options[option] = value
     return KeyEntry(name, digest_bytes, salt, allowed, enabled == "enabled", **options)
 
@@ -2011,40 +2024,122 @@ class CommandError(Exception):
         self.code = code
 
 
+#: A name 'gateway keys add' accepts: one word of letters, digits and ``. _ @ + -``, so that it
+#: cannot split into fields, start a comment or need quoting in the access log or a shell.
+KEY_NAME = re.compile(r"[\w.@+-]+")
+KEY_FILE_HEADER = "# gateway key file: name digest models enabled [options]. Use 'gateway keys'.\n"
+
+
 def load_key_file(path):
-    """Read the key file for editing; a missing file is an empty one."""
+    """Read the key file for editing: its text and its ``KeyStore``; a missing file is an
+    empty one. A file that does not parse is an error naming the line to fix."""
     try:
         with open(path, encoding="utf-8") as file:  # empty is fine here: no keys yet
-            return parse_key_file(file.read())
+            text = file.read()
     except FileNotFoundError:
-        return KeyStore()
-    except FILE_ERRORS as exc:
+        return "", KeyStore()
+    except (OSError, UnicodeDecodeError) as exc:
         raise CommandError("key file %s: %s" % (path, describe(exc))) from None
+    try:
+        return text, parse_key_file(text)
+    except ValueError as exc:
+        raise CommandError(
+            "key file %s, %s.\nFix or delete that line, then run the command again. Until "
+            "then the workers serve the last version that parsed." % (path, exc)) from None
 
 
-def write_key_file(path, store):
+def render_key_file(text, old, new):
+    """The key file's text after ``old`` became ``new``: the lines of changed keys rewritten,
+    those of removed keys dropped, new keys appended; comments, blank lines and every other
+    line kept byte for byte. Returns the text and the names of the lines written anew."""
+    old_entries = {entry.name: entry for entry in old.entries}
+    new_entries = {entry.name: entry for entry in new.entries}
+    lines, written = [], []
+    for line in text.splitlines(keepends=True):
+        fields = line.split(None, 1)
+        name = fields[0] if fields and not fields[0].startswith("#") else None
+        if name not in old_entries:  # a comment or a blank line
+            lines.append(line)
+        elif name in new_entries and new_entries[name] == old_entries[name]:
+            lines.append(line)
+        elif name in new_entries:
+            ending = line[len(line.rstrip("\r\n")):] or "\n"
+            lines.append(new_entries[name].to_line() + ending)
+            written.append(name)
+    if lines and not lines[-1].endswith(("\n", "\r")):
+        lines[-1] += "\n"
+    if not text:
+        lines.append(KEY_FILE_HEADER)
+    for entry in new.entries:
+        if entry.name not in old_entries:
+            lines.append(entry.to_line() + "\n")
+            written.append(entry.name)
+    return "".join(lines), written
+
+
+def verified_key_file(text, new, written):
+    """``text`` parsed by the workers' own parser, which must find exactly ``new``: a file that
+    a worker would refuse (or read differently) is never written."""
+    try:
+        parsed = parse_key_file(text)
+    except ValueError as exc:
+        raise CommandError("refusing to write the key file: the new version would not "
+                           "parse (%s); nothing was changed" % exc) from None
+    found = {entry.name: entry for entry in parsed.entries}
+    wanted = {entry.name: entry for entry in new.entries}
+    if found.keys() != wanted.keys() or any(
+            found[name].to_line() != wanted[name].to_line() for name in written):
+        raise CommandError("refusing to write the key file: the new version would not read "
+                           "back as written; nothing was changed")
+    return parsed
+
+
+def write_key_file(path, text):
     """Replace the key file atomically (write a temporary file, then rename), so a worker
-    reading it mid-update sees the old or the new version, never half of one. Mode 0600."""
-    directory = os.path.dirname(os.path.abspath(path))
-    header = "# gateway key file: name digest models enabled [options]. Use 'gateway keys'.\n"
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".keys-")
+    reading it mid-update sees the old or the new version, never half of one. Mode 0600.
+    A symlinked key file is written through to its target (the link stays), and the file
+    keeps its owner and group when we may set them (root editing the service user's file)."""
+    target = os.path.realpath(path)
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".keys-")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(header + "".join(entry.to_line() + "\n" for entry in store.entries))
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())  # the rename must not publish an empty file after a crash
         os.chmod(temporary, 0o600)
-        os.replace(temporary, path)
+        _keep_owner(temporary, target)
+        os.replace(temporary, target)
     except BaseException:
         os.unlink(temporary)
         raise
 
 
+def _keep_owner(temporary, target):
+    try:
+        old = os.stat(target)
+    except FileNotFoundError:
+        return
+    if (old.st_uid, old.st_gid) == (os.geteuid(), os.getegid()):
+        return
+    try:
+        os.chown(temporary, old.st_uid, old.st_gid)
+    except PermissionError:
+        print("warning: %s is now owned by you, not by its previous owner (uid %d): make sure "
+              "the gateway can read it" % (target, old.st_uid), file=sys.stderr)
+
+
 def edit_key_file(config, change):
     """Read, change and write the key file under an exclusive lock beside it, so two
-    'gateway keys' runs never interleave. ``change(store)`` returns the new store."""
+    'gateway keys' runs never interleave. ``change(store)`` returns the new store; the new text
+    is checked with the workers' parser before it replaces the file."""
     import fcntl  # here, not at the top: POSIX only, and embedders never edit keys
     with open(config.keys_path + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        write_key_file(config.keys_path, change(load_key_file(config.keys_path)))
+        text, store = load_key_file(config.keys_path)
+        new = change(store)
+        new_text, written = render_key_file(text, store, new)
+        verified_key_file(new_text, new, written)
+        write_key_file(config.keys_path, new_text)
 
 
 def _existing(store, name):
@@ -2055,20 +2150,12 @@ def _existing(store, name):
 
 
 def key_settings(config, args):
-    """The KeyEntry fields that the command line sets: only those given."""
+    """The KeyEntry fields that the command line sets: only those given, each checked."""
     settings = {}
-    if getattr(args, "models", None):
-        settings["models"] = None if args.models == "*" else frozenset(
-            m.strip() for m in args.models.split(",") if m.strip())
-        unknown = sorted((settings["models"] or set()) - set(config.models))
-        if unknown:
-            raise CommandError("unknown model(s) %s; configured: %s"
-                               % (", ".join(unknown), ", ".join(config.models)), 2)
-    if getattr(args, "expires", None):
-        try:
-            settings["expires"] = None if args.expires == "never" else parse_time(args.expires)
-        except ValueError as exc:
-            raise CommandError(str(exc), 2) from None
+    if getattr(args, "models", None) is not None:
+        settings["models"] = _models_setting(config, args.models)
+    if getattr(args, "expires", None) is not None:
+        settings["expires"] = _expires_setting(args.expires)
     for name in LIMIT_OPTIONS:
         value = getattr(args, name, None)
         if value is not None:
@@ -2076,25 +2163,64 @@ def key_settings(config, args):
     return settings
 
 
+def _models_setting(config, text):
+    if text.strip() == "*":
+        return None
+    models = frozenset(m.strip() for m in text.split(",") if m.strip())
+    if not models:
+        raise CommandError("--models %r names no model: give public ids, comma-separated, or "
+                           "* for every model" % text, 2)
+    unknown = sorted(models - set(config.models))
+    if unknown:
+        raise CommandError("unknown model(s) %s; configured: %s"
+                           % (", ".join(unknown), ", ".join(config.models)), 2)
+    return models
+
+
+def _expires_setting(text):
+    if text == "never":
+        return None
+    try:
+        expires = parse_time(text)
+    except ValueError as exc:
+        raise CommandError(str(exc), 2) from None
+    # An expiry already past would make the key refused from its first request: that is
+    # a typo far more often than a wish ('gateway keys disable' refuses a key on purpose).
+    if expires <= time.time():
+        raise CommandError("--expires %s is in the past: the key would be refused at once "
+                           "(to refuse it now, use 'gateway keys disable')"
+                           % format_time(expires), 2)
+    return expires
+
+
 def parse_duration(text):
-    """'90s', '30m', '24h', '7d' -> seconds."""
+    """'90s', '30m', '24h', '7d' -> seconds (at most 10 years)."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     try:
-        return float(text[:-1]) * units[text[-1]]
+        seconds = float(text[:-1]) * units[text[-1]]
     except (KeyError, ValueError, IndexError):
-        raise CommandError("a duration is a number and s, m, h or d, like 24h", 2) from None
+        seconds = None
+    if seconds is None or not 0 <= seconds <= 3650 * 86400:
+        raise CommandError("a duration is a number and s, m, h or d, like 24h (at most "
+                           "3650d)", 2)
+    return seconds
 
 
 def cmd_keys_add(config, args):
-    if not args.name or not args.name.isprintable() or any(c.isspace() for c in args.name):
-        raise CommandError("a key name is one word without spaces", 2)
+    if not KEY_NAME.fullmatch(args.name):
+        raise CommandError("key name %r: use letters, digits and . _ @ + - only (no spaces, "
+                           "commas or other separators)" % args.name, 2)
     settings = key_settings(config, args)
     key = generate_key()
 
     def add(store):
-        if store.get(args.name):
-            raise CommandError("a key named %r exists; revoke or rotate it" % args.name)
-        return store.replace(args.name, digest=digest_key(key), **settings)
+        if store.get(args.name) is None:
+            return store.replace(args.name, digest=digest_key(key), **settings)
+        if not args.replace:
+            raise CommandError("a key named %r exists; rotate it, revoke it, or add it again "
+                               "with --replace" % args.name)
+        fresh = KeyEntry(args.name, digest_key(key), **settings)  # in its line's place
+        return KeyStore(fresh if e.name == args.name else e for e in store.entries)
     edit_key_file(config, add)
     print("added key %r to %s; it is shown only this once:" % (args.name, config.keys_path))
     print(key)
@@ -2102,6 +2228,7 @@ def cmd_keys_add(config, args):
 
 
 def cmd_keys_rotate(config, args):
+    args.grace = args.grace or "24h"
     grace = parse_duration(args.grace)
     key = generate_key()
 
@@ -2143,19 +2270,33 @@ def cmd_keys_revoke(config, args):
 
 
 def cmd_keys_list(config, args):
-    store = load_key_file(config.keys_path)
+    _, store = load_key_file(config.keys_path)
     last_use = HostState(config.state_path).last_use()
-    rows = [("NAME", "MODELS", "ENABLED", "EXPIRES", "LIMITS", "LAST USE")]
+    now = time.time()
+    rows = [("NAME", "MODELS", "ENABLED", "EXPIRES", "LIMITS", "LAST USE", "OLD KEY")]
     for e in store.entries:
         limits = " ".join("%s=%d" % (n, getattr(e, n)) for n in LIMIT_OPTIONS if getattr(e, n))
         rows.append((e.name, ",".join(sorted(e.models)) if e.models is not None else "*",
-                     "yes" if e.enabled else "no",
-                     format_time(e.expires) if e.expires else "-", limits or "-",
-                     format_time(last_use[e.name]) if e.name in last_use else "never"))
+                     "yes" if e.enabled else "no", _expiry_cell(e, now), limits or "-",
+                     format_time(last_use[e.name]) if e.name in last_use else "never",
+                     _old_key_cell(e, now)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
+
+
+def _expiry_cell(entry, now):
+    if entry.expires is None:
+        return "-"
+    return format_time(entry.expires) + (" (expired)" if entry.expired(now) else "")
+
+
+def _old_key_cell(entry, now):
+    """A rotation's grace period: while it lasts, the key before the rotation works too."""
+    if entry.previous is not None and now < (entry.previous_until or 0):
+        return "works until " + format_time(entry.previous_until)
+    return "-"
 
 
 def cmd_check(config, args):
@@ -2557,12 +2698,15 @@ def build_parser():
             _add_key_settings(command)
         command.set_defaults(run=run)
         return command
-    key_command("add", cmd_keys_add, "create a key; prints it once, as the last line", True)
+    add = key_command("add", cmd_keys_add, "create a key; prints it once, as the last line",
+                      True)
+    add.add_argument("--replace", action="store_true", help="if NAME exists, replace it at "
+                     "once: a new key, with only the settings given here")
     key_command("list", cmd_keys_list, "names, models, enabled, expiry, limits, last use")
     key_command("set", cmd_keys_set, "change a key's models, expiry or limits", True)
     rotate = key_command("rotate", cmd_keys_rotate,
                          "new key for NAME; the old one works for --grace more")
-    rotate.add_argument("--grace", default="24h", metavar="DURATION",
+    rotate.add_argument("--grace", action=_Once, metavar="DURATION",
                         help="how long the old key keeps working (default 24h; 0s: not at all)")
     key_command("disable", cmd_keys_enable, "refuse a key, keeping it for 'enable'")
     key_command("enable", cmd_keys_enable, "accept a disabled key again")
@@ -2571,15 +2715,33 @@ def build_parser():
 
 
 def _add_key_settings(command):
-    command.add_argument("--models", metavar="ID,ID", help="public models it may use, or * for "
-                         "all (the default)")
-    command.add_argument("--expires", metavar="WHEN", help="refuse it from then on: "
-                         "2027-01-01 or 2027-01-01T12:00:00Z (UTC), or 'never'")
-    command.add_argument("--rpm", type=int, metavar="N", help="requests per minute (0: none)")
-    command.add_argument("--concurrency", type=int, metavar="N",
+    command.add_argument("--models", action=_Once, metavar="ID,ID",
+                         help="public models it may use, or * for all (the default)")
+    command.add_argument("--expires", action=_Once, metavar="WHEN",
+                         help="refuse it from then on: 2027-01-01 or 2027-01-01T12:00:00Z "
+                         "(UTC; not in the past), or 'never'")
+    command.add_argument("--rpm", action=_Once, type=_limit, metavar="N",
+                         help="requests per minute (0: no limit)")
+    command.add_argument("--concurrency", action=_Once, type=_limit, metavar="N",
                          help="requests in progress at once (0: no limit)")
-    command.add_argument("--tokens-per-day", dest="tokens_per_day", type=int, metavar="N",
-                         help="input + output tokens per UTC day (0: no limit)")
+    command.add_argument("--tokens-per-day", dest="tokens_per_day", action=_Once, type=_limit,
+                         metavar="N", help="input + output tokens per UTC day (0: no limit)")
+
+
+class _Once(argparse.Action):
+    """Store an option's value; refuse it given twice ('--rpm 5 --rpm 6': which one?)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error("%s given twice" % option_string)
+        setattr(namespace, self.dest, values)
+
+
+def _limit(text):
+    """A limit on the command line: a whole number, 0 for no limit (never negative)."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError("%r is not a whole number >= 0 (0: no limit)" % text)
+    return int(text)
 
 
 def main(argv=None):

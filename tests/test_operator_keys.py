@@ -1,0 +1,187 @@
+"""Operator faults in the key file (issue 10): whatever 'gateway keys' is given, it writes a
+file the workers parse, or refuses with a message and changes nothing; its edits keep the
+operator's comments and symlinks; 'keys list' says which keys no longer work.
+
+Every command runs the real './gateway' in a subprocess, as an operator types it.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import gateway
+from conftest import ROOT, key_line
+
+
+def run(config_dir, *args):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "gateway"), "keys"] + list(args)
+                            + ["--config", str(config_dir / "gateway.ini")],
+                            capture_output=True, text=True, timeout=30)
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def parsed(config_dir):
+    return gateway.parse_key_file((config_dir / "gateway.keys").read_text())
+
+
+# -- 1. nothing the CLI writes can fail to parse ------------------------------------------------
+
+@pytest.mark.parametrize("args, complaint", [
+    (["add", "eve", "--rpm", "-5"], "'-5' is not a whole number"),
+    (["add", "eve", "--rpm", "abc"], "'abc' is not a whole number"),
+    (["add", "eve", "--tokens-per-day", "-1"], "is not a whole number"),
+    (["set", "bob", "--concurrency", "-1"], "is not a whole number"),
+    (["set", "bob", "--models", ","], "names no model"),
+    (["set", "bob", "--models", " , "], "names no model"),
+    (["add", "eve", "--models", ""], "names no model"),
+    (["add", "eve x"], "no spaces"),
+    (["add", "eve,x"], "separators"),
+    (["add", "#eve"], "separators"),
+    (["add", "eve=x"], "separators"),
+    (["add", "eve", "--rpm", "5", "--rpm", "6"], "--rpm given twice"),
+    (["set", "bob", "--models", "claude-opus-4-8", "--models", "*"], "--models given twice"),
+    (["add", "eve", "--expires", "2020-01-01"], "in the past"),
+    (["set", "bob", "--expires", "2020-01-01T00:00:00Z"], "in the past"),
+    (["rotate", "bob", "--grace=-1h"], "duration"),
+    (["rotate", "bob", "--grace", "nand"], "duration"),
+    (["rotate", "bob", "--grace", "1e400d"], "duration"),
+    (["rotate", "bob", "--grace", "1h", "--grace", "2h"], "--grace given twice"),
+    (["add", "alice"], "--replace"),
+])
+def test_bad_key_commands_are_refused_and_change_nothing(config_dir, args, complaint):
+    before = (config_dir / "gateway.keys").read_bytes()
+    result = run(config_dir, *args)
+    assert result.returncode != 0 and complaint in result.stderr, result.stderr
+    assert (config_dir / "gateway.keys").read_bytes() == before
+
+
+def test_every_write_parses_with_the_workers_parser(config_dir):
+    later = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 86400 * 30))
+    commands = [["add", "eve", "--rpm", "5", "--concurrency", "2", "--expires", later],
+                ["set", "eve", "--rpm", "0", "--tokens-per-day", "100"],
+                ["set", "bob", "--models", "claude-opus-4-8, claude-opus-4-7,"],
+                ["rotate", "alice", "--grace", "1h"], ["disable", "eve"], ["enable", "eve"],
+                ["add", "eve", "--replace", "--models", "*"], ["revoke", "carol"]]
+    for args in commands:
+        result = run(config_dir, *args)
+        assert result.returncode == 0, (args, result.stderr)
+        parsed(config_dir)  # raises if a worker could not read it
+    store = parsed(config_dir)
+    assert [e.name for e in store.entries] == ["alice", "bob", "eve"]
+    eve = store.get("eve")
+    assert eve.models is None and eve.rpm is None and eve.expires is None  # --replace: fresh
+    assert store.get("bob").models == {"claude-opus-4-8", "claude-opus-4-7"}
+
+
+def test_add_replace_gives_a_new_key_in_the_same_place(config_dir):
+    old = parsed(config_dir).get("bob")
+    result = run(config_dir, "add", "bob", "--replace")
+    assert result.returncode == 0, result.stderr
+    new_key = result.stdout.splitlines()[-1]
+    store = parsed(config_dir)
+    assert [e.name for e in store.entries] == ["alice", "bob", "carol"]
+    assert store.find(new_key).name == "bob" and store.get("bob").digest != old.digest
+    assert store.get("bob").models is None  # only the settings given on this command line
+
+
+def test_a_digest_under_two_names_is_refused_by_the_parser():
+    text = key_line("alice", "sk-same") + "# copied\n" + key_line("alice2", "sk-same")
+    with pytest.raises(ValueError, match=r"line 3: the same key digest as line 1"):
+        gateway.parse_key_file(text)
+    entry = gateway.KeyEntry("old", gateway.digest_key("sk-new"),
+                             previous=(b"", gateway.digest_key("sk-same")), previous_until=1)
+    with pytest.raises(ValueError, match="line 2: the same key digest as line 1"):
+        gateway.parse_key_file(entry.to_line() + "\n" + key_line("other", "sk-same"))
+
+
+def test_an_option_given_twice_on_a_line_is_refused_by_the_parser():
+    line = key_line("alice", "sk-a").rstrip("\n") + " rpm=5 rpm=60\n"
+    with pytest.raises(ValueError, match="line 1: field 6: rpm given twice"):
+        gateway.parse_key_file(line)
+
+
+def test_a_broken_key_file_names_the_line_to_fix_and_is_left_alone(config_dir):
+    path = config_dir / "gateway.keys"
+    path.write_text(path.read_text() + "ci sha256:%s * enabled rpm=-5\n" % ("0" * 64))
+    before = path.read_bytes()
+    for args in (["set", "ci", "--rpm", "5"], ["add", "dave"], ["list"]):
+        result = run(config_dir, *args)
+        assert result.returncode == 1
+        assert "line 4: field 5: rpm must be a positive whole number" in result.stderr
+        assert "Fix or delete that line" in result.stderr
+    assert path.read_bytes() == before
+    path.write_text(before.decode().replace("rpm=-5", "rpm=5"))  # the fix it asked for
+    assert run(config_dir, "set", "ci", "--rpm", "6").returncode == 0
+    assert parsed(config_dir).get("ci").rpm == 6
+
+
+def test_a_file_that_would_not_read_back_is_never_written(config_dir, monkeypatch):
+    """The last line of defence: the new text is parsed before the rename."""
+    before = (config_dir / "gateway.keys").read_bytes()
+    config = gateway.Config.from_file(str(config_dir / "gateway.ini"))
+    monkeypatch.setattr(gateway.KeyEntry, "to_line", lambda self: "%s not-a-digest" % self.name)
+    with pytest.raises(gateway.CommandError, match="would not parse.*line 4"):
+        gateway.edit_key_file(config, lambda store: store.replace(
+            "eve", digest=gateway.digest_key("sk-eve")))
+    assert (config_dir / "gateway.keys").read_bytes() == before
+    assert not [name for name in os.listdir(config_dir) if name.startswith(".keys-")]
+
+
+# -- 5. edits keep comments, blank lines and symlinks --------------------------------------------
+
+def test_edits_keep_comments_blank_lines_and_untouched_lines(config_dir):
+    path = config_dir / "gateway.keys"
+    lines = path.read_text().splitlines(keepends=True)
+    text = ("# team keys: ask ops before adding\n\n" + lines[0] + "\n# CI, owner: build team\n"
+            + lines[1].replace(" ", "   ") + lines[2] + "# end\n")
+    path.write_text(text)
+    assert run(config_dir, "set", "bob", "--rpm", "60").returncode == 0
+    assert run(config_dir, "add", "dave").returncode == 0
+    assert run(config_dir, "revoke", "carol").returncode == 0
+    new = path.read_text().splitlines(keepends=True)
+    assert new[:4] == ["# team keys: ask ops before adding\n", "\n", lines[0],
+                       "\n"] and new[4] == "# CI, owner: build team\n"
+    assert new[5].startswith("bob\t") and new[5].rstrip().endswith("rpm=60")
+    assert new[6] == "# end\n" and new[7].startswith("dave\t") and len(new) == 8
+    assert parsed(config_dir).get("bob").rpm == 60
+
+
+def test_edits_write_through_a_symlink_to_its_target(config_dir, tmp_path):
+    real = tmp_path / "secrets"
+    real.mkdir()
+    target = real / "keys.real"
+    os.replace(config_dir / "gateway.keys", target)
+    os.chmod(target, 0o644)
+    os.symlink(target, config_dir / "gateway.keys")
+    assert run(config_dir, "add", "dave").returncode == 0
+    assert os.path.islink(config_dir / "gateway.keys")
+    assert os.readlink(config_dir / "gateway.keys") == str(target)
+    assert "dave" in target.read_text() and os.stat(target).st_mode & 0o777 == 0o600
+    assert not [name for name in os.listdir(real) if name.startswith(".keys-")]
+    assert parsed(config_dir).get("dave") is not None
+
+
+# -- 6. keys list says which keys no longer work -----------------------------------------------
+
+def test_list_shows_expired_keys_and_a_rotation_grace_period(config_dir):
+    path = config_dir / "gateway.keys"
+    lines = path.read_text().splitlines()
+    lines[1] += " expires=2020-01-01T00:00:00Z"  # bob expired long ago
+    path.write_text("\n".join(lines) + "\n")
+    assert run(config_dir, "rotate", "alice", "--grace", "2h").returncode == 0
+    listed = run(config_dir, "list").stdout.splitlines()
+    assert listed[0].split()[-2:] == ["OLD", "KEY"]
+    alice = next(line for line in listed if line.startswith("alice"))
+    bob = next(line for line in listed if line.startswith("bob"))
+    carol = next(line for line in listed if line.startswith("carol"))
+    until = gateway.format_time(parsed(config_dir).get("alice").previous_until)
+    assert alice.endswith("works until " + until)
+    assert "2020-01-01T00:00:00Z (expired)" in bob and bob.endswith("-")
+    assert "expired" not in carol and carol.endswith("-")
+    assert run(config_dir, "rotate", "alice", "--grace", "0s").returncode == 0
+    alice = next(line for line in run(config_dir, "list").stdout.splitlines()
+                 if line.startswith("alice"))
+    assert "works until" not in alice  # the grace period is over at once
