@@ -162,8 +162,12 @@ def sse_error_event(message):
 # Configuration
 # ---------------------------------------------------------------------------------------------
 
-def _setting(default, doc):
-    return dataclasses.field(default=default, metadata={"doc": doc})
+def _setting(default, doc, unit="", restart=False):
+    """A ``[gateway]`` setting. docs/configuration.md is generated from these (run
+    ``python tests/docs_config.py --write``): ``doc`` says what it does, ``unit`` what its
+    number counts, and ``restart`` that a reload (HUP) is not enough for a change to apply."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "unit": unit,
+                                                        "restart": restart})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,27 +190,35 @@ class Config:
     upstream_url: str = _setting(
         "https://api.anthropic.com", "Base URL of the upstream Messages API (no /v1).")
     upstream_key_file: str = _setting(
-        None, "File of upstream API keys, one per line, first first; see the class docstring.")
+        None, "File of upstream API keys, one per line, first first. Unset: ANTHROPIC_API_KEY "
+        "when that is set, else upstream.key beside the config file.")
     keys_file: str = _setting(
         "gateway.keys", "The client key file: name, digest, models, enabled (gateway keys).")
     state_file: str = _setting(
         "gateway.state", "SQLite file the workers share for per-key limits and last use.")
     max_body_bytes: int = _setting(
-        32 * 1024 * 1024, "Largest request body accepted; larger gets 413 (upstream's limit).")
+        32 * 1024 * 1024, "Largest request body accepted; larger gets 413 (upstream's limit).",
+        unit="bytes")
     body_timeout: float = _setting(
-        60.0, "Seconds a client has to send its whole request body; a slower one gets 408.")
-    connect_timeout: float = _setting(10.0, "Seconds to connect to the upstream.")
+        60.0, "Seconds a client has to send its whole request body; a slower one gets 408.",
+        unit="seconds")
+    connect_timeout: float = _setting(10.0, "Seconds to connect to the upstream.",
+                                      unit="seconds")
     read_timeout: float = _setting(
-        600.0, "Idle seconds between upstream reads; long silent thinking is normal.")
+        600.0, "Idle seconds between upstream reads; long silent thinking is normal.",
+        unit="seconds")
     pool_maxsize: int = _setting(
         16, "Idle upstream connections each worker keeps for reuse. A burst opens as many as "
-        "it needs; those beyond this number are closed as their requests end.")
+        "it needs; those beyond this number are closed as their requests end.",
+        unit="connections")
     trust_env: bool = _setting(
         False, "Let requests read proxy settings and .netrc from the environment.")
     trusted_proxies: frozenset = _setting(
         frozenset(), "Addresses whose X-Real-IP header names the client (nginx).")
     metrics: bool = _setting(
-        False, "Serve Prometheus metrics at GET /metrics (needs the 'metrics' extra).")
+        False, "Serve Prometheus metrics at GET /metrics (needs the 'metrics' extra). Turning "
+        "it on takes a restart: 'gateway serve' prepares the workers' shared counters at start.",
+        restart=True)
     metrics_token_file: str = _setting(
         None, "File of the bearer tokens /metrics accepts, one per line (none: no token).")
     models: types.MappingProxyType = dataclasses.field(

@@ -1,0 +1,121 @@
+"""The manual cannot drift from the code: README.md and docs/ against Config, the command line
+and the files of this repository."""
+
+import argparse
+import glob
+import os
+import re
+
+import pytest
+
+import gateway
+import docs_config
+from conftest import ROOT
+
+DOCS = ["README.md"] + sorted(os.path.relpath(path, ROOT)
+                              for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# A path of this repository named in backquotes: `deploy/nginx.conf`, `tests/upstream.py`.
+CODE_PATH = re.compile(r"`((?:deploy|docs|tests|\.ci)/[\w./-]*|gateway(?:\.py)?|setup\.cfg"
+                       r"|pyproject\.toml)`")
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+
+
+def read(doc):
+    with open(os.path.join(ROOT, doc), encoding="utf-8") as file:
+        return file.read()
+
+
+def anchors(doc):
+    """GitHub's anchor for each heading of ``doc``: lower case, punctuation dropped, spaces to
+    hyphens."""
+    text = FENCE.sub("", read(doc))
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.+)$", text, re.M)}
+
+
+def test_configuration_reference_lists_every_setting_as_config_declares_it():
+    assert all(field.metadata["doc"] for field in docs_config.settings())
+    block = docs_config.current_block(read("docs/configuration.md"))
+    assert block == docs_config.generated_block(), (
+        "docs/configuration.md does not match gateway.Config: a setting was added or its "
+        "_setting(...) changed. Run 'python tests/docs_config.py --write' and commit the result.")
+
+
+def test_every_setting_is_read_from_the_ini_file(tmp_path):
+    # docs_config lists the fields declared with _setting; each must be an INI setting too.
+    names = [field.name for field in docs_config.settings()]
+    ini = tmp_path / "gateway.ini"
+    ini.write_text("[gateway]\n" + "".join("%s = 1\n" % name for name in names))
+    with pytest.raises(ValueError) as error:
+        gateway.Config.from_file(str(ini))
+    assert "unknown setting" not in str(error.value)
+    ini.write_text("[gateway]\nno_such_setting = 1\n")
+    with pytest.raises(ValueError, match="known: " + re.escape(", ".join(sorted(names)))):
+        gateway.Config.from_file(str(ini))
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_ini_examples_parse(doc, tmp_path):
+    for number, (language, block) in enumerate(FENCE.findall(read(doc))):
+        if language == "ini":
+            path = tmp_path / ("example%d.ini" % number)
+            path.write_text(block)
+            gateway.Config.from_file(str(path))  # raises, naming the setting, if stale
+
+
+def commands(parser, prefix="gateway"):
+    """(command line, its option strings) for every command and subcommand of ``parser``."""
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                options = {option for act in sub._actions for option in act.option_strings
+                           if option.startswith("--") and option not in ("--help", "--config")}
+                found.append(("%s %s" % (prefix, name), options))
+                found += commands(sub, "%s %s" % (prefix, name))
+    return found
+
+
+def test_cli_reference_names_every_command_and_flag():
+    # Each command's section names it and its flags; --config (every command's) has its own.
+    text = read("docs/cli.md")
+    sections = dict(re.findall(r"^## (gateway \w+)\n(.*?)(?=^## |\Z)", text, re.S | re.M))
+    missing = [] if "--config FILE" in text else ["--config"]
+    for command, options in commands(gateway.build_parser()):
+        top = " ".join(command.split()[:2])
+        section = sections.get(top, "")
+        missing += [command] if command not in section else []
+        missing += ["%s %s" % (command, option) for option in sorted(options)
+                    if option not in section]
+    assert not missing, "docs/cli.md does not mention: " + ", ".join(missing)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_relative_links_point_at_files_and_headings_that_exist(doc):
+    broken = []
+    for target in LINK.findall(FENCE.sub("", read(doc))):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        path, _, anchor = target.partition("#")
+        linked = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
+        if not os.path.exists(os.path.join(ROOT, linked)):
+            broken.append(target)
+        elif anchor and linked.endswith(".md") and anchor not in anchors(linked):
+            broken.append(target)
+    assert not broken, "%s links to what does not exist: %s" % (doc, ", ".join(broken))
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_repository_paths_named_exist(doc):
+    missing = [path for path in CODE_PATH.findall(read(doc))
+               if not os.path.exists(os.path.join(ROOT, path))]
+    assert not missing, "%s names paths that do not exist: %s" % (doc, ", ".join(missing))
+
+
+def test_the_paths_named_are_found_by_the_pattern():
+    # The two checks above must be able to fail: the patterns see what the docs name.
+    assert "tests/test_deploy.py" in CODE_PATH.findall(read("docs/deployment.md"))
+    assert "operations.md#rotating-keys-without-downtime" in LINK.findall(
+        read("docs/keys-and-limits.md"))
+    assert "rotating-keys-without-downtime" in anchors("docs/operations.md")
