@@ -37,6 +37,7 @@ import secrets
 import shutil
 import socket
 import sqlite3
+import ssl
 import sys
 import tempfile
 import threading
@@ -1801,7 +1802,7 @@ class Gateway:
         try:
             content = response.content
         except requests.RequestException as exc:
-            raise _upstream_error(exc, exchange) from None
+            raise _upstream_error(exc, exchange, self.config) from None
         finally:
             response.close()
         answer = upstream_json(content)
@@ -1850,7 +1851,7 @@ class Gateway:
                                                 + ("?" + query if query else ""))
             return send_pooled(self.upstream_pool(), target, body, headers, self._timeout)
         except requests.RequestException as exc:
-            raise _upstream_error(exc, exchange) from None
+            raise _upstream_error(exc, exchange, self.config) from None
 
     def upstream_keys(self):
         keys = (self.config.upstream_key,) if self.config.upstream_key else ()
@@ -1999,13 +2000,72 @@ def _json_response(status, payload):
     return status, [("Content-Type", JSON_CONTENT_TYPE), ("Content-Length", str(len(body)))], body
 
 
-def _upstream_error(exc, exchange):
+def _upstream_error(exc, exchange, config):
     """Map a requests failure before the answer started: timeouts 504, the rest 502
-    (WSGIProxy2's mapping). The log names the exception class, never a URL with secrets."""
-    log.error("upstream request failed [%s]: %s", exchange.request_id, type(exc).__name__)
+    (WSGIProxy2's mapping). The log names the upstream host and the cause, never a key, a
+    header or a URL's path."""
+    log.error("upstream request to %s failed [%s]: %s (%s)", upstream_host(config.upstream_url),
+              exchange.request_id, upstream_failure(exc, config), type(exc).__name__)
     if isinstance(exc, (requests.ReadTimeout, requests.exceptions.ConnectTimeout)):
         return APIError(504, "timeout_error", "The upstream did not answer in time.")
     return APIError(502, "api_error", "The upstream could not be reached.")
+
+
+def upstream_host(url):
+    """'host:port' of an upstream URL, the port filled in for its scheme."""
+    parsed = urllib3.util.parse_url(url)
+    return "%s:%d" % (parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80))
+
+
+def upstream_failure(exc, config):
+    """Why an upstream call failed, in a few words an operator can act on: DNS, refused,
+    TLS, timeout, reset. Read from the exceptions that requests and urllib3 wrap inside one
+    another (socket errors at the bottom), never from a URL or a header."""
+    chain = _exception_chain(exc)
+    cause = "connection failed"
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        cause = "no connection within connect_timeout (%g s)" % config.connect_timeout
+    elif any(isinstance(e, TimeoutError) and "handshake" in str(e) for e in chain):
+        # urllib3 bounds the handshake by the connect timeout, and reports a read timeout.
+        cause = "TLS handshake timed out (connect_timeout %g s)" % config.connect_timeout
+    elif isinstance(exc, requests.ReadTimeout):
+        cause = "no answer within read_timeout (%g s)" % config.read_timeout
+    else:
+        for error in chain:
+            if isinstance(error, socket.gaierror):
+                cause = "DNS lookup failed: %s" % (error.strerror or error)
+            elif isinstance(error, ssl.SSLCertVerificationError):
+                cause = "TLS certificate refused: %s" % error.verify_message
+            elif isinstance(error, ssl.SSLError):
+                cause = "TLS failed: %s" % (error.reason or type(error).__name__)
+            elif isinstance(error, ConnectionRefusedError):
+                cause = "connection refused"
+            elif isinstance(error, ConnectionResetError):
+                cause = "connection reset"
+            elif isinstance(error, OSError) and error.strerror:
+                cause = error.strerror
+            else:
+                continue
+            break
+    if isinstance(exc, requests.exceptions.ProxyError):
+        return "through the proxy (trust_env): " + cause
+    return cause
+
+
+def _exception_chain(exc):
+    """``exc`` and every exception it wraps: in its args (requests wraps urllib3's there),
+    as its cause or context, or as a retry error's ``reason``; outermost first."""
+    chain, todo = [], [exc]
+    while todo:
+        error = todo.pop(0)
+        if any(error is seen for seen in chain):
+            continue
+        chain.append(error)
+        todo += [arg for arg in error.args if isinstance(arg, BaseException)]
+        todo += [inner for inner in (error.__cause__, error.__context__,
+                                     getattr(error, "reason", None))
+                 if isinstance(inner, BaseException)]
+    return chain
 
 
 def make_app(config=None):

@@ -644,7 +644,8 @@ def test_upstream_reset_before_headers_is_a_502(rig):
     request_id = response.headers["request-id"]
     assert len(received_with(rig, "reset_before_headers")) == 1  # not retried
     assert rig.access(request_id)["status"] == 502
-    assert any("upstream request failed" in line for line in rig.lines(request_id))
+    assert re.search(r"upstream request to 127\.0\.0\.1:%d failed \[%s\]: connection reset "
+                     % (rig.upstream.server.server_address[1], request_id), rig.log())
     healthy(rig)
 
 
@@ -1356,7 +1357,8 @@ def test_upstream_connection_refused_is_a_502(dead_rig):
                         "api_error")
         serves_without_upstream(dead_rig)
     request_id = response.headers["request-id"]
-    assert any("ConnectionError" in line for line in dead_rig.lines(request_id))
+    assert "upstream request to 127.0.0.1:%d failed [%s]: connection refused (ConnectionError)" \
+        % (dead_rig.upstream_port, request_id) in dead_rig.log()
     assert dead_rig.access(request_id)["status"] == 502
 
 
@@ -1377,8 +1379,10 @@ def test_upstream_that_never_accepts_is_a_504(dead_rig):
     request_id = response.headers["request-id"]
     # Linux drops the SYN when the accept queue is full (ConnectTimeout); a kernel that
     # completes the handshake anyway leaves the request unanswered (ReadTimeout).
-    assert any("ConnectTimeout" in line or "ReadTimeout" in line
-               for line in dead_rig.lines(request_id))
+    assert re.search(r"upstream request to 127\.0\.0\.1:%d failed \[%s\]: (no connection "
+                     r"within connect_timeout \(1 s\) \(ConnectTimeout|no answer within "
+                     r"read_timeout \(1\.5 s\) \(ReadTimeout)"
+                     % (dead_rig.upstream_port, request_id), dead_rig.log())
     serves_without_upstream(dead_rig)
 
 
@@ -1486,6 +1490,27 @@ def test_hup_with_a_config_no_worker_can_build_keeps_serving(tmp_path, upstream)
     assert re.search(r"reload: a worker cannot start with \S+gateway.ini: metrics = true "
                      r"needs prometheus_client", log)
     assert "Worker failed to boot" not in log
+
+
+@pytest.mark.parametrize("where, cause", [
+    ("http://no-such-host.invalid", "no-such-host.invalid:80 failed [%s]: DNS lookup failed: "),
+    ("https://127.0.0.1:{port}", "127.0.0.1:{port} failed [%s]: TLS failed: "),
+], ids=["dns", "tls"])
+def test_upstream_unreachable_log_names_the_host_and_the_cause(tmp_path, upstream, where,
+                                                              cause):
+    """The TLS case speaks TLS to the plain-HTTP fake upstream (a wrong port or scheme)."""
+    port = str(upstream.server.server_address[1])
+    where, cause = (text.replace("{port}", port) for text in (where, cause))
+    with serving(tmp_path, where, "unreachable") as (url, log_path, process):
+        rig = Rig(url, None, log_path, process, tmp_path)
+        response = post(rig, body("hi"))
+        assert_envelope(response.status_code, response.headers, response.content, 502,
+                        "api_error")
+        request_id = response.headers["request-id"]
+        lines = rig.lines(request_id)
+        assert any(("upstream request to " + cause % request_id) in line for line in lines), \
+            rig.log()
+        assert not any(CLIENT_KEY in line or UPSTREAM_KEY in line for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------
