@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -196,7 +197,17 @@ class Config:
     keys_file: str = _setting(
         "gateway.keys", "The client key file: name, digest, models, enabled (gateway keys).")
     state_file: str = _setting(
-        "gateway.state", "SQLite file the workers share for per-key limits and last use.")
+        "gateway.state", "SQLite file the workers share for per-key limits and last use "
+        "(with limits_backend: only while that is unreachable and limits_backend_down = local).")
+    limits_backend: str = _setting(
+        None, "redis://HOST:PORT/DB, rediss://… or unix://PATH?db=N: one Redis that every host "
+        "shares for per-key limits and last use (the 'redis' extra). None: state_file.")
+    limits_lease: float = _setting(
+        60.0, "Seconds after which a concurrency slot held by a host that died is free again "
+        "(limits_backend); live requests renew theirs every third of it.")
+    limits_backend_down: str = _setting(
+        "local", "While limits_backend cannot be reached: local (per host, in state_file), "
+        "open (no limits) or closed (limited keys get 503).")
     max_body_bytes: int = _setting(
         32 * 1024 * 1024, "Largest request body accepted; larger gets 413 (upstream's limit).",
         unit="bytes")
@@ -318,6 +329,11 @@ def _parse_setting(field, text):
             return parse_upstream_url(text)
         except ValueError as exc:
             raise ValueError("setting upstream_url = %r: %s" % (text, exc)) from None
+    if field.name == "limits_backend":
+        return _parse_limits_backend(text)
+    if field.name == "limits_backend_down" and text not in LIMITS_DOWN_POLICIES:
+        raise ValueError("setting limits_backend_down = %r: expected %s"
+                         % (text, ", ".join(LIMITS_DOWN_POLICIES)))
     return text
 
 
@@ -356,6 +372,42 @@ def parse_upstream_url(text):
     except requests.RequestException as exc:
         raise ValueError(str(exc)) from None
     return url
+
+
+#: What limits_backend_down may say, and what each means while Redis is away (RedisLimits).
+LIMITS_DOWN_POLICIES = {
+    "local": "limits apply per host, in each host's state_file",
+    "open": "limited keys are served without limits",
+    "closed": "limited keys get 503",
+}
+
+
+def _parse_limits_backend(text):
+    """A Redis URL as redis-py's ``from_url`` reads it; checked here (without importing redis)
+    so that a typo fails 'gateway check', never a worker. The error never repeats the URL:
+    it may carry a password."""
+    parts = urllib.parse.urlsplit(text)
+    if not ((parts.scheme in ("redis", "rediss") and parts.hostname)
+            or (parts.scheme == "unix" and parts.path)):
+        raise ValueError("setting limits_backend: expected redis://HOST:PORT/DB, "
+                         "rediss://HOST:PORT/DB or unix://PATH?db=N")
+    try:
+        if parts.port == 0:
+            raise ValueError
+    except ValueError:
+        raise ValueError("setting limits_backend: the port must be a number from 1 to 65535") from None
+    return text
+
+
+def redacted_url(url):
+    """``url`` without its user name and password, for logs and 'gateway check'."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = "[%s]" % host
+    netloc = host + (":%d" % parts.port if parts.port else "")
+    query = "&".join(pair for pair in parts.query.split("&") if pair.startswith("db="))
+    return "%s://%s%s%s" % (parts.scheme, netloc, parts.path, "?" + query if query else "")
 
 
 def _parse_bool(text):
@@ -698,19 +750,46 @@ def parse_secret_lines(text):
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-key limits and last use, shared by the workers of one host
+# Per-key limits and last use: per host in SQLite (HostState), or across hosts in Redis
 # ---------------------------------------------------------------------------------------------
+#
+# Both backends answer the same three calls: admit(entry, holder, now) before a limited
+# request (or raise the 429), finish(entry, holder, tokens, now) once its response is complete
+# (release the concurrency slot, count the tokens), touch(name, now) for last use. They refuse
+# in the same order, with the same messages, from one place: limit_refusal.
+
+#: The order in which limits are checked, and what a client over each one is told.
+LIMIT_REFUSALS = (
+    ("tokens_per_day", "This key has used its %d tokens for today (UTC)."),
+    ("concurrency", "This key already has %d requests in progress."),
+    ("rpm", "This key is limited to %d requests per minute."),
+)
+
+
+def limit_refusal(entry, option, retry_after):
+    """The 429 for ``entry`` over its ``option`` limit: ``retry-after`` in whole seconds,
+    rounded up, at least 1 (the SDKs honour it)."""
+    message = dict(LIMIT_REFUSALS)[option] % getattr(entry, option)
+    return APIError(429, "rate_limit_error", message,
+                    [("retry-after", str(max(1, math.ceil(retry_after))))])
+
+
+def tokens_counted(usage):
+    """What tokens_per_day counts of an answer's usage: input + output."""
+    return usage.get("input_tokens", 0) + usage.get("output_tokens", 0)
+
 
 class HostState:
     """Counters that every worker process on this host shares, in a small SQLite file.
 
     gunicorn runs several worker processes, so a limit kept in memory would be a limit per
     worker. SQLite (standard library, WAL mode, one short write transaction per limited
-    request) makes the limits exact per host without a server to run. Across several hosts
-    each host counts on its own: docs/keys-and-limits.md says how to size limits for that.
-    Only keys with limits pay for a transaction; last use is written at most once a minute per
-    key and process. If the file cannot be used, requests are served and the problem is logged:
-    a broken counter must not take the gateway down for every key.
+    request) makes the limits exact per host without a server to run. Each host counts on its
+    own: limits shared by several hosts need ``limits_backend`` (RedisLimits), which falls
+    back to this file while Redis is away. Only keys with limits pay for a transaction; last
+    use is written at most once a minute per key and process. If the file cannot be used,
+    requests are served and the problem is logged: a broken counter must not take the gateway
+    down for every key.
     """
 
     SCHEMA = """
@@ -784,27 +863,25 @@ class HostState:
             log.error("limits not enforced: cannot use %s (%s)", self.path, exc)
             return
         if refusal is not None:
-            message, retry_after = refusal
-            raise APIError(429, "rate_limit_error", message,
-                           [("retry-after", str(max(1, math.ceil(retry_after))))])
+            raise limit_refusal(entry, *refusal)
 
     def _refusal(self, db, entry, now):
+        """(option, seconds to wait) for the first limit in LIMIT_REFUSALS order that
+        ``entry`` is over, or None."""
         if entry.tokens_per_day:
             day = time.strftime("%Y-%m-%d", time.gmtime(now))
             used = db.execute("SELECT used FROM tokens WHERE name = ? AND day = ?",
                               (entry.name, day)).fetchone()
             if used and used[0] >= entry.tokens_per_day:
-                return ("This key has used its %d tokens for today (UTC)."
-                        % entry.tokens_per_day, 86400 - now % 86400)
+                return "tokens_per_day", 86400 - now % 86400
         if entry.concurrency and self._open_slots(db, entry.name, now) >= entry.concurrency:
-            return ("This key already has %d requests in progress." % entry.concurrency, 1)
+            return "concurrency", 1
         if entry.rpm:
             db.execute("DELETE FROM hits WHERE name = ? AND at <= ?", (entry.name, now - 60))
             count, oldest = db.execute("SELECT count(*), min(at) FROM hits WHERE name = ?",
                                        (entry.name,)).fetchone()
             if count >= entry.rpm:
-                return ("This key is limited to %d requests per minute." % entry.rpm,
-                        oldest + 60 - now)
+                return "rpm", oldest + 60 - now
         return None
 
     def _open_slots(self, db, name, now):
@@ -822,6 +899,13 @@ class HostState:
             db.execute("INSERT INTO slots VALUES (?, ?, ?, ?)",
                        (holder, entry.name, os.getpid(), now))
 
+    def finish(self, entry, holder, tokens, now):
+        """The request ``holder`` of ``entry`` is complete: free its slot, count its tokens."""
+        if entry.concurrency:
+            self.release(holder)
+        if entry.tokens_per_day and tokens:
+            self.add_tokens(entry.name, tokens, now)
+
     def release(self, holder):
         self._write("DELETE FROM slots WHERE holder = ?", (holder,))
 
@@ -838,7 +922,7 @@ class HostState:
         self._write("INSERT INTO last_use VALUES (?, ?) ON CONFLICT (name) "
                     "DO UPDATE SET at = max(at, excluded.at)", (name, now))
 
-    def last_use(self):
+    def last_use(self, names=None):
         """{key name: epoch seconds of its last recorded use}; {} when there is no file."""
         if not os.path.exists(self.path):
             return {}
@@ -864,6 +948,331 @@ def _process_alive(pid):
     except PermissionError:
         return True  # alive, someone else's
     return True
+
+
+# -- Across hosts: Redis ----------------------------------------------------------------------
+#
+# Facts -> decisions (sources: the redis-py 8 source and docs; redis.io command pages; the
+# issue trackers of Envoy ratelimit, Kong and LiteLLM, whose users met each of these):
+# - Check-then-count from the client races (over-admission under concurrency): the check and
+#   the count are one Lua script, atomic in Redis, on Redis's own clock (TIME; hosts' clocks
+#   differ), and it writes nothing when it refuses (no +1 stranded per 429).
+# - A fixed window admits up to twice the limit across its edge: rpm is a sorted set of the
+#   minute's requests (score = when), pruned and counted in the script, exact like SQLite's.
+# - Counters of requests in progress leak when a host dies or a stream is cut: a concurrency
+#   slot is a lease (sorted set, score = expiry). Each process renews all of its live slots
+#   every lease/3, whether bytes flow or not, so a 30-minute stream or a long silent think
+#   keeps its slot, and a SIGKILLed host's slots lapse within the lease.
+# - Keys written without a TTL pile up or never reset: every key has one.
+# - redis-py 8 waits 5 s per connect and per read, with retries: Redis killed cost 3.7 s and
+#   Redis frozen (SIGSTOP) 59.6 s per call. Here: 0.25 s, no retry, and after a failure a
+#   breaker that skips Redis for BREAKER_SECONDS (one request probes when they are over).
+# - redis-py's default pool fails beyond 100 connections instead of waiting (2,000 greenlets:
+#   1,900 errors); a BlockingConnectionPool waits up to its timeout (0 errors, 181 ms worst).
+#   One per worker process, made on first use after the fork; its client is thread-safe.
+# - Key names: gateway:{name}:…, where {name} is a Redis Cluster hash tag, so each script
+#   touches one slot; the name comes from the key file, never the client's key.
+
+#: One round trip admits a limited request. KEYS: tokens (hash: UTC day number -> tokens),
+#: slots (zset: holder -> lease expiry, ms), hits (zset: request -> arrival, ms). ARGV:
+#: tokens_per_day, concurrency, rpm (0: none), holder, lease in ms. Returns {0, 0} when
+#: admitted, else {position in LIMIT_REFUSALS, milliseconds to wait}; a refusal writes nothing.
+REDIS_ADMIT = """
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local tokens_per_day, concurrency, rpm = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local holder, lease = ARGV[4], tonumber(ARGV[5])
+if tokens_per_day > 0 then
+  local used = tonumber(redis.call('HGET', KEYS[1], tostring(math.floor(now / 86400000))) or 0)
+  if used >= tokens_per_day then return {1, 86400000 - now % 86400000} end
+end
+if concurrency > 0 and redis.call('ZCOUNT', KEYS[2], '(' .. now, '+inf') >= concurrency then
+  return {2, 1000}
+end
+if rpm > 0 and redis.call('ZCOUNT', KEYS[3], '(' .. (now - 60000), '+inf') >= rpm then
+  local oldest = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. (now - 60000), '+inf',
+                            'WITHSCORES', 'LIMIT', 0, 1)
+  return {3, tonumber(oldest[2]) + 60000 - now}
+end
+if rpm > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 60000)
+  redis.call('ZADD', KEYS[3], now, holder)
+  redis.call('PEXPIRE', KEYS[3], 61000)
+end
+if concurrency > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  redis.call('ZADD', KEYS[2], now + lease, holder)
+  redis.call('PEXPIRE', KEYS[2], lease + 1000)
+end
+return {0, 0}
+"""
+
+#: The request is complete. KEYS: slots, tokens. ARGV: holder ('' when it held no slot),
+#: tokens to count (0: none). Today's count is all the tokens hash keeps.
+REDIS_FINISH = """
+if ARGV[1] ~= '' then redis.call('ZREM', KEYS[1], ARGV[1]) end
+local tokens = tonumber(ARGV[2])
+if tokens > 0 then
+  local day = tostring(math.floor(tonumber(redis.call('TIME')[1]) / 86400))
+  redis.call('HINCRBY', KEYS[2], day, tokens)
+  for _, field in ipairs(redis.call('HKEYS', KEYS[2])) do
+    if field ~= day then redis.call('HDEL', KEYS[2], field) end
+  end
+  redis.call('EXPIRE', KEYS[2], 172800)
+end
+return 0
+"""
+
+#: Renew this process's live slots of one key. KEYS: slots. ARGV: lease in ms, holders. A
+#: plain ZADD, not ZADD XX: it puts back a live slot that a Redis restarted empty forgot, so
+#: the limit is exact again within one renewal. It cannot resurrect a finished request's slot:
+#: renewals and releases of one process are serialized (RedisLimits._lease_lock).
+REDIS_RENEW = """
+local clock = redis.call('TIME')
+local lease = tonumber(ARGV[1])
+local expiry = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000) + lease
+for i = 2, #ARGV do redis.call('ZADD', KEYS[1], expiry, ARGV[i]) end
+redis.call('PEXPIRE', KEYS[1], lease + 1000)
+return 0
+"""
+
+
+class RedisLimits:
+    """Per-key limits and last use in one Redis that every host shares (``limits_backend``).
+
+    Same calls, order and messages as ``HostState``; exact across any number of hosts and
+    workers. A limited request costs one round trip before it is forwarded (the admit
+    script) and one after it completes, sent by a background thread so that the client does
+    not wait for it. Unlimited keys' requests never wait on Redis: last use is noted in memory
+    and written with the lease renewal, every ``limits_lease / 3`` seconds per process.
+
+    While Redis cannot be reached (an error or a 0.25 s timeout, then nothing for
+    BREAKER_SECONDS), ``limits_backend_down`` decides: ``local`` applies the limits per host in
+    ``state_file`` (exactly as without Redis), ``open`` applies none, ``closed`` refuses
+    limited keys with 503. Requests admitted that way are not counted in Redis afterwards.
+    """
+
+    KEY_FORMAT = "gateway:{%s}:%s"  # the braces are Redis Cluster's hash tag
+    TIMEOUT = 0.25  # seconds to connect, to read, and to wait for a pooled connection
+    POOL_SIZE = 32  # connections per worker process; calls take 0.1 ms, so few are in use
+    BREAKER_SECONDS = 5
+    LAST_USE_TTL = 400 * 86400  # 'gateway keys list' shows 'never' after a year unused
+
+    def __init__(self, config, local, deadlines, metrics=None):
+        try:
+            import redis
+        except ImportError:
+            raise ValueError("limits_backend needs redis-py: pip install "
+                             "'gateway[redis]'") from None
+        self._redis_module = redis
+        self.errors = (redis.RedisError, OSError)
+        self.url = config.limits_backend
+        self.where = redacted_url(config.limits_backend)
+        self.lease_ms = int(config.limits_lease * 1000)
+        self.down_policy = config.limits_backend_down
+        self.local = local
+        self.metrics = metrics
+        self._deadlines = deadlines
+        self._lock = threading.Lock()  # the client, the breaker and the background work
+        # Held from a renewal's look at the live slots until its call is done, and around
+        # each release's call: a release is never overtaken by a renewal that re-adds it.
+        self._lease_lock = threading.Lock()
+        self._pid = None  # the process the client, the outbox and the renewal belong to
+        self._client = self._scripts = self._outbox = None
+        self._down_until = None  # time.monotonic() before which Redis is not tried
+        self._live = {}  # holder -> key name: this process's slots in Redis
+        self._away = {}  # holder -> policy: admitted while Redis was away
+        self._touched = {}  # key name -> last use not yet written
+
+    # -- the client, per process ----------------------------------------------------------
+
+    def client(self):
+        """This process's client; made on first use, after gunicorn's fork."""
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._connect()
+        return self._client
+
+    def _connect(self):
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+        redis = self._redis_module
+        pool = redis.BlockingConnectionPool.from_url(
+            self.url, max_connections=self.POOL_SIZE, timeout=self.TIMEOUT,
+            socket_timeout=self.TIMEOUT, socket_connect_timeout=self.TIMEOUT,
+            retry=Retry(NoBackoff(), 0))
+        client = redis.Redis(connection_pool=pool)
+        # Script: EVALSHA, and SCRIPT LOAD again when a restarted Redis answers NOSCRIPT.
+        self._scripts = types.SimpleNamespace(
+            admit=client.register_script(REDIS_ADMIT),
+            finish=client.register_script(REDIS_FINISH),
+            renew=client.register_script(REDIS_RENEW))
+        self._outbox = queue.Queue()
+        self._live, self._away, self._touched = {}, {}, {}
+        self._client = client
+        self._pid = os.getpid()
+        threading.Thread(target=self._send_finishes, name="gateway-limits", daemon=True).start()
+        self._deadlines.add(self.lease_ms / 3000, self._renew_periodically)
+
+    def key(self, name, kind):
+        return self.KEY_FORMAT % (name, kind)
+
+    # -- the three calls --------------------------------------------------------------------
+
+    def admit(self, entry, holder, now):
+        """Count one request of ``entry`` (429 when over a limit). One round trip; while
+        Redis is away, ``limits_backend_down`` decides."""
+        client = self.client()
+        if self._should_try():
+            try:
+                refused, wait_ms = self._scripts.admit(
+                    keys=[self.key(entry.name, "tokens"), self.key(entry.name, "slots"),
+                          self.key(entry.name, "hits")],
+                    args=[entry.tokens_per_day or 0, entry.concurrency or 0, entry.rpm or 0,
+                          holder, self.lease_ms], client=client)
+            except self.errors as exc:
+                self._failed(exc)
+            else:
+                self._answered()
+                if refused:
+                    raise limit_refusal(entry, LIMIT_REFUSALS[refused - 1][0], wait_ms / 1000)
+                if entry.concurrency:
+                    self._live[holder] = entry.name
+                return
+        self._admit_away(entry, holder, now)
+
+    def _admit_away(self, entry, holder, now):
+        if self.down_policy == "closed":
+            raise APIError(503, "api_error", "Per-key limits cannot be checked right now. "
+                           "Retry shortly.", [("retry-after", str(self.BREAKER_SECONDS))])
+        if self.down_policy == "local":
+            self.local.admit(entry, holder, now)
+        self._away[holder] = self.down_policy
+        if self.metrics is not None:
+            self.metrics.limits_admitted_away.labels(self.down_policy).inc()
+
+    def finish(self, entry, holder, tokens, now):
+        """Free the slot and count the tokens: one call, sent by this process's background
+        thread (the client has its answer already, or gets it without waiting for Redis)."""
+        policy = self._away.pop(holder, None)
+        if policy == "local":
+            self.local.finish(entry, holder, tokens, now)
+            return
+        tokens = tokens if entry.tokens_per_day else 0
+        held = self._live.pop(holder, None) is not None
+        if policy is None and (held or tokens):
+            self.client()
+            self._outbox.put((entry.name, holder if held else "", tokens))
+
+    def touch(self, name, now):
+        """Note that ``name`` was used; written with the next renewal, not on this request."""
+        self.client()
+        self._touched[name] = now
+
+    def last_use(self, names):
+        """{key name: epoch seconds of its last use} for ``names``, in one round trip."""
+        pipe = self.client().pipeline(transaction=False)
+        for name in names:
+            pipe.get(self.key(name, "last"))
+        return {name: float(value) for name, value in zip(names, pipe.execute())
+                if value is not None}
+
+    # -- background work: releases, renewals, last use ----------------------------------------
+
+    def _send_finishes(self):
+        """The background thread that sends finish calls, in order, one at a time."""
+        outbox = self._outbox
+        while True:
+            name, holder, tokens = outbox.get()
+            if not self._should_try():
+                continue  # the slot lapses within the lease; the tokens are not counted
+            try:
+                with self._lease_lock:
+                    self._scripts.finish(keys=[self.key(name, "slots"), self.key(name, "tokens")],
+                                         args=[holder, tokens], client=self._client)
+            except self.errors as exc:
+                self._failed(exc)
+            else:
+                self._answered()
+
+    def _renew_periodically(self):
+        try:
+            self.renew()
+        finally:
+            self._deadlines.add(self.lease_ms / 3000, self._renew_periodically)
+
+    def renew(self):
+        """Renew every live slot of this process and write the last uses noted since the
+        previous call: one pipelined round trip (nothing when there is nothing to write)."""
+        client = self.client()
+        with self._lease_lock:
+            live = self._live.copy()
+            if not (live or self._touched) or not self._should_try():
+                return
+            touched, self._touched = self._touched, {}
+            touched = touched.copy()  # a request thread may still be noting a use in it
+            by_name = {}
+            for holder, name in live.items():
+                by_name.setdefault(name, []).append(holder)
+            renew = self._scripts.renew
+            pipe = client.pipeline(transaction=False)
+            for name, holders in by_name.items():
+                pipe.evalsha(renew.sha, 1, self.key(name, "slots"), self.lease_ms, *holders)
+            for name, when in touched.items():
+                pipe.set(self.key(name, "last"), "%.3f" % when, ex=self.LAST_USE_TTL)
+            try:
+                try:
+                    pipe.execute()
+                except self._redis_module.exceptions.NoScriptError:  # Redis restarted
+                    renew.sha = client.script_load(renew.script)
+                    pipe.execute()
+            except self.errors as exc:
+                self._failed(exc)
+            else:
+                self._answered()
+
+    # -- the breaker --------------------------------------------------------------------------
+
+    def _should_try(self):
+        """False for BREAKER_SECONDS after a failure; then one caller probes at a time."""
+        if self._down_until is None:
+            return True
+        with self._lock:
+            if self._down_until is None:
+                return True
+            if time.monotonic() < self._down_until:
+                return False
+            self._down_until = time.monotonic() + self.BREAKER_SECONDS  # the others wait
+            return True
+
+    def _failed(self, exc):
+        if self.metrics is not None:
+            self.metrics.limits_backend_errors.inc()
+        with self._lock:
+            was_up = self._down_until is None
+            self._down_until = time.monotonic() + self.BREAKER_SECONDS
+        if was_up:
+            log.error("limits backend %s unreachable (%s): until it answers, %s", self.where,
+                      type(exc).__name__, LIMITS_DOWN_POLICIES[self.down_policy])
+
+    def _answered(self):
+        if self._down_until is None:
+            return
+        with self._lock:
+            was_down = self._down_until is not None
+            self._down_until = None
+        if was_down:
+            log.warning("limits backend %s answers again: limits are shared by every host "
+                        "again", self.where)
+
+    def check(self):
+        """(server version, milliseconds a PING took), or raise what went wrong."""
+        client = self.client()
+        started = time.perf_counter()
+        client.ping()
+        elapsed = (time.perf_counter() - started) * 1000
+        return client.info("server")["redis_version"], elapsed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1449,6 +1858,13 @@ class Metrics:
             "gateway_upstream_ttfb_seconds", "Streams: from arrival to the first byte "
             "relayed (a JSON answer's first byte is its last: see duration).", ("model",),
             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.limits_backend_errors = counter(
+            "gateway_limits_backend_errors", "Calls to the limits backend (Redis) that failed "
+            "or timed out.", registry=self.registry)
+        self.limits_admitted_away = counter(
+            "gateway_limits_admitted_away", "Requests of limited keys admitted while the limits "
+            "backend was unreachable, by limits_backend_down (local: per host; open: unchecked).",
+            ("mode",), registry=self.registry)
         self.open_streams = prometheus_client.Gauge(
             "gateway_open_streams", "Streams being relayed now, in live workers.",
             multiprocess_mode="livesum", registry=self.registry)
@@ -1574,7 +1990,7 @@ class Gateway:
     def __init__(self, config):
         self.config = config
         self.keys = WatchedFile(config.keys_path, parse_key_file, KeyStore())
-        self.state = HostState(config.state_path)
+        self.state = HostState(config.state_path)  # this host's; limits_backend's fallback
         self._upstream_key_file = (
             WatchedFile(config.upstream_key_path, parse_secret_lines, ())
             if config.upstream_key_path else None)
@@ -1586,7 +2002,7 @@ class Gateway:
         self._refused_upstream_keys = set()  # refused with a 401 by the upstream
         self._upstream_lock = threading.Lock()
         self._upstream = None  # (pid, session, pool): made in the process that serves
-        self._deadlines = Deadlines()  # body_timeout, for every request of this app
+        self._deadlines = Deadlines()  # body_timeout and lease renewal, for this app
         # Worked out once, not per call: the upstream's path prefix and urllib3's timeout.
         # parse_upstream_url first: an embedder's Config(upstream_url=...) skips the INI
         # parser, and a URL the pool cannot use must say why as the app is built.
@@ -1612,6 +2028,8 @@ class Gateway:
             if config.metrics_token_file else None)
         if self.metrics is not None:
             self.routes["/metrics"] = {"GET": self.on_metrics}
+        self.limits = (RedisLimits(config, self.state, self._deadlines, self.metrics)
+                       if config.limits_backend else self.state)
 
     def __call__(self, environ, start_response):
         return self.wsgi_app(environ, start_response)
@@ -1717,7 +2135,7 @@ class Gateway:
             raise APIError(401, "authentication_error",
                            "This key expired at %s." % format_time(entry.expires))
         exchange.key_name = entry.name
-        self.state.touch(entry.name, now)
+        self.limits.touch(entry.name, now)
         if entry.limited:
             self.limit(entry, exchange, now)
         return entry
@@ -1725,13 +2143,10 @@ class Gateway:
     def limit(self, entry, exchange, now):
         """Admit the request under the key's limits (429 otherwise) and arrange for its
         slot to be released and its tokens counted when the response is complete."""
-        self.state.admit(entry, exchange.request_id, now)
-        if entry.concurrency:
-            exchange.finishers.append(lambda ex: self.state.release(ex.request_id))
-        if entry.tokens_per_day:
-            exchange.finishers.append(lambda ex: self.state.add_tokens(
-                entry.name, ex.usage.get("input_tokens", 0) + ex.usage.get("output_tokens", 0),
-                time.time()))
+        self.limits.admit(entry, exchange.request_id, now)
+        if entry.concurrency or entry.tokens_per_day:
+            exchange.finishers.append(lambda ex: self.limits.finish(
+                entry, ex.request_id, tokens_counted(ex.usage), time.time()))
 
     def read_body(self, environ):
         """The request body: 413 over ``max_body_bytes`` (before reading when the length is
@@ -2343,7 +2758,7 @@ def cmd_keys_revoke(config, args):
 
 def cmd_keys_list(config, args):
     _, store = load_key_file(config.keys_path)
-    last_use = HostState(config.state_path).last_use()
+    last_use = _last_use(config, [e.name for e in store.entries])
     now = time.time()
     rows = [("NAME", "MODELS", "ENABLED", "EXPIRES", "LIMITS", "LAST USE", "OLD KEY")]
     for e in store.entries:
@@ -2369,6 +2784,45 @@ def _old_key_cell(entry, now):
     if entry.previous is not None and now < (entry.previous_until or 0):
         return "works until " + format_time(entry.previous_until)
     return "-"
+
+
+def _last_use(config, names):
+    """Last use from where the workers record it: Redis when it is the limits backend (the
+    state file when Redis does not answer, saying so), else the state file."""
+    if config.limits_backend:
+        try:
+            limits = RedisLimits(config, None, Deadlines())
+            return limits.last_use(names)
+        except ValueError as exc:  # no redis-py
+            problem = str(exc)
+        except limits.errors as exc:
+            problem = "%s does not answer (%s)" % (limits.where, type(exc).__name__)
+        print("warning: %s; last use from this host's %s" % (problem, config.state_path),
+              file=sys.stderr)
+    return HostState(config.state_path).last_use()
+
+
+def _check_limits(config):
+    """Say where the limits are kept and whether that answers; only a missing redis-py is a
+    problem (a Redis that is down is what limits_backend_down is for)."""
+    if not config.limits_backend:
+        print("limits: per host, in %s" % config.state_path)
+        return []
+    where = redacted_url(config.limits_backend)
+    try:
+        limits = RedisLimits(config, None, Deadlines())
+    except ValueError:  # no redis-py: boot_problem has said so
+        return []
+    try:
+        version, elapsed = limits.check()
+    except limits.errors as exc:
+        print("warning: limits backend %s does not answer (%s): until it does, %s" % (
+            where, type(exc).__name__, LIMITS_DOWN_POLICIES[config.limits_backend_down]))
+        return []
+    print("limits: shared by every host in %s (Redis %s, answered in %.1f ms); lease %g s; "
+          "while it is down: %s" % (where, version, elapsed, config.limits_lease,
+                                    config.limits_backend_down))
+    return []
 
 
 def cmd_check(config, args):
@@ -2409,6 +2863,7 @@ def cmd_check(config, args):
         except FILE_ERRORS as exc:
             problems.append("upstream key file %s: %s (or set ANTHROPIC_API_KEY)"
                             % (config.upstream_key_path, describe(exc)))
+    problems += _check_limits(config)
     if config.metrics:
         problems += _check_metrics(config)
     for problem in problems:

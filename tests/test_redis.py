@@ -1,0 +1,363 @@
+"""Per-key limits across hosts on a real redis-server (limits_backend): exactness, leases,
+and what happens while Redis is restarted, killed or frozen. No mock of Redis anywhere.
+
+Each test starts its own redis-server on a unix socket in a fresh temporary directory (no
+port to collide with other tests), and stops it. Without redis-server (Debian's package) or
+redis-py the tests skip locally and fail in CI, where a skip could hide a missing install.
+"""
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+import webtest
+
+import gateway
+from gateway import APIError, HostState, KeyEntry, RedisLimits
+from conftest import CLIENT_KEY, LIMITED_KEY, auth
+from upstream import UPSTREAM_KEY
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes", "on")
+LEASE = 3.0  # seconds: short, so that lapsed leases are seen within a test
+
+
+def required_redis():
+    found = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin")
+    try:
+        import redis  # noqa: F401
+    except ImportError:
+        found = None
+    if found:
+        return found
+    message = "redis-server and redis-py are needed (apt install redis-server; the test extra)"
+    if IN_CI:
+        pytest.fail(message + ": CI must install them")
+    pytest.skip(message)
+
+
+class RedisServer:
+    """A real redis-server on a unix socket, with the faults the tests inject."""
+
+    def __init__(self, directory, binary, appendonly=False):
+        self.directory = directory
+        self.binary = binary
+        self.appendonly = appendonly
+        self.socket = os.path.join(directory, "redis.sock")
+        self.url = "unix://%s?db=0" % self.socket
+        self.process = None
+
+    def start(self):
+        command = [self.binary, "--port", "0", "--unixsocket", self.socket,
+                   "--dir", self.directory, "--save", "",
+                   "--appendonly", "yes" if self.appendonly else "no",
+                   "--maxmemory-policy", "noeviction"]
+        self.log = open(os.path.join(self.directory, "redis.log"), "ab")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if self.client().ping():
+                    return self
+            except Exception:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("redis-server did not start: %s" % open(
+                        os.path.join(self.directory, "redis.log")).read())
+                time.sleep(0.02)
+
+    def client(self):
+        import redis
+        return redis.Redis(unix_socket_path=self.socket, socket_timeout=2)
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait()
+        self.log.close()
+
+    def restart(self):
+        self.kill()
+        return self.start()
+
+    def freeze(self):
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def thaw(self):
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.thaw()
+            self.kill()
+
+    def everything(self):
+        """Every key with its type, TTL in ms and contents, as bytes (for secrets and TTLs)."""
+        client, found = self.client(), {}
+        for key in client.scan_iter("*"):
+            kind = client.type(key).decode()
+            value = {"string": lambda: client.get(key),
+                     "zset": lambda: client.zrange(key, 0, -1, withscores=True),
+                     "hash": lambda: client.hgetall(key)}[kind]()
+            found[key] = (kind, client.pttl(key), repr(value).encode())
+        return found
+
+
+@pytest.fixture
+def redis_server():
+    binary = required_redis()
+    directory = tempfile.mkdtemp(prefix="gw-redis-")  # short: a socket path has 107 bytes
+    server = RedisServer(directory, binary).start()
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def redis_config(server, tmp_path, **settings):
+    return gateway.Config(limits_backend=server.url, limits_lease=LEASE,
+                          state_file=str(tmp_path / "host.state"), **settings)
+
+
+def limits(server, tmp_path, **settings):
+    config = redis_config(server, tmp_path, **settings)
+    return RedisLimits(config, HostState(config.state_path), gateway.Deadlines())
+
+
+def limited(name="k", **options):
+    return KeyEntry(name, b"\0" * 32, **options)
+
+
+def refused(backend, entry, holder, now=None):
+    with pytest.raises(APIError) as error:
+        backend.admit(entry, holder, time.time() if now is None else now)
+    return error.value
+
+
+def eventually(condition, timeout=10.0):
+    """Poll ``condition`` until it is true (bounded); for background work, never a sleep."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within %g s" % timeout
+        time.sleep(0.02)
+
+
+# -- the scripts against one real Redis ---------------------------------------------------------
+
+def test_same_refusals_in_the_same_order_as_sqlite(redis_server, tmp_path):
+    """Both backends, same key, same sequence: the same statuses, messages and order."""
+    shared = limits(redis_server, tmp_path)
+    local = HostState(str(tmp_path / "other.state"))
+    entry = limited(rpm=3, concurrency=2, tokens_per_day=50)
+    for backend in (shared, local):
+        now = time.time()
+        backend.admit(entry, "a", now)
+        backend.admit(entry, "b", now)
+        over_concurrency = refused(backend, entry, "c", now)
+        backend.finish(entry, "a", 0, now)  # Redis: sent by a background thread
+        eventually(lambda: _admits(backend, entry, "c", now))
+        backend.finish(entry, "c", 0, now)
+        eventually(lambda: refused_with(backend, entry, "d", now, "per minute"))
+        over_rpm = refused(backend, entry, "d", now)
+        backend.finish(entry, "b", 60, now)
+        eventually(lambda: refused_with(backend, entry, "e", now, "tokens"))
+        over_tokens = refused(backend, entry, "e", now)
+        assert [e.status for e in (over_concurrency, over_rpm, over_tokens)] == [429] * 3
+        assert {e.error_type for e in (over_concurrency, over_rpm, over_tokens)} == {
+            "rate_limit_error"}
+        assert over_concurrency.message == "This key already has 2 requests in progress."
+        assert dict(over_concurrency.headers)["retry-after"] == "1"
+        assert over_rpm.message == "This key is limited to 3 requests per minute."
+        assert 1 <= int(dict(over_rpm.headers)["retry-after"]) <= 60
+        # over rpm and tokens now: the tokens are named first, with the wait until midnight
+        assert over_tokens.message == "This key has used its 50 tokens for today (UTC)."
+        midnight_wait = 86400 - now % 86400
+        assert abs(int(dict(over_tokens.headers)["retry-after"]) - midnight_wait) <= 5
+
+
+def _admits(backend, entry, holder, now):
+    try:
+        backend.admit(entry, holder, now)
+        return True
+    except APIError:
+        return False
+
+
+def refused_with(backend, entry, holder, now, word):
+    try:
+        backend.admit(entry, holder, now)
+    except APIError as exc:
+        return word in exc.message
+    raise AssertionError("admitted")
+
+
+def test_a_refusal_writes_nothing_and_every_key_has_a_ttl(redis_server, tmp_path):
+    backend = limits(redis_server, tmp_path)
+    entry = limited("alice", rpm=2, concurrency=5, tokens_per_day=1000)
+    backend.admit(entry, "r1", time.time())
+    backend.admit(entry, "r2", time.time())
+    before = redis_server.everything()
+    for number in range(5):
+        refused(backend, entry, "refused-%d" % number)
+    after = redis_server.everything()
+    assert {key: (kind, value) for key, (kind, _, value) in after.items()} == {
+        key: (kind, value) for key, (kind, _, value) in before.items()}
+    backend.finish(entry, "r1", 17, time.time())
+    backend.touch("alice", time.time())
+    backend.renew()
+    eventually(lambda: b"gateway:{alice}:tokens" in redis_server.everything())
+    found = redis_server.everything()
+    assert sorted(found) == [b"gateway:{alice}:hits", b"gateway:{alice}:last",
+                             b"gateway:{alice}:slots", b"gateway:{alice}:tokens"]
+    assert all(ttl > 0 for _, ttl, _ in found.values())  # -1 would be a key without TTL
+    assert found[b"gateway:{alice}:slots"][1] <= (LEASE + 1) * 1000
+
+
+def test_rpm_is_exact_under_threads_and_two_processes(redis_server, tmp_path):
+    """Two clients (as two workers would be), 12 threads each, rpm = 7: exactly 7 pass."""
+    entry = limited("burst", rpm=7)
+    backends = [limits(redis_server, tmp_path), limits(redis_server, tmp_path)]
+    results, start = [], threading.Barrier(24)
+
+    def call(backend, number):
+        start.wait(10)
+        results.append(_admits(backend, entry, "h%d" % number, time.time()))
+    threads = [threading.Thread(target=call, args=(backends[n % 2], n)) for n in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert sorted(results) == [False] * 17 + [True] * 7
+
+
+def test_a_live_slot_outlives_many_leases_and_frees_at_once(redis_server, tmp_path):
+    holder, other = limits(redis_server, tmp_path), limits(redis_server, tmp_path)
+    entry = limited("long", concurrency=1)
+    holder.admit(entry, "stream", time.time())
+    holder_renewed = time.monotonic() + 3.5 * LEASE  # renewed every LEASE/3 meanwhile
+    while time.monotonic() < holder_renewed:
+        assert "in progress" in refused(other, entry, "x").message
+        time.sleep(LEASE / 2)
+    holder.finish(entry, "stream", 0, time.time())
+    eventually(lambda: _admits(other, entry, "y", time.time()), timeout=2)
+
+
+def test_a_dead_process_frees_its_slots_within_the_lease(redis_server, tmp_path):
+    """A process admits two requests and dies by SIGKILL: refused while its leases run, then
+    free within the lease, with no release ever sent."""
+    entry = limited("crash", concurrency=2)
+    script = (
+        "import os, signal, sys, time\nsys.path.insert(0, %r)\nimport gateway\n"
+        "config = gateway.Config(limits_backend=%r, limits_lease=%r, state_file=%r)\n"
+        "backend = gateway.RedisLimits(config, None, gateway.Deadlines())\n"
+        "entry = gateway.KeyEntry('crash', b'\\0' * 32, concurrency=2)\n"
+        "backend.admit(entry, 'one', time.time()); backend.admit(entry, 'two', time.time())\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+        % (os.path.dirname(gateway.__file__), redis_server.url, LEASE,
+           str(tmp_path / "dead.state")))
+    subprocess.run([sys.executable, "-c", script], timeout=30)
+    died = time.monotonic()
+    survivor = limits(redis_server, tmp_path)
+    assert "in progress" in refused(survivor, entry, "a").message
+    eventually(lambda: _admits(survivor, entry, "a", time.time()), timeout=LEASE + 2)
+    assert time.monotonic() - died <= LEASE + 1.5
+
+
+def test_a_redis_restarted_empty_gets_the_live_slots_back_within_a_lease(redis_server,
+                                                                         tmp_path):
+    holder, other = limits(redis_server, tmp_path), limits(redis_server, tmp_path)
+    entry = limited("restart", concurrency=1)
+    holder.admit(entry, "stream", time.time())
+    redis_server.restart()  # empty: no persistence in this server
+    # The next renewal (every LEASE/3) puts the live slot back: refused again from then on.
+    # (A renewal that hit the restart itself opens the breaker: BREAKER_SECONDS more.)
+    eventually(lambda: redis_server.client().exists("gateway:{restart}:slots"),
+               timeout=LEASE + holder.BREAKER_SECONDS)
+    assert "in progress" in refused(other, entry, "x").message
+    holder.finish(entry, "stream", 0, time.time())
+    eventually(lambda: _admits(other, entry, "y", time.time()), timeout=LEASE)
+
+
+@pytest.mark.parametrize("policy", ["local", "open", "closed"])
+def test_while_redis_is_down_the_policy_decides_and_says_so_once(redis_server, tmp_path,
+                                                                 caplog, policy):
+    backend = limits(redis_server, tmp_path, limits_backend_down=policy)
+    entry = limited("down", rpm=2)
+    backend.admit(entry, "before", time.time())
+    redis_server.kill()
+    outcomes = []
+    for number in range(4):
+        started = time.monotonic()
+        try:
+            backend.admit(entry, "while-%d" % number, time.time())
+            outcomes.append(200)
+        except APIError as exc:
+            outcomes.append(exc.status)
+            if exc.status == 503:
+                assert exc.error_type == "api_error" and dict(exc.headers)["retry-after"]
+        assert time.monotonic() - started < 1.0
+    assert outcomes == {"local": [200, 200, 429, 429],  # rpm=2 on this host's own file
+                        "open": [200] * 4, "closed": [503] * 4}[policy]
+    errors = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(errors) == 1 and "redis.sock" in errors[0].getMessage()
+    redis_server.start()
+    time.sleep(backend.BREAKER_SECONDS)  # the breaker lets a probe through only after this
+    backend.admit(limited("fresh", rpm=5), "after", time.time())
+    assert "answers again" in caplog.text
+
+
+def test_a_frozen_redis_costs_a_request_at_most_a_quarter_second(redis_server, tmp_path):
+    backend = limits(redis_server, tmp_path)
+    entry = limited("frozen", rpm=100, concurrency=100)
+    backend.admit(entry, "warm", time.time())
+    redis_server.freeze()
+    try:
+        waits = []
+        for number in range(20):
+            started = time.monotonic()
+            backend.admit(entry, "while-%d" % number, time.time())
+            waits.append(time.monotonic() - started)
+        # one call (or the renewal) waits out the timeout, then the breaker skips Redis
+        assert max(waits) < 1.0 and sum(w > 0.1 for w in waits) <= 1
+    finally:
+        redis_server.thaw()
+
+
+def test_no_client_key_or_upstream_key_in_redis(redis_server, config_dir):
+    keys = (config_dir / "gateway.keys").read_text()
+    (config_dir / "gateway.keys").write_text(keys.replace(
+        "claude-opus-4-7 enabled", "claude-opus-4-7 enabled rpm=5 concurrency=2 "
+        "tokens_per_day=100000", 1))
+    config = dataclasses.replace(gateway.Config.from_file(str(config_dir / "gateway.ini")),
+                                 limits_backend=redis_server.url, limits_lease=LEASE)
+    app = gateway.make_app(config)
+    client = webtest.TestApp(app)
+    message = {"model": "claude-opus-4-7", "max_tokens": 5,
+               "messages": [{"role": "user", "content": "hi"}]}
+    for key in (LIMITED_KEY, CLIENT_KEY):
+        client.post_json("/v1/messages", message, headers=auth(key))
+    app.limits.renew()
+    eventually(lambda: b"gateway:{bob}:tokens" in redis_server.everything())
+    stored = b"".join(key + value for key, (_, _, value) in redis_server.everything().items())
+    for secret in (CLIENT_KEY, LIMITED_KEY, UPSTREAM_KEY, gateway.digest_key(LIMITED_KEY).hex(),
+                   gateway.digest_key(CLIENT_KEY).hex()):
+        assert secret.encode() not in stored
+    assert b"gateway:{alice}:last" in stored  # last use of the unlimited key, too
+
+
+def test_config_checks_the_url_and_never_repeats_a_password():
+    parse = gateway._parse_limits_backend
+    for good in ("redis://localhost:6379/0", "rediss://:pw@cache.internal:6380/2",
+                 "unix:///run/redis/redis.sock?db=3"):
+        assert parse(good) == good
+    for bad in ("localhost:6379", "http://x", "redis://", "unix://", "redis://h:port/0"):
+        with pytest.raises(ValueError) as error:
+            parse(bad)
+        assert "expected" in str(error.value) or "port" in str(error.value)
+    assert gateway.redacted_url("rediss://user:s3cret@cache:6380/2") == "rediss://cache:6380/2"
+    assert gateway.redacted_url("unix:///run/r.sock?db=3&password=s3cret") == \
+        "unix:///run/r.sock?db=3"
+    with pytest.raises(ValueError):
+        gateway.Config._with_environ({"limits_backend_down": "maybe"}, {}, "/", {})
