@@ -3,15 +3,20 @@ and the files of this repository."""
 
 import argparse
 import glob
+import json
+import logging
 import os
 import re
 
 import pytest
+import webtest
 
 import gateway
 import docs_config
-from conftest import ROOT
+from conftest import ROOT, auth
 
+BODY = {"model": "claude-opus-4-8", "max_tokens": 16,
+        "messages": [{"role": "user", "content": "Hello"}]}
 DOCS = ["README.md"] + sorted(os.path.relpath(path, ROOT)
                               for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
@@ -119,3 +124,27 @@ def test_the_paths_named_are_found_by_the_pattern():
     assert "operations.md#rotating-keys-without-downtime" in LINK.findall(
         read("docs/keys-and-limits.md"))
     assert "rotating-keys-without-downtime" in anchors("docs/operations.md")
+
+
+def test_the_embedding_access_log_recipe_feeds_gateway_usage(app, tmp_path, capsys):
+    text = read("docs/embedding.md")
+    recipe = re.search(r"<!-- access-log-example.*?\n```python\n(.*?)```", text, re.S).group(1)
+    log_path = tmp_path / "access.log"
+    assert "/var/log/gateway/access.log" in recipe
+    logger = logging.getLogger("gateway.access")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    try:
+        exec(recipe.replace("/var/log/gateway/access.log", str(log_path)), {})
+        client = webtest.TestApp(app)
+        client.post_json("/v1/messages", BODY, headers=auth())
+        client.post_json("/v1/messages", dict(BODY, model="claude-foo"), headers=auth(),
+                         status=404)
+    finally:
+        for handler in logger.handlers[len(saved[0]):]:
+            handler.close()
+        logger.handlers[:], logger.level, logger.propagate = saved
+    capsys.readouterr()
+    assert gateway.main(["usage", "--json", str(log_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["total"]["requests"] == 2 and report["total"]["errors"] == 1
+    assert {row["key"] for row in report["rows"]} == {"alice"}
