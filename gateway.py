@@ -204,7 +204,7 @@ class Config:
         "shares for per-key limits and last use (the 'redis' extra). None: state_file.")
     limits_lease: float = _setting(
         60.0, "Seconds after which a concurrency slot held by a host that died is free again "
-        "(limits_backend); live requests renew theirs every third of it.")
+        "(limits_backend); live requests renew theirs every third of it.", unit="seconds")
     limits_backend_down: str = _setting(
         "local", "While limits_backend cannot be reached: local (per host, in state_file), "
         "open (no limits) or closed (limited keys get 503).")
