@@ -197,17 +197,18 @@ class Config:
     keys_file: str = _setting(
         "gateway.keys", "The client key file: name, digest, models, enabled (gateway keys).")
     state_file: str = _setting(
-        "gateway.state", "SQLite file the workers share for per-key limits and last use "
-        "(with limits_backend: only while that is unreachable and limits_backend_down = local).")
+        "gateway.state", "SQLite file the workers share for per-key limits and last use; with "
+        "limits_backend, only while Redis is away and limits_backend_down = local.")
     limits_backend: str = _setting(
-        None, "redis://HOST:PORT/DB, rediss://… or unix://PATH?db=N: one Redis that every host "
-        "shares for per-key limits and last use (the 'redis' extra). None: state_file.")
+        None, "One Redis that every host shares for per-key limits and last use: "
+        "redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix://PATH?db=N (the 'redis' "
+        "extra). None: per host, in state_file.")
     limits_lease: float = _setting(
-        60.0, "Seconds after which a concurrency slot held by a host that died is free again "
+        60.0, "A concurrency slot held by a host that died is free again after this long "
         "(limits_backend); live requests renew theirs every third of it.", unit="seconds")
     limits_backend_down: str = _setting(
-        "local", "While limits_backend cannot be reached: local (per host, in state_file), "
-        "open (no limits) or closed (limited keys get 503).")
+        "local", "While limits_backend cannot be reached: local (limits per host, in "
+        "state_file), open (no limits) or closed (limited keys get 503).")
     max_body_bytes: int = _setting(
         32 * 1024 * 1024, "Largest request body accepted; larger gets 413 (upstream's limit).",
         unit="bytes")
