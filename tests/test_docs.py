@@ -17,7 +17,7 @@ from conftest import ROOT, auth
 
 BODY = {"model": "claude-opus-4-8", "max_tokens": 16,
         "messages": [{"role": "user", "content": "Hello"}]}
-DOCS = ["README.md"] + sorted(os.path.relpath(path, ROOT)
+DOCS = ["README.md", "CHANGELOG.md"] + sorted(os.path.relpath(path, ROOT)
                               for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 # A path of this repository named in backquotes: `deploy/nginx.conf`, `tests/upstream.py`.
