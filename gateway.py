@@ -761,18 +761,24 @@ def parse_secret_lines(text):
 
 #: The order in which limits are checked, and what a client over each one is told.
 LIMIT_REFUSALS = (
-    ("tokens_per_day", "This key has used its %d tokens for today (UTC)."),
-    ("concurrency", "This key already has %d requests in progress."),
-    ("rpm", "This key is limited to %d requests per minute."),
+    ("tokens_per_day", "This key has used its %s for today (UTC)."),
+    ("concurrency", "This key already has %s in progress."),
+    ("rpm", "This key is limited to %s per minute."),
 )
 
 
 def limit_refusal(entry, option, retry_after):
     """The 429 for ``entry`` over its ``option`` limit: ``retry-after`` in whole seconds,
     rounded up, at least 1 (the SDKs honour it)."""
-    message = dict(LIMIT_REFUSALS)[option] % getattr(entry, option)
+    message = dict(LIMIT_REFUSALS)[option] % counted(
+        getattr(entry, option), "token" if option == "tokens_per_day" else "request")
     return APIError(429, "rate_limit_error", message,
                     [("retry-after", str(max(1, math.ceil(retry_after))))])
+
+
+def counted(number, noun):
+    """'1 request', '2 requests': a refusal that reads well for a limit of one."""
+    return "%d %s%s" % (number, noun, "" if number == 1 else "s")
 
 
 def tokens_counted(usage):
@@ -2079,6 +2085,7 @@ class Gateway:
         routed, exchange.public_model, exchange.upstream_model = route_models(
             body, self.config.models, key_entry)
         exchange.stream = body.get("stream") is True
+        self.limit(key_entry, exchange)
         return self.forward(environ, exchange, "/v1/messages",
                             encode_routed(routed, body, layout))
 
@@ -2087,19 +2094,23 @@ class Gateway:
         body = parse_json_body(self.read_body(environ))
         routed, exchange.public_model, exchange.upstream_model = route_models(
             body, self.config.models, key_entry)
+        self.limit(key_entry, exchange)
         return self.forward(environ, exchange, "/v1/messages/count_tokens",
                             encode_json(count_tokens_body(routed)))
 
     def on_models(self, environ, exchange):
         key_entry = self.authenticate(environ, exchange)
         ids = [m for m in self.config.models if key_entry.allows(m)]
-        return _json_response(200, models_page(ids, environ.get("QUERY_STRING", "")))
+        page = models_page(ids, environ.get("QUERY_STRING", ""))  # a bad ?limit= is a 400
+        self.limit(key_entry, exchange)
+        return _json_response(200, page)
 
     def on_model(self, environ, exchange):
         key_entry = self.authenticate(environ, exchange)
         model_id = environ["PATH_INFO"][len("/v1/models/"):]
         if model_id not in self.config.models or not key_entry.allows(model_id):
             raise APIError(404, "not_found_error", "model: %s" % model_id)
+        self.limit(key_entry, exchange)
         return _json_response(200, model_info(model_id))
 
     def on_health(self, environ, exchange):
@@ -2137,14 +2148,18 @@ class Gateway:
                            "This key expired at %s." % format_time(entry.expires))
         exchange.key_name = entry.name
         self.limits.touch(entry.name, now)
-        if entry.limited:
-            self.limit(entry, exchange, now)
         return entry
 
-    def limit(self, entry, exchange, now):
+    def limit(self, entry, exchange):
         """Admit the request under the key's limits (429 otherwise) and arrange for its
-        slot to be released and its tokens counted when the response is complete."""
-        self.limits.admit(entry, exchange.request_id, now)
+        slot to be released and its tokens counted when the response is complete.
+
+        Each endpoint calls this last, once the request is one it will serve: a refusal of
+        its own (a model the key may not use, a body too large or not JSON) must not spend
+        the key's rpm or hold one of its concurrency slots."""
+        if not entry.limited:
+            return
+        self.limits.admit(entry, exchange.request_id, time.time())
         if entry.concurrency or entry.tokens_per_day:
             exchange.finishers.append(lambda ex: self.limits.finish(
                 entry, ex.request_id, tokens_counted(ex.usage), time.time()))

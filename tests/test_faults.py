@@ -52,7 +52,8 @@ UPSTREAM_MODEL = "claude-opus-4-8-20261101"
 NEW_UPSTREAM_KEY = "sk-ant-upstream-rotated-key-fedcba9876543210"
 NEW_CLIENT_KEY = "sk-gw-test-dave-0123456789abcdefghijklmnopq"
 STREAM_KEY = "sk-gw-test-erin-0123456789abcdefghijklmnopq"
-CLIENT_KEYS = (CLIENT_KEY, LIMITED_KEY, DISABLED_KEY, NEW_CLIENT_KEY, STREAM_KEY)
+FRANK_KEY = "sk-gw-test-frank-0123456789abcdefghijklmnop"
+CLIENT_KEYS = (CLIENT_KEY, LIMITED_KEY, DISABLED_KEY, NEW_CLIENT_KEY, STREAM_KEY, FRANK_KEY)
 
 #: Everything any client in this module received (status lines, headers, bodies), and every
 #: gateway log file: both are audited for secrets by the last test.
@@ -1302,6 +1303,50 @@ def test_key_file_readable_by_others_is_logged_and_served(keys):
     assert status_of(keys, NEW_CLIENT_KEY) == 200
     assert re.search(r"%s is readable by group or others \(mode 644\)" % re.escape(str(path)),
                      keys.log())
+
+
+def test_refusals_spend_none_of_the_keys_limits(keys):
+    """frank may use claude-opus-4-7 only, 2 requests a minute, 1 at a time. Requests the
+    gateway refuses (403, 404, 400) count against neither limit, before or while his one
+    slot is taken; the 429s say how many, in words that fit a limit of one."""
+    replace_atomically(keys.directory / "gateway.keys", keys.good_keys + key_line(
+        "frank", FRANK_KEY, "claude-opus-4-7").replace("\n", " rpm=2 concurrency=1\n"))
+
+    def refusals():
+        for _ in range(3):
+            assert status_of(keys, FRANK_KEY, body("hi", model=MODEL)) == 403
+            assert post(keys, b"{not json", key=FRANK_KEY).status_code == 400
+            with requests.Session() as session:
+                session.trust_env = False
+                assert session.get(keys.url + "/v1/models/" + MODEL, headers=headers(FRANK_KEY),
+                                   timeout=WAIT).status_code == 404
+
+    refusals()
+    stage = STAGES["gated_stream"]
+    stage.started.clear()
+    stage.release.clear()
+    stream = post(keys, body("fault:gated_stream", stream=True, model="claude-opus-4-7"),
+                  key=FRANK_KEY, stream=True)
+    assert stream.status_code == 200
+    chunks = stream.iter_content(None)
+    first = next(chunks)
+    assert stage.started.wait(WAIT)
+    busy = post(keys, body("hi", model="claude-opus-4-7"), key=FRANK_KEY)
+    assert busy.status_code == 429
+    assert busy.json()["error"]["message"] == "This key already has 1 request in progress."
+    refusals()  # a refusal is a refusal, slot free or not: not a 429
+    stage.release.set()
+    record(stream, first + b"".join(chunks))
+    deadline = time.monotonic() + WAIT
+    while True:  # the slot is released as the stream's exchange finishes, just after its end
+        second = post(keys, body("hi", model="claude-opus-4-7"), key=FRANK_KEY)
+        if "in progress" not in second.text:
+            break
+        assert time.monotonic() < deadline, second.text
+    assert second.status_code == 200, second.text  # the stream was the first of his two
+    third = post(keys, body("hi", model="claude-opus-4-7"), key=FRANK_KEY)
+    assert third.status_code == 429
+    assert third.json()["error"]["message"] == "This key is limited to 2 requests per minute."
 
 
 def test_upstream_key_rotated_without_downtime(keys):
