@@ -342,13 +342,12 @@ def start_nginx(workdir, upstream_port, core):
     return process, port
 
 
-def start_gateway(workdir, upstream_port, core, gunicorn_config=None):
-    """``./gateway serve`` with the shipped gunicorn defaults (only --bind differs)."""
+def start_gateway(workdir, upstream_port, core, gunicorn_config=None, keys=1, serve_args=()):
+    """``./gateway serve`` with the shipped gunicorn defaults (only --bind differs), and a key
+    file of ``keys`` keys, the benchmark's own last."""
     directory = os.path.join(workdir, "gateway")
     os.makedirs(directory, exist_ok=True)
-    digest = hashlib.sha256(CLIENT_KEY.encode()).hexdigest()
-    with open(os.path.join(directory, "gateway.keys"), "w") as file:
-        file.write("bench sha256:%s * enabled\n" % digest)
+    write_key_file(os.path.join(directory, "gateway.keys"), keys)
     with open(os.path.join(directory, "upstream.key"), "w") as file:
         file.write(UPSTREAM_KEY + "\n")
     os.chmod(os.path.join(directory, "upstream.key"), 0o600)
@@ -362,6 +361,7 @@ def start_gateway(workdir, upstream_port, core, gunicorn_config=None):
             "--bind", "127.0.0.1:%d" % port]
     if gunicorn_config:
         argv += ["--gunicorn-config", gunicorn_config]
+    argv += list(serve_args)
     log_path = os.path.join(directory, "serve.log")
     process = subprocess.Popen(pinned(core, argv), stdout=subprocess.DEVNULL,
                                stderr=open(log_path, "wb"), env=clean_environment())
@@ -374,6 +374,15 @@ def start_gateway(workdir, upstream_port, core, gunicorn_config=None):
         stable = stable + 1 if booted and booted == len(process_tree(process.pid)) - 1 else 0
         time.sleep(0.1)
     return process, port, log_path
+
+
+def write_key_file(path, keys):
+    """``keys - 1`` keys of a large organisation, then the benchmark's own key."""
+    with open(path, "w") as file:
+        file.writelines("user%06d sha256:%s * enabled\n" % (
+            number, hashlib.sha256(b"sk-gw-someone-else-%d" % number).hexdigest())
+            for number in range(keys - 1))
+        file.write("bench sha256:%s * enabled\n" % hashlib.sha256(CLIENT_KEY.encode()).hexdigest())
 
 
 def clean_environment():
@@ -390,8 +399,8 @@ def clean_environment():
 
 WRK_SCRIPT = """\
 local f = io.open("%(body)s", "rb")
-wrk.method = "POST"
-wrk.body = f:read("*a")
+wrk.method = "%(method)s"
+if wrk.method == "POST" then wrk.body = f:read("*a") end
 f:close()
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["x-api-key"] = "%(key)s"
@@ -428,10 +437,11 @@ def image_body(size):
         separators=(",", ":")).encode()
 
 
-def wrk(port, body_path, connections, seconds, core, workdir, path="/v1/messages"):
-    script = os.path.join(workdir, "wrk-%s.lua" % os.path.basename(body_path))
+def wrk(port, body_path, connections, seconds, core, workdir, path="/v1/messages",
+        method="POST"):
+    script = os.path.join(workdir, "wrk-%s-%s.lua" % (method, os.path.basename(body_path)))
     with open(script, "w") as file:
-        file.write(WRK_SCRIPT % {"body": body_path, "key": CLIENT_KEY})
+        file.write(WRK_SCRIPT % {"body": body_path, "key": CLIENT_KEY, "method": method})
     argv = pinned(core, ["wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds,
                          "--timeout", "10s", "-s", script,
                          "http://127.0.0.1:%d%s" % (port, path)])
@@ -608,6 +618,66 @@ def measure(name, port, pid, plan, load_core, workdir, bodies):
 
 
 # ---------------------------------------------------------------------------------------------
+# Scenarios of issue 16: cost that does not grow with the work
+# ---------------------------------------------------------------------------------------------
+
+KEY_COUNTS = (10, 100_000)
+KEY_COMMANDS = [("keys list", ["keys", "list"]), ("keys add", ["keys", "add", "newcomer"]),
+                ("keys set", ["keys", "set", "newcomer", "--rpm", "60"]),
+                ("keys rotate", ["keys", "rotate", "newcomer"]),
+                ("keys revoke", ["keys", "revoke", "newcomer"]), ("check", ["check"])]
+
+
+def scenario_keys(plan, workdir, upstream_port, proxy_core, load_core, bodies):
+    """GET /v1/models at concurrency 1 with 10 and with 100,000 keys in the key file (the
+    benchmark's key last), then each operator command and a key-file parse at 100,000 keys."""
+    figures = {}
+    for count in KEY_COUNTS:
+        process, port, _ = start_gateway(workdir, upstream_port, proxy_core, keys=count)
+        try:
+            # Warm-up: each worker reads the key file on its first request.
+            wrk(port, bodies["small"], 4, 1, load_core, workdir, "/v1/models", "GET")
+            run = wrk(port, bodies["small"], 1, plan["seconds"], load_core, workdir,
+                      "/v1/models", "GET")
+        finally:
+            stop(process)
+        figures["keys_%d" % count] = {"p50_ms": run["p50_us"] / 1000,
+                                      "p99_ms": run["p99_us"] / 1000, "rps": run["rps"],
+                                      "errors": run["errors"] + run["non2xx"]}
+        print("  %7d keys: GET /v1/models c1 p50 %.3f ms, p99 %.3f ms, %d errors" % (
+            count, run["p50_us"] / 1000, run["p99_us"] / 1000, run["errors"] + run["non2xx"]),
+            flush=True)
+    small, large = (figures["keys_%d" % count]["p50_ms"] for count in KEY_COUNTS)
+    figures["p50_ratio"] = large / small
+    print("  p50 with %d keys / with %d keys: %.2f× (target <= 1.25×)" % (
+        KEY_COUNTS[1], KEY_COUNTS[0], figures["p50_ratio"]))
+    directory = os.path.join(workdir, "gateway")  # holds the 100,000-key file now
+    ini = os.path.join(directory, "gateway.ini")
+    for label, command in KEY_COMMANDS:
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "gateway")] + command
+                                + ["--config", ini], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, env=clean_environment(), timeout=300)
+        figures["%s_s" % label.replace(" ", "_")] = seconds = time.monotonic() - started
+        print("  gateway %s at %d keys: %.2f s%s" % (
+            label, KEY_COUNTS[1], seconds, "" if result.returncode == 0 else
+            " (exit %d: %s)" % (result.returncode, result.stderr.decode().strip())), flush=True)
+    sys.path.insert(0, ROOT)
+    import gateway
+    with open(os.path.join(directory, "gateway.keys")) as file:
+        text = file.read()
+    started = time.monotonic()
+    gateway.parse_key_file(text)
+    figures["reload_s"] = time.monotonic() - started
+    print("  a worker's key-file reload (parse) at %d keys: %.2f s" % (KEY_COUNTS[1],
+                                                                      figures["reload_s"]))
+    return figures
+
+
+SCENARIOS = {"keys": scenario_keys}
+
+
+# ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 
@@ -731,6 +801,9 @@ def main(argv=None):
                         help="measure only this target (repeatable; default all three)")
     parser.add_argument("--gunicorn-config", metavar="FILE",
                         help="try another gunicorn config instead of the shipped one")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS),
+                        help="instead of the table, one scenario of issue 16: keys (cost "
+                        "against the number of keys)")
     parser.add_argument("--upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.upstream:
@@ -772,6 +845,17 @@ def main(argv=None):
             sys.executable, os.path.abspath(__file__), "--upstream", str(upstream_port)]))
         stack.callback(stop, upstream)
         wait_for_port(upstream_port, upstream)
+        if args.scenario:
+            print("%s:" % args.scenario, flush=True)
+            results = SCENARIOS[args.scenario](plan, workdir, upstream_port, proxy_core,
+                                               load_core, bodies)
+            info["load_average_after"] = os.getloadavg()[0]
+            print("\n%.0f s in all; load average after: %.2f" % (
+                time.monotonic() - started, info["load_average_after"]))
+            if args.json:
+                with open(args.json, "w") as file:
+                    json.dump({"machine": info, "results": results}, file, indent=2)
+            return 0
         for name in args.only or ("direct", "nginx", "gateway"):
             print("%s:" % name, flush=True)
             if name == "direct":
