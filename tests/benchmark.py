@@ -674,7 +674,58 @@ def scenario_keys(plan, workdir, upstream_port, proxy_core, load_core, bodies):
     return figures
 
 
-SCENARIOS = {"keys": scenario_keys}
+def write_access_log(path, lines, seed=16):
+    """``lines`` access-log lines as ``Exchange.log`` writes them: 300 keys, three models, one
+    line in 301 refused before authentication, a gunicorn line every 1,000."""
+    import random
+    rng = random.Random(seed)
+    keys = ["user%04d" % number for number in range(300)] + [None]
+    models = [PUBLIC_MODEL, "claude-opus-4-7", "claude-sonnet-4-5"]
+    with open(path, "w") as file:
+        for number in range(lines):
+            key = rng.choice(keys)
+            record = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(
+                1764000000 + number * 30)),
+                "request_id": "req_gw_%024x" % rng.getrandbits(96),
+                "upstream_request_id": "req_011CV%020d" % number if key else None,
+                "client_ip": "10.1.2.%d" % (number % 250), "method": "POST",
+                "path": "/v1/messages", "key": key, "model": rng.choice(models) if key else None,
+                "upstream_model": UPSTREAM_MODEL if key else None,
+                "status": 200 if key else 401, "stream": bool(number % 2),
+                "duration_ms": 1234.56, "ttfb_ms": 345.67 if key else None}
+            if key:
+                record.update(input_tokens=rng.randrange(50000), output_tokens=rng.randrange(
+                    4000), cache_creation_input_tokens=0, cache_read_input_tokens=rng.randrange(
+                    10000))
+            file.write(json.dumps(record) + "\n")
+            if number % 1000 == 0:
+                file.write("[2026-11-25 15:04:28 +0000] [42] [INFO] Booting worker with pid: 42\n")
+
+
+def scenario_usage(plan, workdir, upstream_port, proxy_core, load_core, bodies):
+    """'gateway usage' over a log of plan["usage_lines"] lines, then over three copies of it
+    (the same memory is the point): lines a second and peak RSS."""
+    path = os.path.join(workdir, "access.log")
+    write_access_log(path, plan["usage_lines"])
+    figures = {"bytes": os.path.getsize(path)}
+    for copies in (1, 3):
+        started = time.monotonic()
+        process = subprocess.Popen(
+            pinned(proxy_core, [sys.executable, os.path.join(ROOT, "gateway"), "usage"]
+                   + [path] * copies), stdout=subprocess.DEVNULL, env=clean_environment())
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.monotonic() - started
+        lines = plan["usage_lines"] * copies
+        figures["copies_%d" % copies] = {
+            "lines": lines, "seconds": seconds, "lines_per_s": lines / seconds,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "exit": os.waitstatus_to_exitcode(status)}
+        print("  %d lines (%.0f MB): %.2f s, %.0f lines/s, peak RSS %.1f MB" % (
+            lines, figures["bytes"] * copies / 1e6, seconds, lines / seconds,
+            usage.ru_maxrss / 1024), flush=True)
+    return figures
+
+
+SCENARIOS = {"keys": scenario_keys, "usage": scenario_usage}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -786,9 +837,11 @@ def machine():
 #: a worker to give memory back (deploy/gunicorn.conf.py trims a second after big requests).
 PLANS = {
     "full": {"seconds": 10, "settle": 3, "settle_after": 3, "stream_rounds_1": 20,
-             "stream_rounds_50": 5, "slow_streams": 200, "slow_events": 20},
+             "stream_rounds_50": 5, "slow_streams": 200, "slow_events": 20,
+             "usage_lines": 1_000_000},
     "quick": {"seconds": 2, "settle": 0.5, "settle_after": 2.5, "stream_rounds_1": 3,
-              "stream_rounds_50": 1, "slow_streams": 200, "slow_events": 8},
+              "stream_rounds_50": 1, "slow_streams": 200, "slow_events": 8,
+              "usage_lines": 100_000},
 }
 
 
@@ -803,7 +856,8 @@ def main(argv=None):
                         help="try another gunicorn config instead of the shipped one")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS),
                         help="instead of the table, one scenario of issue 16: keys (cost "
-                        "against the number of keys)")
+                        "against the number of keys), usage ('gateway usage' over a "
+                        "large log)")
     parser.add_argument("--upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.upstream:

@@ -2,12 +2,14 @@
 that a real 'gateway serve' wrote, rotated and gzipped, checked against the tokens the fake
 upstream returned."""
 import gzip
+import random
 import json
 import os
 import subprocess
 import sys
 import time
 
+import pytest
 import requests
 
 import gateway
@@ -212,3 +214,74 @@ def test_usage_reports_a_missing_file_and_a_cut_gzip(tmp_path):
     cut = run_usage("--json", str(tmp_path / "cut.log.gz"))
     assert cut.returncode == 0 and "ends early" in cut.stderr
     assert json.loads(cut.stdout)["total"]["requests"] == 1  # one request id, many copies
+
+
+# -- the fast reader: the same report as json.loads, in bounded memory -------------------------
+
+def logged_line(caplog, **fields):
+    """One access-log line exactly as the gateway writes it (Exchange.log)."""
+    exchange = gateway.Exchange({"REQUEST_METHOD": "POST", "PATH_INFO": "/v1/messages"},
+                                "127.0.0.1")
+    for name, value in fields.items():
+        setattr(exchange, name, value)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gateway.access"):
+        exchange.log()
+    return caplog.records[-1].getMessage()
+
+
+def test_the_gateways_own_lines_take_the_fast_path(caplog):
+    # If this fails, Exchange.log's record changed: update _access_line_pattern to match it
+    # ('gateway usage' stays right without it, only slower).
+    find = gateway._access_line_pattern()
+    for fields in ({"key_name": "alice", "public_model": OPUS_8, "status": 200,
+                    "usage": {"input_tokens": 3, "output_tokens": 4}},
+                   {"key_name": "bob", "status": 529, "error": "upstream stream failed"},
+                   {"status": 401}):
+        line = logged_line(caplog, **fields)
+        assert len(find(line.encode())) == 1, line
+
+
+@pytest.mark.parametrize("names", [
+    ["alice", "bob", None],  # every chunk read by one regular expression
+    ["alice", "bob", "zoë", None, "carl\"q"],  # escaped names: chunks read line by line
+])
+def test_fast_reader_agrees_with_json_on_every_kind_of_line(caplog, names):
+    rng = random.Random(16)
+    lines = []
+    for number in range(3000):
+        usage = {name: rng.randrange(1000) for name in gateway.USAGE_FIELDS
+                 if rng.random() < 0.8}
+        line = logged_line(
+            caplog, key_name=rng.choice(names),
+            public_model=rng.choice([OPUS_8, OPUS_7, None]),
+            status=rng.choice([200, 200, 200, 400, 429, 529, 401]), usage=usage,
+            error=rng.choice([None, None, gateway.CLIENT_WENT_AWAY, "upstream error event"]))
+        line = line.replace('"time": "%s' % line[10:20], '"time": "2026-11-%02d' % (
+            number % 28 + 1))  # spread over days
+        if rng.random() < 0.05:
+            line = "Nov 25 15:04:28 host gateway[42]: " + line  # a journal prefix
+        lines.append(line)
+        if rng.random() < 0.05:
+            lines.append(rng.choice(lines))  # a copy from an overlapping log
+        if rng.random() < 0.02:
+            lines.append("[2026-11-25 15:04:28 +0000] [42] [INFO] Booting worker")
+    text = "\n".join(lines) + "\n"
+    for options in ({}, {"by": ("day",)}, {"key": "alice", "by": ("day", "model")},
+                    {"since": "2026-11-05", "until": "2026-11-20T12:00:00Z"}):
+        expected = gateway.usage_report(gateway.access_records(text.splitlines()), **options)
+        tally = gateway.UsageTally(**options)
+        for start in range(0, len(lines), 700):  # chunks of whole lines
+            tally.add_chunk(("\n".join(lines[start:start + 700]) + "\n").encode())
+        assert tally.rows() == expected, options
+
+
+def test_duplicates_are_found_within_a_bounded_window():
+    def report(ids):
+        tally = gateway.UsageTally(window=4)
+        for request_id in ids:
+            tally.add_record(record(request_id))
+        return tally.rows()[0]["requests"]
+    assert report(["a", "b", "a", "c", "b"]) == 3  # copies close together count once
+    # After at least 4 other ids (at most 8), an id is forgotten: memory stays bounded.
+    assert report(["a"] + ["x%d" % n for n in range(8)] + ["a"]) == 10
