@@ -7,13 +7,17 @@ import json
 import logging
 import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import webtest
 
 import gateway
 import docs_config
-from conftest import ROOT, auth
+from conftest import LISTENING, ROOT, auth, server_process
+from upstream import UPSTREAM_KEY
 
 BODY = {"model": "claude-opus-4-8", "max_tokens": 16,
         "messages": [{"role": "user", "content": "Hello"}]}
@@ -148,3 +152,50 @@ def test_the_embedding_access_log_recipe_feeds_gateway_usage(app, tmp_path, caps
     report = json.loads(capsys.readouterr().out)
     assert report["total"]["requests"] == 2 and report["total"]["errors"] == 1
     assert {row["key"] for row in report["rows"]} == {"alice"}
+
+
+def doc_block(doc, marker, after=0):
+    """The fenced code block that follows ``marker`` in ``doc`` (``after`` more blocks on)."""
+    text = read(doc)
+    start = text.index(marker)
+    return [block for _, block in FENCE.findall(text[start:])][after]
+
+
+def test_the_readme_quick_start_runs_as_written(upstream, tmp_path):
+    # The README's start command and curl, run by bash as written. The stand-ins: .venv holds
+    # the checkout's gateway instead of a pip install, 'gateway serve' listens on a free port
+    # (--bind), GATEWAY_CONFIG points it at the fake upstream, and the upstream key is its key.
+    if not shutil.which("curl"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI must run the README's curl: curl is missing")
+        pytest.skip("curl is not installed")
+    start = doc_block("README.md", "<!-- start-command")
+    curl = doc_block("README.md", "<!-- curl-example")
+    shown = json.loads(doc_block("README.md", "<!-- curl-example", after=1))
+    assert "sk-ant-your-upstream-key" in start and "127.0.0.1:8080" in curl
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "pip").write_text("#!/bin/sh\nexit 0\n")
+    (venv / "gateway").write_text(
+        '#!/bin/sh\nif [ "$1" = serve ]; then shift; set -- serve --bind 127.0.0.1:0 "$@"; fi\n'
+        'exec "%s" "%s" "$@"\n' % (sys.executable, os.path.join(ROOT, "gateway")))
+    for script in ("pip", "gateway"):
+        (venv / script).chmod(0o755)
+    (tmp_path / "gateway.ini").write_text("[gateway]\nupstream_url = %s\n" % upstream.url)
+    no_venv = 'python3() { if [ "$1 $2" = "-m venv" ]; then return 0; fi; command python3 "$@"; }\n'
+    env = {"GATEWAY_CONFIG": str(tmp_path / "gateway.ini")}
+    command = ["bash", "-c", no_venv + start.replace("sk-ant-your-upstream-key", UPSTREAM_KEY)]
+    log_path = tmp_path / "start.log"
+
+    def listening(text):
+        return LISTENING.search(text) and "Booting worker" in text
+    with server_process(command, log_path, listening, env, cwd=str(tmp_path)):
+        output = log_path.read_text()
+        key = re.search(r"^sk-gw-\S+$", output, re.M).group(0)
+        address = LISTENING.search(output).group(1)
+        answer = subprocess.run(
+            ["bash", "-c", curl.replace("127.0.0.1:8080", address)], capture_output=True,
+            text=True, timeout=30, env=dict(os.environ, KEY=key), cwd=str(tmp_path))
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout) == shown
+    assert upstream.last.headers["x-api-key"] == UPSTREAM_KEY
