@@ -22,8 +22,10 @@ Runtime needs the standard library and ``requests``; ``gateway serve`` also need
 import argparse
 import configparser
 import contextlib
+import contextvars
 import dataclasses
 import datetime
+import fcntl
 import gzip
 import hashlib
 import hmac
@@ -36,12 +38,14 @@ import os
 import queue
 import re
 import secrets
+import select
 import shutil
 import socket
 import sqlite3
 import ssl
 import sys
 import tempfile
+import termios
 import threading
 import time
 import types
@@ -136,8 +140,9 @@ class APIError(Exception):
 HTTP_REASONS = {
     200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-    413: "Payload Too Large", 429: "Too Many Requests", 500: "Internal Server Error",
-    502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout", 529: "Overloaded",
+    413: "Payload Too Large", 429: "Too Many Requests", 499: "Client Closed Request",
+    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout", 529: "Overloaded",
 }
 
 
@@ -1660,16 +1665,41 @@ class _KeepsAtMost:
         super()._put_conn(conn)
 
 
-class _HTTPPool(_KeepsAtMost, urllib3.HTTPConnectionPool):
+#: The ``_Waiting`` of the exchange that this thread (greenlet, under gevent) is sending, if a
+#: ``ClientWatch`` watches its client: each request sets its own, nothing is shared.
+_WAITING = contextvars.ContextVar("gateway_waiting", default=None)
+
+
+class _ReportsSocket:
+    """An upstream connection that, before it waits for the answer's headers, hands its socket
+    to the exchange's ``_Waiting`` so that ``ClientWatch`` can end the wait."""
+
+    def getresponse(self):
+        waiting = _WAITING.get()
+        if waiting is not None:
+            waiting.upstream = self.sock
+        return super().getresponse()
+
+
+class _HTTPConnection(_ReportsSocket, urllib3.connection.HTTPConnection):
     pass
+
+
+class _HTTPSConnection(_ReportsSocket, urllib3.connection.HTTPSConnection):
+    pass
+
+
+class _HTTPPool(_KeepsAtMost, urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
 
 
 class _HTTPSPool(_KeepsAtMost, urllib3.HTTPSConnectionPool):
-    pass
+    ConnectionCls = _HTTPSConnection
 
 
 class _Adapter(requests.adapters.HTTPAdapter):
-    """requests' adapter with the pools above (proxied connections keep urllib3's own)."""
+    """requests' adapter with the pools above (proxied connections keep urllib3's own, so
+    ``ClientWatch`` cannot end their wait)."""
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
@@ -2011,6 +2041,7 @@ class Gateway:
         self._upstream_lock = threading.Lock()
         self._upstream = None  # (pid, session, pool): made in the process that serves
         self._deadlines = Deadlines()  # body_timeout and lease renewal, for this app
+        self._client_watch = ClientWatch()  # clients that leave before the upstream answers
         # Worked out once, not per call: the upstream's path prefix and urllib3's timeout.
         # parse_upstream_url first: an embedder's Config(upstream_url=...) skips the INI
         # parser, and a URL the pool cannot use must say why as the app is built.
@@ -2213,7 +2244,11 @@ class Gateway:
             chunks.append(chunk)
 
     def forward(self, environ, exchange, path, body):
-        response = self._send_with_failover(environ, exchange, path, body)
+        with self._client_watch.watching(environ) as waiting:
+            response = self._send_with_failover(environ, exchange, path, body)
+        if waiting is not None and waiting.client_gone:  # gone just as the answer came
+            response.close()
+            raise _client_went_away(exchange)
         exchange.upstream_request_id = response.headers.get("request-id")
         exchange.upstream_status = response.status_code
         coding = undecodable_coding(response.headers)
@@ -2283,6 +2318,9 @@ class Gateway:
                                                 + ("?" + query if query else ""))
             return send_pooled(self.upstream_pool(), target, body, headers, self._timeout)
         except requests.RequestException as exc:
+            waiting = _WAITING.get()
+            if waiting is not None and waiting.client_gone:
+                raise _client_went_away(exchange) from None
             raise _upstream_error(exc, exchange, self.config) from None
 
     def upstream_keys(self):
@@ -2377,6 +2415,122 @@ class Deadlines:
                     log.exception("a deadline's action failed")
 
 
+class _Waiting:
+    """One exchange waiting for its upstream's answer: its client's socket, the upstream
+    socket once the request is sent (``_ReportsSocket``), and whether the client left."""
+
+    __slots__ = ("client_fd", "upstream", "client_gone")
+
+    def __init__(self, client_fd):
+        self.client_fd = client_fd
+        self.upstream = None
+        self.client_gone = False
+
+
+class ClientWatch:
+    """Notices a client that hangs up while its exchange waits for the upstream's answer, and
+    closes that upstream connection: one thread per process looks at every waiting client.
+
+    Facts -> decision: a non-streamed answer with long thinking sends no headers until it is
+    complete (minutes), and a thread blocked reading them does not notice its client leave:
+    20 clients leaving a hung upstream left 20 upstream requests (and their token bills)
+    running for up to ``read_timeout``. gunicorn lends the client socket (``gunicorn.socket``);
+    a hang-up makes it readable with nothing to read (EOF) or flags an error. Every ``TICK``
+    this thread polls the waiting clients' sockets without blocking and, for each one gone,
+    shuts the upstream socket down: the blocked read returns at once and the request fails as
+    "client went away" (status 499, as nginx logs it). A client that has sent more bytes
+    (pipelining) is never taken for gone, even if it closed after them: only an empty socket
+    is read as EOF, as nginx does. Only HTTP/1 sockets are watched (an HTTP/2 socket carries
+    other requests); a server without ``gunicorn.socket`` (an embedder's) keeps the old
+    behaviour. Under gevent the thread is a greenlet and the poll is the standard library's own,
+    non-blocking one. Linux and other POSIX systems with ``poll``; elsewhere nothing is watched.
+    """
+
+    TICK = 0.25
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting = set()
+        self._owner = None  # the pid whose thread watches
+        self._poll = _unpatched_poll()
+
+    @contextlib.contextmanager
+    def watching(self, environ):
+        """While the body runs, a hang-up of ``environ``'s client closes the upstream
+        connection that this thread opens. Yields the ``_Waiting`` (None when unwatched)."""
+        sock = environ.get("gunicorn.socket")
+        if (self._poll is None or sock is None
+                or not environ.get("SERVER_PROTOCOL", "").startswith("HTTP/1")):
+            yield None
+            return
+        waiting = _Waiting(sock.fileno())
+        with self._lock:
+            self._waiting.add(waiting)
+            if self._owner != os.getpid():
+                self._owner = os.getpid()
+                threading.Thread(target=self._run, name="gateway-client-watch",
+                                 daemon=True).start()
+        token = _WAITING.set(waiting)
+        try:
+            yield waiting
+        finally:
+            _WAITING.reset(token)
+            with self._lock:  # after this the watcher never touches this exchange's sockets
+                self._waiting.discard(waiting)
+
+    def _run(self):
+        while True:
+            time.sleep(self.TICK)
+            try:
+                self._check()
+            except Exception:
+                log.exception("the client watch failed")
+
+    def _check(self):
+        with self._lock:
+            waiting = [w for w in self._waiting if w.upstream is not None]
+        if not waiting:
+            return
+        poller = self._poll()
+        for each in waiting:
+            poller.register(each.client_fd, select.POLLIN)
+        ready = dict(poller.poll(0))
+        gone = [w for w in waiting if ready.get(w.client_fd) and _hung_up(w.client_fd,
+                                                                          ready[w.client_fd])]
+        with self._lock:
+            for each in gone:
+                if each in self._waiting and not each.client_gone:
+                    each.client_gone = True
+                    try:
+                        each.upstream.shutdown(socket.SHUT_RDWR)
+                    except (OSError, ValueError):  # the upstream closed it meanwhile
+                        pass
+
+
+def _hung_up(fd, events):
+    """True when a socket that ``poll`` flagged has hung up: an error, or readable with
+    nothing to read (EOF). Bytes waiting to be read (a pipelined request) are not a hang-up."""
+    if events & select.POLLNVAL:
+        return False
+    if events & select.POLLERR:  # a reset
+        return True
+    try:
+        pending = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False
+    return int.from_bytes(pending, sys.byteorder) == 0
+
+
+def _unpatched_poll():
+    """The standard library's ``select.poll``, or None where there is none. gevent's
+    monkey-patching swaps in a cooperative poll that waits on its event loop; the watcher only
+    ever polls with timeout 0, which the original does without blocking anyone."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_object_patched("select", "poll"):
+        return monkey.get_original("select", "poll")
+    return getattr(select, "poll", None)
+
+
 @contextlib.contextmanager
 def _body_deadline(environ, seconds, deadlines):
     """Bound the time a client may take to send its body, and yield an Event set when it ran
@@ -2430,6 +2584,14 @@ def _read_exactly(stream, length):
 def _json_response(status, payload):
     body = json.dumps(payload).encode()
     return status, [("Content-Type", JSON_CONTENT_TYPE), ("Content-Length", str(len(body)))], body
+
+
+def _client_went_away(exchange):
+    """The error for an exchange whose client left before the upstream answered (ClientWatch):
+    nobody reads it; the access log says 499, as nginx does, and "client went away"."""
+    log.info("client went away before the upstream answered; upstream connection closed "
+             "[%s]", exchange.request_id)
+    return APIError(499, CLIENT_WENT_AWAY, "The client went away before the upstream answered.")
 
 
 def _upstream_error(exc, exchange, config):
@@ -3105,7 +3267,9 @@ def usage_report(records, since=None, until=None, key=None, by=("key", "model"))
 def _failed(record):
     """A client that walks away is not an error of ours or the upstream's."""
     status = record.get("status")
-    failed_stream = record.get("error") not in (None, CLIENT_WENT_AWAY)
+    if record.get("error") == CLIENT_WENT_AWAY:  # mid-stream, or before the answer (499)
+        return 0
+    failed_stream = record.get("error") is not None
     return int(failed_stream or (isinstance(status, int) and status >= 400))
 
 
