@@ -2,6 +2,7 @@
 and the files of this repository."""
 
 import argparse
+import configparser
 import glob
 import json
 import logging
@@ -199,3 +200,12 @@ def test_the_readme_quick_start_runs_as_written(upstream, tmp_path):
     assert answer.returncode == 0, answer.stderr
     assert json.loads(answer.stdout) == shown
     assert upstream.last.headers["x-api-key"] == UPSTREAM_KEY
+
+
+def test_installation_lists_every_extra():
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(ROOT, "setup.cfg"))
+    extras = set(parser["options.extras_require"])
+    listed = set(re.findall(r"^\| `(\w+)` \|", read("docs/installation.md"), re.M))
+    assert extras <= listed, "docs/installation.md does not list the extras %s" % (
+        ", ".join(sorted(extras - listed)))
