@@ -3267,9 +3267,7 @@ def usage_report(records, since=None, until=None, key=None, by=("key", "model"))
 def _failed(record):
     """A client that walks away is not an error of ours or the upstream's."""
     status = record.get("status")
-    if record.get("error") == CLIENT_WENT_AWAY:  # mid-stream, or before the answer (499)
-        return 0
-    failed_stream = record.get("error") is not None
+    failed_stream = record.get("error") not in (None, CLIENT_WENT_AWAY)
     return int(failed_stream or (isinstance(status, int) and status >= 400))
 
 
