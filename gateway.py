@@ -680,12 +680,18 @@ class WatchedFile:
     Every worker checks the file's ``stat`` on use (a few microseconds), so an edit reaches
     every process without a restart or a signal. A file that is missing or fails to parse
     keeps the last good value and is logged once per change.
+
+    With ``last_good`` (a ``LastGoodCopy``), each version that parses is also saved there, and
+    a process that finds the file broken before it ever loaded it (a worker booting after a
+    HUP or a restart) starts from that copy instead of from ``initial``.
     """
 
-    def __init__(self, path, parse, initial):
+    def __init__(self, path, parse, initial, last_good=None):
         self.path = path
         self._parse = parse
         self._value = initial
+        self._last_good = last_good
+        self._loaded = False  # whether _value came from the file or its last good copy
         self._signature = ()  # never equal to a real signature, so the first use loads
 
     def get(self):
@@ -696,43 +702,179 @@ class WatchedFile:
         except OSError as exc:
             signature = ("missing", exc.errno)
             if signature != self._signature:
-                self._signature = signature
                 log.error("cannot read %s (%s); keeping the last good version",
                           self.path, exc.strerror)
+                self._fall_back()
+                self._signature = signature
             return self._value
         if signature != self._signature:
             # Load first, then publish the signature: a thread that sees the new signature
             # must find the new value. (The other order made a new worker's concurrent first
             # requests read the empty initial key store: 401s at every start and reload.)
-            self._reload()
+            self._reload(stat.st_ctime_ns)
             if too_open(stat.st_mode):
                 log.warning("%s is readable by group or others (mode %03o): chmod 600 it",
                             self.path, stat.st_mode & 0o777)
             self._signature = signature
         return self._value
 
-    def _reload(self):
+    def _reload(self, version):
         try:
-            self._value = read_parsed(self.path, self._parse)
-            log.info("loaded %s", self.path)  # once per change per worker: rotations show
+            text = read_text(self.path)
+            self._value = self._parse(text)
         except FILE_ERRORS as exc:
             log.error("cannot load %s (%s); keeping the last good version", self.path,
                       describe(exc))
+            self._fall_back()
+            return
+        self._loaded = True
+        log.info("loaded %s", self.path)  # once per change per worker: rotations show
+        if self._last_good is not None:
+            self._last_good.save(text, version)
+
+    def _fall_back(self):
+        """Before any version loaded, take the last good copy (once): a worker that boots
+        while the file is broken must not refuse every key that worked a moment ago."""
+        if self._loaded or self._last_good is None:
+            return
+        self._loaded = True
+        try:
+            self._value, saved = self._last_good.load(self._parse)
+        except FILE_ERRORS as exc:
+            log.error("no last good copy of %s to fall back on (%s): %s", self.path,
+                      self._last_good.path, describe(exc))
+            return
+        log.warning("%s is broken; serving %s, the last version of it that parsed (saved "
+                    "%s), until it is fixed", self.path, self._last_good.path,
+                    format_time(saved))
+
+
+class LastGoodCopy:
+    """The last version of a file that parsed, saved where the workers may write (beside
+    the state file: the config directory is read-only to the service under systemd), so that
+    it survives a HUP and a restart. Mode 0600, written atomically.
+
+    Several workers save as each loads a new version, so the copy records which version of
+    the file it holds (the file's ctime, which every rename and write moves on, and no tool
+    sets back) and, under a lock, is only ever replaced by a newer version, or by the one the
+    file holds right now. Without that, a worker that loaded a version a moment late could
+    overwrite the copy of the next one, and a broken edit would then bring back keys that
+    were removed and lose keys that were added.
+    """
+
+    HEADER = "# gateway: the last version of %s that parsed (version %d). Do not edit.\n"
+    _HEADER = re.compile(r"# gateway: the last version of (.*) that parsed \(version (\d+)\)")
+
+    def __init__(self, path, source):
+        self.path = path
+        self.source = source
+
+    def load(self, parse):
+        """(value, epoch seconds it was saved) of the copy; FILE_ERRORS when there is none
+        (or it is the copy of another file)."""
+        text = read_text(self.path)
+        if self._header(text.partition("\n")[0])[0] != self.source:
+            raise ValueError("it is not a copy of %s" % self.source)
+        return parse(text), os.stat(self.path).st_mtime
+
+    def _header(self, line):
+        """(source, version) that a copy's first line names, or (None, -1)."""
+        match = self._HEADER.match(line)
+        return (match.group(1), int(match.group(2))) if match else (None, -1)
+
+    def save(self, text, version):
+        """Keep ``text`` (the file at ``version``, its ctime in ns) unless the copy holds a
+        newer version. Failing to save is logged, never raised: serving goes on."""
+        import fcntl  # POSIX only, like gunicorn
+        try:
+            with open(self.path + ".lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                saved = self._saved_version()
+                if saved == version or (saved > version and not self._current(version)):
+                    return
+                _write_atomically(self.path, self.HEADER % (self.source, version) + text,
+                                  owner_of=self.source)
+        except OSError as exc:
+            log.warning("cannot save the last good copy of %s as %s (%s): a worker that "
+                        "starts while that file is broken will have no keys", self.source,
+                        self.path, describe(exc))
+
+    def _saved_version(self):
+        """The version the copy holds; -1 when there is none, or it is of another file."""
+        try:
+            with open(self.path, encoding="utf-8", errors="replace") as file:
+                source, version = self._header(file.readline())
+        except OSError:
+            return -1
+        return version if source == self.source else -1
+
+    def _current(self, version):
+        try:
+            return os.stat(self.source).st_ctime_ns == version
+        except OSError:
+            return False
+
+
+def last_good_keys(config):
+    """Where the last client key file that parsed is kept: ``<key file's name>.last-good``
+    in the state file's directory, the one place the service itself may write (beside the
+    key file in the default layout, where the state file is)."""
+    return LastGoodCopy(os.path.join(os.path.dirname(config.state_path), os.path.basename(
+        config.keys_path) + ".last-good"), config.keys_path)
+
+
+def _write_atomically(path, text, owner_of=None):
+    """Replace ``path`` with ``text``: a temporary file (mode 0600) beside it, flushed to
+    disk, then renamed over it, so a reader sees the old or the new version, never half of
+    one. When running as root, the file takes the owner and group of ``owner_of`` (else of
+    the file it replaces), so the service user can still read it."""
+    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                                     prefix="." + os.path.basename(path) + "-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())  # the rename must not publish an empty file after a crash
+        os.chmod(temporary, 0o600)
+        _keep_owner(temporary, owner_of or path)
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def _keep_owner(temporary, reference):
+    try:
+        old = os.stat(reference)
+    except FileNotFoundError:
+        return
+    if (old.st_uid, old.st_gid) == (os.geteuid(), os.getegid()):
+        return
+    try:
+        os.chown(temporary, old.st_uid, old.st_gid)
+    except PermissionError:
+        log.warning("%s is now owned by uid %d, not %d like %s: make sure the gateway can "
+                    "read it", reference, os.geteuid(), old.st_uid, reference)
 
 
 #: What reading and parsing one of our files can raise (see read_parsed).
 FILE_ERRORS = (OSError, UnicodeDecodeError, ValueError)
 
 
-def read_parsed(path, parse):
-    """``parse`` of the UTF-8 text at ``path``. An empty file is an error, never a version:
-    it is what a reader sees between an in-place rewrite's truncate and its write (a key file
-    emptied on purpose keeps a comment; 'gateway keys' writes one)."""
+def read_text(path):
+    """The UTF-8 text at ``path``. An empty file is an error, never a version: it is what a
+    reader sees between an in-place rewrite's truncate and its write (a key file emptied on
+    purpose keeps a comment; 'gateway keys' writes one)."""
     with open(path, encoding="utf-8") as file:
         text = file.read()
     if not text:
         raise ValueError("the file is empty")
-    return parse(text)
+    return text
+
+
+def read_parsed(path, parse):
+    """``parse`` of the UTF-8 text at ``path`` (see read_text)."""
+    return parse(read_text(path))
 
 
 def describe(exc):
@@ -2027,7 +2169,8 @@ class Gateway:
 
     def __init__(self, config):
         self.config = config
-        self.keys = WatchedFile(config.keys_path, parse_key_file, KeyStore())
+        self.keys = WatchedFile(config.keys_path, parse_key_file, KeyStore(),
+                                last_good_keys(config))
         self.state = HostState(config.state_path)  # this host's; limits_backend's fallback
         self._upstream_key_file = (
             WatchedFile(config.upstream_key_path, parse_secret_lines, ())
@@ -2761,37 +2904,10 @@ def verified_key_file(text, new, written):
 
 
 def write_key_file(path, text):
-    """Replace the key file atomically (write a temporary file, then rename), so a worker
-    reading it mid-update sees the old or the new version, never half of one. Mode 0600.
-    A symlinked key file is written through to its target (the link stays), and the file
-    keeps its owner and group when we may set them (root editing the service user's file)."""
-    target = os.path.realpath(path)
-    fd, temporary = tempfile.mkstemp(dir=os.path.dirname(target), prefix=".keys-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())  # the rename must not publish an empty file after a crash
-        os.chmod(temporary, 0o600)
-        _keep_owner(temporary, target)
-        os.replace(temporary, target)
-    except BaseException:
-        os.unlink(temporary)
-        raise
-
-
-def _keep_owner(temporary, target):
-    try:
-        old = os.stat(target)
-    except FileNotFoundError:
-        return
-    if (old.st_uid, old.st_gid) == (os.geteuid(), os.getegid()):
-        return
-    try:
-        os.chown(temporary, old.st_uid, old.st_gid)
-    except PermissionError:
-        print("warning: %s is now owned by you, not by its previous owner (uid %d): make sure "
-              "the gateway can read it" % (target, old.st_uid), file=sys.stderr)
+    """Replace the key file atomically, with mode 0600 (see _write_atomically). A symlinked
+    key file is written through to its target (the link stays), and the file keeps its owner
+    and group when we may set them (root editing the service user's file)."""
+    _write_atomically(os.path.realpath(path), text)
 
 
 def edit_key_file(config, change):
@@ -2806,6 +2922,7 @@ def edit_key_file(config, change):
         new_text, written = render_key_file(text, store, new)
         verified_key_file(new_text, new, written)
         write_key_file(config.keys_path, new_text)
+        last_good_keys(config).save(new_text, os.stat(config.keys_path).st_ctime_ns)
 
 
 def _existing(store, name):
@@ -3029,7 +3146,14 @@ def cmd_check(config, args):
                 problems.append("key %r allows unknown model(s) %s" % (entry.name,
                                                                        ", ".join(unknown)))
     except FILE_ERRORS as exc:
-        problems.append("key file %s: %s" % (config.keys_path, describe(exc)))
+        problem = "key file %s: %s" % (config.keys_path, describe(exc))
+        fallback = _last_good_keys_note(config)
+        if fallback and getattr(args, "command", None) == "serve":
+            # A broken key file must not keep the service down (a restart after a bad edit):
+            # the workers serve the copy, and say so; 'gateway check' still fails on it.
+            print("WARNING: %s\nWARNING: starting anyway: %s" % (problem, fallback))
+        else:
+            problems.append(problem + ("; meanwhile " + fallback if fallback else ""))
     if config.upstream_key_path is None:
         print("upstream key: from ANTHROPIC_API_KEY")
     else:
@@ -3049,6 +3173,17 @@ def cmd_check(config, args):
         print("problem: %s" % problem)
     print("ok" if not problems else "%d problem(s)" % len(problems))
     return 1 if problems else 0
+
+
+def _last_good_keys_note(config):
+    """What the workers fall back on while the key file is broken, or None."""
+    copy = last_good_keys(config)
+    try:
+        store, saved = copy.load(parse_key_file)
+    except FILE_ERRORS:
+        return None
+    return ("the workers serve %s, the last version that parsed (%d key(s), saved %s), until "
+            "the key file is fixed" % (copy.path, len(store.entries), format_time(saved)))
 
 
 def boot_problem(config):

@@ -185,3 +185,101 @@ def test_list_shows_expired_keys_and_a_rotation_grace_period(config_dir):
     alice = next(line for line in run(config_dir, "list").stdout.splitlines()
                  if line.startswith("alice"))
     assert "works until" not in alice  # the grace period is over at once
+
+
+# -- 2. a broken key file never locks a valid key out: HUP, restart, boot ---------------------
+
+def _served(url, key):
+    import requests
+    return requests.post(url + "/v1/messages", headers={"x-api-key": key,
+                         "anthropic-version": "2023-06-01"}, timeout=20,
+                         json={"model": "claude-opus-4-8", "max_tokens": 5,
+                               "messages": [{"role": "user", "content": "hi"}]}).status_code
+
+
+def _wait_for(log_path, pattern, count):
+    import re
+    deadline = time.monotonic() + 30
+    while len(re.findall(pattern, log_path.read_text())) < count:
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.05)
+
+
+def test_a_broken_key_file_survives_hup_and_restart_on_the_last_good_copy(config_dir,
+                                                                         tmp_path):
+    import signal
+    from conftest import CLIENT_KEY, gateway_process
+    from upstream import free_port
+    path = config_dir / "gateway.keys"
+    copy = config_dir / "gateway.keys.last-good"
+    serve = ["serve", "--config", str(config_dir / "gateway.ini"), "--bind",
+             "127.0.0.1:%d" % free_port()]
+    hand_added = "sk-gw-test-hand-added-0123456789abcdefghij"
+    with gateway_process(serve, tmp_path / "first.log") as (process, url):
+        added = run(config_dir, "add", "dave")  # a key made by the CLI...
+        dave = added.stdout.splitlines()[-1]
+        with open(path, "a") as file:  # ...and one added by hand, seen only by the workers
+            file.write(key_line("erin", hand_added))
+        for key in (CLIENT_KEY, dave, hand_added):
+            assert _served(url, key) == 200
+        assert "erin" in copy.read_text() and os.stat(copy).st_mode & 0o777 == 0o600
+        with open(path, "a") as file:  # the 3 a.m. edit: a line no parser takes
+            file.write("frank sha256:0123 * enabled\n")
+        process.send_signal(signal.SIGHUP)
+        _wait_for(tmp_path / "first.log", r"is broken; serving .*last-good", 2)
+        for _ in range(6):  # every worker now booted on the broken file
+            for key in (CLIENT_KEY, dave, hand_added):
+                assert _served(url, key) == 200
+        assert process.poll() is None
+    # A full restart with the file still broken: it starts, loudly, and serves the same keys.
+    with gateway_process(serve, tmp_path / "second.log") as (process, url):
+        log = (tmp_path / "second.log").read_text()
+        assert "WARNING: key file %s: line 6" % path in log
+        assert "starting anyway: the workers serve %s" % copy in log
+        for key in (CLIENT_KEY, dave, hand_added):
+            assert _served(url, key) == 200
+    check = subprocess.run([sys.executable, os.path.join(ROOT, "gateway"), "check", "--config",
+                            str(config_dir / "gateway.ini")], capture_output=True, text=True,
+                           timeout=30)
+    assert check.returncode == 1 and "meanwhile the workers serve" in check.stdout
+
+
+def test_serve_refuses_a_broken_key_file_when_there_is_no_last_good_copy(config_dir):
+    (config_dir / "gateway.keys").write_text("frank sha256:0123 * enabled\n")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "gateway"), "serve",
+                             "--config", str(config_dir / "gateway.ini")],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "line 1: a sha256 digest" in result.stdout
+
+
+def test_the_last_good_copy_only_moves_forward(tmp_path):
+    source = tmp_path / "gateway.keys"
+    source.write_text(key_line("alice", "sk-a"))
+    copy = gateway.LastGoodCopy(str(tmp_path / "gateway.keys.last-good"), str(source))
+    current = os.stat(source).st_ctime_ns
+    copy.save(key_line("alice", "sk-a") + key_line("bob", "sk-b"), current)
+    # A worker that loaded an older version a moment late must not overwrite the newer one...
+    source.write_text("broken\n")
+    copy.save(key_line("alice", "sk-a"), current - 1)
+    store, _ = copy.load(gateway.parse_key_file)
+    assert [e.name for e in store.entries] == ["alice", "bob"]
+    # ...but the version the file holds right now always wins (even with the clock set back).
+    source.write_text(key_line("carol", "sk-c"))
+    copy.save(key_line("carol", "sk-c"), os.stat(source).st_ctime_ns)
+    assert [e.name for e in copy.load(gateway.parse_key_file)[0].entries] == ["carol"]
+    # A copy names its file: another key file's copy is never served.
+    other = gateway.LastGoodCopy(copy.path, str(tmp_path / "other.keys"))
+    with pytest.raises(ValueError, match="not a copy of"):
+        other.load(gateway.parse_key_file)
+
+
+def test_a_worker_booting_on_a_broken_file_uses_the_copy_and_says_so(config_dir, caplog):
+    config = gateway.Config.from_file(str(config_dir / "gateway.ini"))
+    gateway.make_app(config)  # loads the key file, so saves its copy
+    (config_dir / "gateway.keys").write_text("alice sha256:0123 * enabled\n")
+    app = gateway.make_app(config)
+    from conftest import CLIENT_KEY
+    assert app.keys.get().find(CLIENT_KEY).name == "alice"
+    assert "is broken; serving %s" % (config_dir / "gateway.keys.last-good") in caplog.text
+    os.unlink(config_dir / "gateway.keys")  # missing at boot: the same
+    assert gateway.make_app(config).keys.get().find(CLIENT_KEY).name == "alice"
