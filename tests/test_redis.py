@@ -5,6 +5,8 @@ Each test starts its own redis-server on a unix socket in a fresh temporary dire
 port to collide with other tests), and stops it. Without redis-server (Debian's package) or
 redis-py the tests skip locally and fail in CI, where a skip could hide a missing install.
 """
+import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -16,12 +18,14 @@ import threading
 import time
 
 import pytest
+import requests
 import webtest
 
 import gateway
 from gateway import APIError, HostState, KeyEntry, RedisLimits
-from conftest import CLIENT_KEY, LIMITED_KEY, auth
-from upstream import UPSTREAM_KEY
+from conftest import (CLIENT_KEY, LIMITED_KEY, ROOT, auth, gateway_process, key_line,
+                      server_process)
+from upstream import UPSTREAM_KEY, default_handler, free_port, stream_events, text_stream
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes", "on")
 LEASE = 3.0  # seconds: short, so that lapsed leases are seen within a test
@@ -361,3 +365,288 @@ def test_config_checks_the_url_and_never_repeats_a_password():
         "unix:///run/r.sock?db=3"
     with pytest.raises(ValueError):
         gateway.Config._with_environ({"limits_backend_down": "maybe"}, {}, "/", {})
+
+
+# -- whole hosts: 'gateway serve' (gthread) and plain gunicorn (gevent), several workers ----------
+
+STREAM = {"model": "claude-opus-4-8", "max_tokens": 16, "stream": True,
+          "messages": [{"role": "user", "content": "Hello"}]}
+MESSAGE = dict(STREAM, stream=False)
+RPM_KEY = "sk-gw-test-rpm-0123456789abcdefghijklmnopqrstu"
+SLOTS_KEY = "sk-gw-test-slots-0123456789abcdefghijklmnopqrs"
+PORT_ATTEMPTS = 5
+
+
+def write_keys(config_dir, rpm=6, concurrency=4):
+    (config_dir / "gateway.keys").write_text(
+        key_line("alice", CLIENT_KEY)
+        + key_line("rpm", RPM_KEY).strip() + " rpm=%d\n" % rpm
+        + key_line("slots", SLOTS_KEY).strip() + " concurrency=%d\n" % concurrency)
+
+
+def host_ini(config_dir, name, server, lease=LEASE, **settings):
+    """This host's config: the shared one plus the Redis settings and its own state_file."""
+    settings = dict({"limits_backend": server.url, "limits_lease": lease,
+                     "state_file": name + ".state"}, **settings)
+    text = (config_dir / "gateway.ini").read_text().replace("[gateway]\n", "[gateway]\n" + "".join(
+        "%s = %s\n" % item for item in settings.items()), 1)
+    path = config_dir / (name + ".ini")
+    path.write_text(text)
+    return str(path)
+
+
+@contextlib.contextmanager
+def host(config_dir, tmp_path, name, server, workers=2, **settings):
+    """One gateway host: 'gateway serve' with ``workers`` workers, in its own process group
+    (so that a test can SIGKILL the whole host). Yields (process, base URL)."""
+    ini = host_ini(config_dir, name, server, **settings)
+    serving = False
+    for attempt in range(PORT_ATTEMPTS):  # free_port can collide with another test's server
+        try:
+            with gateway_process(["serve", "--config", ini, "--bind",
+                                  "127.0.0.1:%d" % free_port()], tmp_path / (name + ".log"),
+                                 env={"WEB_CONCURRENCY": str(workers)},
+                                 start_new_session=True) as started:
+                serving = True
+                yield started
+                return
+        except AssertionError as exc:
+            if serving or "Address already in use" not in str(exc) \
+                    or attempt == PORT_ATTEMPTS - 1:
+                raise
+
+
+def held_streams(upstream):
+    """Streams that send message_start, then wait for the returned Event (bounded)."""
+    gate = threading.Event()
+
+    def handler(handler, received):
+        if not received.json().get("stream"):
+            return default_handler(handler, received)
+        events = text_stream("m")
+        handler.start_sse("chunked")
+        try:
+            handler.send_chunk(events[0])
+            gate.wait(30)
+            for event in events[1:]:
+                handler.send_chunk(event)
+            handler.end_sse()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    upstream.handler = handler
+    return gate
+
+
+def post(url, key, body=MESSAGE, **options):
+    return requests.post(url + "/v1/messages", json=body, headers=auth(key),
+                         timeout=options.pop("timeout", 20), **options)
+
+
+def at_once(calls):
+    """Run every call in ``calls`` at the same moment, each in its own thread; their results
+    in order."""
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        barrier = threading.Barrier(len(calls))
+
+        def run(call):
+            barrier.wait(20)
+            return call()
+        return list(pool.map(run, calls))
+
+
+def test_two_hosts_admit_exactly_the_limit_of_three_times_as_many(redis_server, config_dir,
+                                                                   upstream, tmp_path):
+    """Two hosts, two workers each, one Redis: rpm = 6 and concurrency = 4 are exact for the
+    18 and 12 clients that arrive at once, spread over both hosts. Then the operator's view:
+    'gateway check' names the backend, 'gateway keys list' shows last use from Redis."""
+    write_keys(config_dir, rpm=6, concurrency=4)
+    gate = held_streams(upstream)
+    with host(config_dir, tmp_path, "one", redis_server) as (_, one), \
+            host(config_dir, tmp_path, "two", redis_server) as (_, two):
+        urls = [one, two] * 9
+        statuses = at_once([lambda url=url: post(url, RPM_KEY).status_code for url in urls])
+        assert sorted(statuses) == [200] * 6 + [429] * 12
+
+        streams = at_once([lambda url=url: post(url, SLOTS_KEY, STREAM, stream=True)
+                           for url in urls[:12]])
+        assert sorted(r.status_code for r in streams) == [200] * 4 + [429] * 8
+        refusals = [r for r in streams if r.status_code == 429]
+        assert {r.json()["error"]["message"] for r in refusals} == {
+            "This key already has 4 requests in progress."}
+        assert {r.headers["retry-after"] for r in refusals} == {"1"}
+        gate.set()
+        for response in streams:
+            assert response.status_code == 429 or response.content.endswith(
+                b'"message_stop"       }\n\n')
+        # The slots are free once the streams end (released after the response, in the
+        # background: a bounded wait).
+        eventually(lambda: post(one, SLOTS_KEY).status_code == 200)
+        assert post(two, CLIENT_KEY).status_code == 200  # unlimited: never waits on Redis
+
+        check = run_gateway("check", "--config", str(config_dir / "one.ini"))
+        assert "limits: shared by every host in %s (Redis " % redis_server.url in check
+        eventually(lambda: "never" not in keys_row(config_dir, "rpm"))
+    assert "never" in keys_row(config_dir, "rpm", state_only=True)  # it came from Redis
+    logs = (tmp_path / "one.log").read_text() + (tmp_path / "two.log").read_text()
+    stored = b"".join(k + v for k, (_, _, v) in redis_server.everything().items())
+    for secret in (CLIENT_KEY, RPM_KEY, SLOTS_KEY, UPSTREAM_KEY):
+        assert secret not in logs and secret.encode() not in stored
+    assert "Traceback" not in logs
+
+
+def run_gateway(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "gateway")] + list(args),
+                          capture_output=True, text=True, timeout=30).stdout
+
+
+def keys_row(config_dir, name, state_only=False):
+    ini = "gateway.ini" if state_only else "one.ini"
+    if state_only:  # the same state file as host one, without Redis
+        text = (config_dir / "gateway.ini").read_text().replace(
+            "[gateway]\n", "[gateway]\nstate_file = one.state\n", 1)
+        (config_dir / "state-only.ini").write_text(text)
+        ini = "state-only.ini"
+    listed = run_gateway("keys", "list", "--config", str(config_dir / ini))
+    return [line for line in listed.splitlines() if line.startswith(name + " ")][0]
+
+
+def test_a_sigkilled_host_frees_its_slots_within_the_lease(redis_server, config_dir,
+                                                           upstream, tmp_path):
+    write_keys(config_dir, concurrency=2)
+    gate = held_streams(upstream)
+    try:
+        with host(config_dir, tmp_path, "survivor", redis_server) as (_, survivor):
+            with host(config_dir, tmp_path, "doomed", redis_server) as (doomed, url):
+                held = [post(url, SLOTS_KEY, STREAM, stream=True) for _ in range(2)]
+                assert [r.status_code for r in held] == [200, 200]
+                assert post(survivor, SLOTS_KEY).status_code == 429
+                os.killpg(doomed.pid, signal.SIGKILL)  # master and workers, no goodbye
+                killed = time.monotonic()
+                eventually(lambda: post(survivor, SLOTS_KEY).status_code == 200,
+                           timeout=LEASE + 5)
+                assert time.monotonic() - killed <= LEASE + 2
+    finally:
+        gate.set()
+
+
+def test_a_stream_longer_than_three_leases_keeps_its_slot(redis_server, config_dir,
+                                                          upstream, tmp_path):
+    """The upstream says nothing at all (long thinking before the first byte) for 3.5 leases:
+    the slot is renewed all along, so the second request is refused throughout."""
+    lease = 1.0
+    write_keys(config_dir, concurrency=1)
+    gate, arrived = threading.Event(), threading.Event()
+
+    def silent_then_stream(handler, received):
+        if not received.json().get("stream"):
+            return default_handler(handler, received)
+        arrived.set()
+        gate.wait(30)
+        stream_events(handler, text_stream("m"), upstream)
+    upstream.handler = silent_then_stream
+    with host(config_dir, tmp_path, "one", redis_server, lease=lease) as (_, one), \
+            host(config_dir, tmp_path, "two", redis_server, lease=lease) as (_, two):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long_one = pool.submit(post, one, SLOTS_KEY, STREAM)
+            assert arrived.wait(20)
+            silent_until = time.monotonic() + 3.5 * lease
+            refused_statuses = []
+            while time.monotonic() < silent_until:
+                refused_statuses.append(post(two, SLOTS_KEY).status_code)
+                time.sleep(lease / 4)
+            gate.set()
+            assert long_one.result(20).status_code == 200
+        assert set(refused_statuses) == {429} and len(refused_statuses) >= 8
+        eventually(lambda: post(two, SLOTS_KEY).status_code == 200)
+
+
+def test_redis_restarted_then_frozen_under_load(redis_server, config_dir, upstream, tmp_path):
+    """Clients keep calling while Redis restarts and then freezes (SIGSTOP): every request
+    is answered, none waits much longer than the 0.25 s timeout, each worker logs the outage
+    once; once Redis answers again, rpm is exact again."""
+    write_keys(config_dir, rpm=5)
+    (config_dir / "gateway.keys").write_text(
+        (config_dir / "gateway.keys").read_text()
+        + key_line("busy", "sk-gw-test-busy-0123456789abcdefghij").strip() + " rpm=100000\n")
+    with host(config_dir, tmp_path, "one", redis_server) as (_, one):
+        answers, stop = [], threading.Event()
+
+        def load():
+            while not stop.is_set():
+                started = time.monotonic()
+                status = post(one, "sk-gw-test-busy-0123456789abcdefghij").status_code
+                answers.append((status, time.monotonic() - started))
+        clients = [threading.Thread(target=load) for _ in range(4)]
+        for client in clients:
+            client.start()
+        try:
+            eventually(lambda: len(answers) > 20)
+            redis_server.restart()
+            seen = len(answers)
+            eventually(lambda: len(answers) > seen + 20)
+            redis_server.freeze()
+            seen = len(answers)
+            eventually(lambda: len(answers) > seen + 40)
+            frozen = answers[seen:]
+            redis_server.thaw()
+        finally:
+            stop.set()
+            for client in clients:
+                client.join(20)
+        assert {status for status, _ in answers} == {200}
+        assert max(elapsed for _, elapsed in frozen) < 1.5  # generous: a loaded machine
+        time.sleep(RedisLimits.BREAKER_SECONDS + 0.5)  # every worker's breaker lets Redis back
+        statuses = at_once([lambda: post(one, RPM_KEY).status_code] * 15)
+        assert sorted(statuses) == [200] * 5 + [429] * 10
+    log = (tmp_path / "one.log").read_text()
+    assert 1 <= log.count("unreachable") <= 4  # at most twice (restart, freeze) per worker
+    assert "Traceback" not in log
+
+
+def test_exact_under_the_gevent_config_too(redis_server, config_dir, upstream, tmp_path):
+    try:
+        import gevent  # noqa: F401
+    except ImportError:
+        if IN_CI:
+            pytest.fail("gevent is in the test extra; CI must install it")
+        pytest.skip("gevent is not installed (pip install 'gateway[gevent]')")
+    write_keys(config_dir, rpm=6, concurrency=3)
+    gate = held_streams(upstream)
+    ini = host_ini(config_dir, "gevent", redis_server)
+    port = free_port()
+    command = [sys.executable, "-m", "gunicorn", "-c",
+               os.path.join(ROOT, "deploy", "gunicorn-gevent.conf.py"),
+               "--bind", "127.0.0.1:%d" % port, "--pythonpath", ROOT]
+    try:
+        with server_process(command, tmp_path / "gevent.log",
+                            lambda text: text.count("Booting worker") >= 2,
+                            {"GATEWAY_CONFIG": ini, "WEB_CONCURRENCY": "2"}, stop_timeout=5):
+            url = "http://127.0.0.1:%d" % port
+            statuses = at_once([lambda: post(url, RPM_KEY).status_code] * 18)
+            assert sorted(statuses) == [200] * 6 + [429] * 12
+            streams = at_once([lambda: post(url, SLOTS_KEY, STREAM, stream=True)] * 9)
+            assert sorted(r.status_code for r in streams) == [200] * 3 + [429] * 6
+            gate.set()
+            for response in streams:
+                response.close()
+    finally:
+        gate.set()
+    log = (tmp_path / "gevent.log").read_text()
+    assert "Using worker: gevent" in log and "Traceback" not in log
+
+
+def test_metrics_count_backend_errors_and_requests_admitted_while_away(redis_server,
+                                                                       config_dir):
+    pytest.importorskip("prometheus_client")
+    write_keys(config_dir, rpm=100)
+    config = dataclasses.replace(gateway.Config.from_file(str(config_dir / "gateway.ini")),
+                                 limits_backend=redis_server.url, metrics=True)
+    client = webtest.TestApp(gateway.make_app(config))
+    client.post_json("/v1/messages", MESSAGE, headers=auth(RPM_KEY))
+    redis_server.kill()
+    for _ in range(3):
+        client.post_json("/v1/messages", MESSAGE, headers=auth(RPM_KEY))
+    client.post_json("/v1/messages", MESSAGE, headers=auth(CLIENT_KEY))  # unlimited: no count
+    text = client.get("/metrics").text
+    assert "gateway_limits_backend_errors_total 1.0" in text  # then the breaker: no calls
+    assert 'gateway_limits_admitted_away_total{mode="local"} 3.0' in text
