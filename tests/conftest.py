@@ -1,6 +1,7 @@
 import contextlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,6 +21,28 @@ from upstream import UPSTREAM_KEY, FakeUpstream  # noqa: E402
 CLIENT_KEY = "sk-gw-test-alice-0123456789abcdefghijklmnop"
 LIMITED_KEY = "sk-gw-test-bob-0123456789abcdefghijklmnopqr"
 DISABLED_KEY = "sk-gw-test-carol-0123456789abcdefghijklmno"
+
+
+def in_ci(environ=os.environ):
+    """Whether CI is set to a true value: 'true' (GitHub, GitLab), '1', 'yes', 'on'... Only
+    empty or a false word ('0', 'false', 'no', 'off') counts as not in CI."""
+    return environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def required(tool, why):
+    """The path of ``tool``, or a skip locally and a failure in CI (where a skip could hide a
+    missing install)."""
+    found = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
+    if found:
+        return found
+    missing("%s is not installed (%s)" % (tool, why))
+
+
+def missing(message):
+    """Skip locally, fail in CI: what a test does when something it needs is absent."""
+    if in_ci():
+        pytest.fail(message + "; CI must install it")
+    pytest.skip(message + "; in CI this test fails instead")
 
 
 @pytest.fixture(autouse=True)

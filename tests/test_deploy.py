@@ -3,7 +3,8 @@
 Every server listens on 127.0.0.1 and every wait is bounded. nginx runs in the foreground from
 a prefix under tmp_path; deploy/nginx.conf is included the way Debian's nginx.conf includes a
 site, with only its listen ports and gateway addresses substituted. Without nginx the nginx
-tests skip locally and fail in CI (CI=true), where a skip could hide a missing install.
+tests skip locally and fail in CI (CI set to any true value: conftest.in_ci), where a skip
+could hide a missing install.
 """
 import configparser
 import contextlib
@@ -26,28 +27,17 @@ import pytest
 import requests
 
 import gateway
-from conftest import CLIENT_KEY, ROOT, auth, gateway_process, server_process
+from conftest import CLIENT_KEY, ROOT, auth, gateway_process, missing, required, \
+    server_process
 from upstream import UPSTREAM_KEY, free_port, text_stream
 
 DEPLOY = os.path.join(ROOT, "deploy")
 SITE_NAME = "gateway.example.com"  # deploy/nginx.conf's server_name
 WAIT = 10  # seconds; a failure shows as a failed assertion or timeout, never a hang
-IN_CI = os.environ.get("CI") == "true"
 
 STREAM = {"model": "claude-opus-4-8", "max_tokens": 10, "stream": True,
           "messages": [{"role": "user", "content": "hi"}]}
 MESSAGE = dict(STREAM, stream=False)
-
-
-def required(tool, why):
-    """The path of ``tool``, or a skip locally and a failure in CI."""
-    found = shutil.which(tool) or shutil.which(tool, path="/usr/sbin:/sbin")
-    if found:
-        return found
-    message = "%s is not installed (%s)" % (tool, why)
-    if IN_CI:
-        pytest.fail(message + "; CI must install it")
-    pytest.skip(message + "; in CI this test fails instead")
 
 
 def shipped_workers():
@@ -503,9 +493,7 @@ def test_the_gevent_extra_streams_under_plain_gunicorn(config_dir, upstream, tmp
     try:
         import gevent  # noqa: F401
     except ImportError:
-        if IN_CI:
-            pytest.fail("gevent is in the test extra; CI must install it")
-        pytest.skip("gevent is not installed (pip install 'gateway[gevent]')")
+        missing("gevent is not installed (it is in the test extra)")
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-c",
                os.path.join(DEPLOY, "gunicorn-gevent.conf.py"),

@@ -2,7 +2,7 @@
 import anthropic
 import pytest
 
-from conftest import CLIENT_KEY, LIMITED_KEY
+from conftest import CLIENT_KEY, LIMITED_KEY, missing
 from upstream import message, sse, stream_events, text_stream
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -137,9 +137,7 @@ def ts_sdk():
     import subprocess
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ts")
     if not (shutil.which("node") and shutil.which("npm")):
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI must test the TypeScript SDK: node and npm are missing")
-        pytest.skip("node and npm are not installed")
+        missing("node and npm are not installed (the TypeScript SDK test)")
     if not os.path.isdir(os.path.join(here, "node_modules", "@anthropic-ai", "sdk")):
         subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund",
                         "--no-save", "@anthropic-ai/sdk@" + TS_SDK_VERSION],

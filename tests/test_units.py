@@ -359,3 +359,12 @@ def test_make_app_refuses_an_upstream_url_its_pool_cannot_use():
     with pytest.raises(ValueError, match="port must be a number"):
         gateway.make_app(gateway.Config(upstream_url="http://127.0.0.1:99999"))
     assert gateway.make_app(gateway.Config(upstream_url="http://[::1]:8080/prefix"))
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("true", True), ("1", True), ("yes", True), ("True", True), ("on", True),
+    ("", False), ("0", False), ("false", False), ("no", False), ("off", False)])
+def test_the_ci_guard_takes_any_true_value(value, expected):
+    from conftest import in_ci
+    assert in_ci({"CI": value}) is expected
+    assert in_ci({}) is False
