@@ -170,12 +170,13 @@ def sse_error_event(message):
 # Configuration
 # ---------------------------------------------------------------------------------------------
 
-def _setting(default, doc, unit="", restart=False):
+def _setting(default, doc, unit="", restart=False, secret=False):
     """A ``[gateway]`` setting. docs/configuration.md is generated from these (run
     ``python tests/docs_config.py --write``): ``doc`` says what it does, ``unit`` what its
-    number counts, and ``restart`` that a reload (HUP) is not enough for a change to apply."""
-    return dataclasses.field(default=default, metadata={"doc": doc, "unit": unit,
-                                                        "restart": restart})
+    number counts, and ``restart`` that a reload (HUP) is not enough for a change to apply.
+    A ``secret`` one is left out of the Config's repr."""
+    return dataclasses.field(default=default, repr=not secret, metadata={
+        "doc": doc, "unit": unit, "restart": restart})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,8 +192,15 @@ class Config:
     The upstream key comes from ``upstream_key_file`` when the config names one; otherwise
     from ``ANTHROPIC_API_KEY`` when that is set; otherwise from ``upstream.key`` beside the
     config file. The key file is re-read when it changes, so the upstream key can be rotated
-    without a restart. Security: ``trust_env`` is off, so ``HTTPS_PROXY`` and ``~/.netrc`` are
-    ignored unless you turn it on; ``trusted_proxies`` must list only your own proxies.
+    without a restart. Security: ``trust_env`` is off, so ``HTTPS_PROXY`` and
+    ``REQUESTS_CA_BUNDLE`` are ignored unless you turn it on (``~/.netrc`` always is);
+    ``trusted_proxies`` must list only your own proxies.
+
+    TLS trust: the upstream's certificate is verified against requests' CA bundle
+    (``requests.certs.where()``, certifi's file), not the operating system's store, so a slim
+    image without CA certificates works as plain requests does. ``upstream_ca_file`` replaces
+    that bundle (a private CA: an egress gateway, an internal upstream); with ``trust_env``,
+    ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` replaces it unless ``upstream_ca_file`` is set.
     """
 
     upstream_url: str = _setting(
@@ -231,7 +239,16 @@ class Config:
         "it needs; those beyond this number are closed as their requests end.",
         unit="connections")
     trust_env: bool = _setting(
-        False, "Let requests read proxy settings and .netrc from the environment.")
+        False, "Take the upstream's proxy (HTTPS_PROXY, HTTP_PROXY, ALL_PROXY, NO_PROXY) and "
+        "CA bundle (REQUESTS_CA_BUNDLE, CURL_CA_BUNDLE) from the environment, as requests "
+        "does; never .netrc.")
+    upstream_proxy: str = _setting(
+        None, "Forward proxy for upstream calls (CONNECT for an https upstream); wins over "
+        "trust_env's proxy variables. Never logged: it may hold the proxy's password.",
+        secret=True)
+    upstream_ca_file: str = _setting(
+        None, "PEM file of the CA certificates that the upstream's certificate must chain "
+        "to, in place of requests' bundle (certifi); re-read when it changes (docs/upstream.md).")
     trusted_proxies: frozenset = _setting(
         frozenset(), "Addresses whose X-Real-IP header names the client (nginx).")
     metrics: bool = _setting(
@@ -341,6 +358,24 @@ def _parse_setting(field, text):
     if field.name == "limits_backend_down" and text not in LIMITS_DOWN_POLICIES:
         raise ValueError("setting limits_backend_down = %r: expected %s"
                          % (text, ", ".join(LIMITS_DOWN_POLICIES)))
+    if field.name == "upstream_proxy":
+        return parse_proxy_url(text)
+    return text
+
+
+def parse_proxy_url(text):
+    """``upstream_proxy`` (or trust_env's proxy), or ValueError saying what is wrong with it
+    but never what it is: it may carry the proxy's password. Parsed by urllib3, as the
+    workers' pool will parse it (see parse_upstream_url)."""
+    problem = "setting upstream_proxy: expected http://[user:password@]host:port"
+    parts = urllib.parse.urlsplit(text)
+    try:
+        port = parts.port
+        parsed = urllib3.util.parse_url(text)
+    except ValueError:
+        raise ValueError(problem) from None
+    if parts.scheme not in ("http", "https") or not parsed.host or port == 0:
+        raise ValueError(problem)
     return text
 
 
@@ -686,8 +721,11 @@ class WatchedFile:
     HUP or a restart) starts from that copy instead of from ``initial``.
     """
 
-    def __init__(self, path, parse, initial, last_good=None):
+    def __init__(self, path, parse, initial, last_good=None, secret=True):
+        """``secret``: warn when group or others may read the file (not for CA certificates,
+        which are public)."""
         self.path = path
+        self._secret = secret
         self._parse = parse
         self._value = initial
         self._last_good = last_good
@@ -712,7 +750,7 @@ class WatchedFile:
             # must find the new value. (The other order made a new worker's concurrent first
             # requests read the empty initial key store: 401s at every start and reload.)
             self._reload(stat.st_ctime_ns)
-            if too_open(stat.st_mode):
+            if self._secret and too_open(stat.st_mode):
                 log.warning("%s is readable by group or others (mode %03o): chmod 600 it",
                             self.path, stat.st_mode & 0o777)
             self._signature = signature
@@ -1840,12 +1878,17 @@ class _HTTPSPool(_KeepsAtMost, urllib3.HTTPSConnectionPool):
 
 
 class _Adapter(requests.adapters.HTTPAdapter):
-    """requests' adapter with the pools above (proxied connections keep urllib3's own, so
-    ``ClientWatch`` cannot end their wait)."""
+    """requests' adapter with the pools above, direct and through a proxy alike (so
+    ``ClientWatch`` can end a proxied wait too)."""
 
     def init_poolmanager(self, *args, **kwargs):
         super().init_poolmanager(*args, **kwargs)
         self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+    def proxy_manager_for(self, proxy, **proxy_kwargs):
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        return manager
 
 
 def new_session(config):
@@ -1853,7 +1896,9 @@ def new_session(config):
     thread-safe, and one per thread left a worker holding as many idle upstream connections as
     it had threads (about 200 after a burst of 200 streams) until it restarted."""
     session = requests.Session()
-    session.trust_env = config.trust_env
+    # Nothing reads the environment per request: trust_env's proxy and CA bundle are read
+    # once (proxy_for, default_ca_bundle) and settled in the pool; .netrc never is.
+    session.trust_env = False
     session.cookies.set_policy(_NoCookies())
     session.headers.clear()  # every header we send is chosen by upstream_headers()
     adapter = _Adapter(pool_connections=1, pool_maxsize=config.pool_maxsize, max_retries=0)
@@ -1862,15 +1907,65 @@ def new_session(config):
     return session
 
 
-def upstream_pool(session, url):
-    """The connection pool that ``session``'s adapter keeps for ``url``'s host: the same
-    requests-owned urllib3 pool (size, TLS verification against requests' CA bundle) that
-    ``session.post`` would use, looked up once per process instead of once per call."""
+def tls_context(cafile=None, cadata=None):
+    """A TLS context that trusts exactly the given CA certificates (none when given none):
+    urllib3's defaults (TLS 1.2 or later, its ciphers), a certificate and the upstream's
+    name required. ``cafile`` may be a directory of hashed certificates, as requests allows."""
+    context = urllib3.util.create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
+    if cafile and os.path.isdir(cafile):
+        context.load_verify_locations(capath=cafile)
+    elif cafile or cadata:
+        context.load_verify_locations(cafile=cafile, cadata=cadata)
+    return context
+
+
+def parse_ca_file(text):
+    """``upstream_ca_file``'s PEM text as a TLS context (the parser its WatchedFile runs)."""
+    try:
+        return tls_context(cadata=text)
+    except ssl.SSLError as exc:
+        raise ValueError("no CA certificate in PEM form (%s)" % (exc.reason or exc)) from None
+
+
+def default_ca_bundle(config, environ):
+    """The CA bundle that verifies the upstream when ``upstream_ca_file`` is not set: the one
+    requests verifies with (``requests.certs.where()``, certifi's file), or with
+    ``trust_env`` the ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` that would replace it
+    (requests ``Session.merge_environment_settings``).
+
+    Facts -> decision: urllib3 falls back to OpenSSL's default paths when a pool is given no
+    CA (``connection.py``, ``load_default_certs``), so a pool taken from requests' adapter
+    without ``HTTPAdapter.cert_verify`` trusted the system store, not requests' bundle. The
+    gateway therefore always hands its pool an explicit context."""
+    if config.trust_env:
+        named = environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE")
+        if named:
+            return named
+    return requests.utils.DEFAULT_CA_BUNDLE_PATH
+
+
+def proxy_for(config, environ):
+    """The forward proxy for upstream calls, or None: ``upstream_proxy``, else with
+    ``trust_env`` the one requests would pick from ``environ`` (``NO_PROXY`` honoured)."""
+    if config.upstream_proxy:
+        return config.upstream_proxy
+    if config.trust_env:
+        proxies = requests.utils.get_environ_proxies(config.upstream_url)
+        return requests.utils.select_proxy(config.upstream_url, proxies) or None
+    return None
+
+
+def upstream_pool(session, url, tls, proxy=None):
+    """The connection pool that ``session``'s adapter keeps for ``url``'s host: direct, or
+    through ``proxy`` (a CONNECT tunnel for https; the proxy then sees the host name and
+    nothing else), verifying an https upstream with the TLS context ``tls``. A new context
+    (an edited ``upstream_ca_file``) gets a new pool; the adapter keeps one pool per manager
+    (``pool_connections=1``), so the old one and its idle connections are closed."""
     adapter = session.get_adapter(url)
-    request = requests.Request("POST", url).prepare()
-    if hasattr(adapter, "get_connection_with_tls_context"):  # requests >= 2.32.2
-        return adapter.get_connection_with_tls_context(request, verify=True)
-    return adapter.get_connection(url)
+    parts = urllib3.util.parse_url(url)
+    manager = adapter.proxy_manager_for(proxy) if proxy else adapter.poolmanager
+    return manager.connection_from_host(parts.host, parts.port, parts.scheme, pool_kwargs={
+        "ssl_context": tls, "cert_reqs": "CERT_REQUIRED"})
 
 
 def send_pooled(pool, url, body, headers, timeout):
@@ -1880,9 +1975,10 @@ def send_pooled(pool, url, body, headers, timeout):
     and ``pool.urlopen`` 163 us (performance-facts.md measured the same 0.4 ms gap): the
     difference is ``Session.request`` merging settings, hooks, cookies and environment
     look-ups, and ``HTTPAdapter.send`` preparing and wrapping, none of which changes anything
-    for a session with ``trust_env`` off, no cookies and no default headers. So this does
-    what ``HTTPAdapter.send`` does for our one case: same pool, no retries, no redirects,
-    body undecoded, requests' exceptions, and the same ``requests.Response`` to read.
+    for a session with no cookies and no default headers whose proxy and TLS trust are
+    settled once, in its pool (``upstream_pool``). So this does what ``HTTPAdapter.send``
+    does for our one case: same pool, no retries, no redirects, body undecoded, requests'
+    exceptions, and the same ``requests.Response`` to read.
     """
     errors = urllib3.exceptions
     headers["content-length"] = str(len(body))
@@ -2182,14 +2278,33 @@ class Gateway:
             self._upstream_key_file.get()
         self._refused_upstream_keys = set()  # refused with a 401 by the upstream
         self._upstream_lock = threading.Lock()
-        self._upstream = None  # (pid, session, pool): made in the process that serves
+        self._upstream = None  # (pid, session, pool, tls): made in the process that serves
         self._deadlines = Deadlines()  # body_timeout and lease renewal, for this app
         self._client_watch = ClientWatch()  # clients that leave before the upstream answers
         # Worked out once, not per call: the upstream's path prefix and urllib3's timeout.
         # parse_upstream_url first: an embedder's Config(upstream_url=...) skips the INI
         # parser, and a URL the pool cannot use must say why as the app is built.
         parse_upstream_url(config.upstream_url)
-        self._upstream_path = urllib3.util.parse_url(config.upstream_url).path or ""
+        upstream = urllib3.util.parse_url(config.upstream_url)
+        self._upstream_host = upstream.host
+        self._upstream_origin = "%s://%s" % (upstream.scheme, upstream.netloc)
+        self._proxy = proxy_for(config, os.environ)
+        if self._proxy:
+            parse_proxy_url(self._proxy)  # HTTPS_PROXY skipped the INI parser
+        # An http upstream behind a proxy is asked in absolute form, through a pool connected
+        # to the proxy (urllib3's ProxyManager does the same); https tunnels with CONNECT.
+        self._absolute_form = (self._proxy is not None
+                               and config.upstream_url.startswith("http://"))
+        self._ca_file = (WatchedFile(config.path(config.upstream_ca_file), parse_ca_file,
+                                     tls_context(), secret=False)
+                         if config.upstream_ca_file else None)
+        self._default_tls = None
+        if self._ca_file is not None:
+            self._ca_file.get()  # loaded at boot, as the key files are
+        elif config.upstream_url.startswith("https://"):
+            self._default_tls = tls_context(default_ca_bundle(config, os.environ))
+        # Worked out once, not per call: the upstream's path prefix and urllib3's timeout.
+        self._upstream_path = upstream.path or ""
         self._timeout = urllib3.Timeout(connect=config.connect_timeout,
                                         read=config.read_timeout)
         # The upstream pool, built now: what a worker cannot build fails as it boots, and so
@@ -2448,17 +2563,14 @@ class Gateway:
 
     def _send(self, environ, exchange, path, body, upstream_key):
         query = environ.get("QUERY_STRING", "")
-        url = self.config.upstream_url + path + ("?" + query if query else "")
         headers = upstream_headers(environ, upstream_key)
+        # requote_uri: the request target exactly as Session.post would have sent it.
+        target = requests.utils.requote_uri(self._upstream_path + path
+                                            + ("?" + query if query else ""))
+        if self._absolute_form:
+            target = self._upstream_origin + target
+            headers.update(self.session().get_adapter(target).proxy_headers(self._proxy))
         try:
-            if self.config.trust_env:
-                # Proxies and .netrc come from the environment: only Session.request reads them.
-                return self.session().post(
-                    url, data=body, headers=headers, stream=True, allow_redirects=False,
-                    timeout=(self.config.connect_timeout, self.config.read_timeout))
-            # requote_uri: the request target exactly as Session.post would have sent it.
-            target = requests.utils.requote_uri(self._upstream_path + path
-                                                + ("?" + query if query else ""))
             return send_pooled(self.upstream_pool(), target, body, headers, self._timeout)
         except requests.RequestException as exc:
             waiting = _WAITING.get()
@@ -2487,16 +2599,29 @@ class Gateway:
 
     def _process_upstream(self):
         # Made on first use in the process that serves: an app built before gunicorn forks
-        # (preload_app) must not share its sockets with the workers.
+        # (preload_app) must not share its sockets with the workers. Made again, in the same
+        # session, when the TLS context changed (an edited upstream_ca_file): the adapter
+        # keeps one pool per host, so the old pool and its idle connections are closed.
+        tls = self.upstream_tls()
         upstream = self._upstream
-        if upstream is None or upstream[0] != os.getpid():
+        if upstream is None or upstream[0] != os.getpid() or upstream[3] is not tls:
             with self._upstream_lock:
                 upstream = self._upstream
                 if upstream is None or upstream[0] != os.getpid():
                     session = new_session(self.config)
-                    pool = upstream_pool(session, self.config.upstream_url + "/")
-                    upstream = self._upstream = (os.getpid(), session, pool)
+                elif upstream[3] is not tls:
+                    session = upstream[1]
+                else:
+                    return upstream
+                pool = upstream_pool(session, self.config.upstream_url + "/", tls, self._proxy)
+                upstream = self._upstream = (os.getpid(), session, pool, tls)
         return upstream
+
+    def upstream_tls(self):
+        """The TLS context that verifies the upstream (None for an http upstream)."""
+        if self._ca_file is not None:
+            return self._ca_file.get()
+        return self._default_tls
 
     def _client_ip(self, environ):
         remote = environ.get("REMOTE_ADDR")
@@ -2772,7 +2897,9 @@ def upstream_failure(exc, config):
             if isinstance(error, socket.gaierror):
                 cause = "DNS lookup failed: %s" % (error.strerror or error)
             elif isinstance(error, ssl.SSLCertVerificationError):
-                cause = "TLS certificate refused: %s" % error.verify_message
+                cause = "TLS certificate refused: %s (%s)" % (
+                    TLS_VERIFY_REASONS.get(error.verify_code, "not trusted"),
+                    error.verify_message)
             elif isinstance(error, ssl.SSLError):
                 cause = "TLS failed: %s" % (error.reason or type(error).__name__)
             elif isinstance(error, ConnectionRefusedError):
@@ -2784,8 +2911,8 @@ def upstream_failure(exc, config):
             else:
                 continue
             break
-    if isinstance(exc, requests.exceptions.ProxyError):
-        return "through the proxy (trust_env): " + cause
+    if any(isinstance(error, urllib3.exceptions.ProxyError) for error in chain):
+        return "through the proxy: " + cause
     return cause
 
 
@@ -2803,6 +2930,14 @@ def _exception_chain(exc):
                                      getattr(error, "reason", None))
                  if isinstance(inner, BaseException)]
     return chain
+
+
+#: OpenSSL's X509_V_ERR_* codes (x509_vfy.h) in the words an operator looks for.
+TLS_VERIFY_REASONS = {
+    2: "unknown issuer", 18: "unknown issuer (self-signed)",
+    19: "unknown issuer (self-signed CA)", 20: "unknown issuer", 21: "unknown issuer",
+    9: "not yet valid", 10: "expired", 62: "wrong name", 64: "wrong name",
+}
 
 
 def make_app(config=None):
@@ -3166,9 +3301,19 @@ def cmd_check(config, args):
         except FILE_ERRORS as exc:
             problems.append("upstream key file %s: %s (or set ANTHROPIC_API_KEY)"
                             % (config.upstream_key_path, describe(exc)))
+    if config.upstream_ca_file:
+        path = config.path(config.upstream_ca_file)
+        try:
+            tls = read_parsed(path, parse_ca_file)
+            print("upstream CA: %s (%d certificate(s))" % (path,
+                                                          tls.cert_store_stats()["x509_ca"]))
+        except FILE_ERRORS as exc:
+            problems.append("upstream_ca_file %s: %s" % (path, describe(exc)))
     problems += _check_limits(config)
     if config.metrics:
         problems += _check_metrics(config)
+    if getattr(args, "online", False) and not problems:
+        problems += check_online(Gateway(config))
     for problem in problems:
         print("problem: %s" % problem)
     print("ok" if not problems else "%d problem(s)" % len(problems))
@@ -3205,6 +3350,55 @@ def boot_problem(config):
     finally:
         log.disabled = quiet
     return None
+
+
+def check_online(app):
+    """Connect to the upstream as a worker would (same pool, trust and proxy), send one
+    ``HEAD /`` without any key (nothing billed, nothing to refuse) and say what was found:
+    the certificate's subject, issuer and days to expiry, and the round trips. Returns the
+    problems found."""
+    print("online: %s%s" % (app.config.upstream_url, " through proxy %s" % _without_password(
+        app._proxy) if app._proxy else ""))
+    target = (app._upstream_origin if app._absolute_form else "") + "/"
+    timings = []
+    try:
+        for _ in range(2):  # the first pays for connect and handshake; the second reuses
+            started = time.monotonic()
+            answer = app.upstream_pool().urlopen(
+                "HEAD", target, headers={"user-agent": "gateway-check"}, retries=False,
+                redirect=False, timeout=app._timeout, preload_content=False)
+            timings.append(time.monotonic() - started)
+            certificate = answer.connection.sock.getpeercert() \
+                if app._default_tls or app._ca_file else None
+            version = answer.connection.sock.version() if certificate is not None else None
+            answer.drain_conn()
+            answer.release_conn()
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        return ["upstream: cannot reach %s: %s" % (upstream_host(app.config.upstream_url),
+                                                   upstream_failure(exc, app.config))]
+    if certificate is not None:
+        expires = ssl.cert_time_to_seconds(certificate["notAfter"])
+        print("online: %s, certificate subject %s, issuer %s, expires %s (%d days)" % (
+            version, _x509_name(certificate.get("subject", ())),
+            _x509_name(certificate.get("issuer", ())), format_time(expires),
+            (expires - time.time()) // 86400))
+    print("online: HEAD / answered %d; round trip %.0f ms with connect%s, %.0f ms reusing "
+          "the connection" % (answer.status, timings[0] * 1000,
+                              " and TLS handshake" if certificate is not None else "",
+                              timings[1] * 1000))
+    return []
+
+
+def _x509_name(name):
+    """``getpeercert()``'s ((('commonName', 'x'),), …) as 'commonName=x, …' ('-': empty)."""
+    return ", ".join("%s=%s" % pair for rdn in name for pair in rdn) or "-"
+
+
+def _without_password(url):
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(parts.password, "***", 1)
 
 
 def _check_metrics(config):
@@ -3669,9 +3863,12 @@ def build_parser():
     serve.add_argument("--dev", action="store_true", help="DEVELOPMENT ONLY: the standard "
                        "library's wsgiref server instead of gunicorn")
     serve.set_defaults(run=cmd_serve)
-    commands.add_parser("check", parents=[config],
-                        help="validate the config, key file and upstream key").set_defaults(
-        run=cmd_check)
+    check = commands.add_parser("check", parents=[config],
+                                help="validate the config, key file and upstream key")
+    check.add_argument("--online", action="store_true",
+                       help="also connect to the upstream (TLS handshake and one unbilled "
+                       "HEAD / without a key) and report its certificate and round trip")
+    check.set_defaults(run=cmd_check)
     usage = commands.add_parser(
         "usage", parents=[config], help="requests, errors and tokens per key and model, "
         "from access logs", description="Add up the access log (plain or gzip, rotated or "

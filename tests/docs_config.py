@@ -45,6 +45,8 @@ def value_text(field):
     kind = field.type if isinstance(field.type, str) else field.type.__name__
     if field.name == "upstream_url":
         return "`http(s)://host[:port][/prefix]`"
+    if field.name == "upstream_proxy":
+        return "`http://[user:password@]host:port`"
     if field.name.endswith("_file"):
         return "a path, relative to the config file"
     return {"int": "a whole number > 0", "float": "a number > 0", "bool": "`true` or `false`",

@@ -10,6 +10,8 @@ event 2.
 import json
 import select
 import socket
+import ssl
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -81,6 +83,13 @@ class Handler(BaseHTTPRequestHandler):
 
     do_GET = do_POST
 
+    def do_HEAD(self):
+        """What 'gateway check --online' sends: counted, answered 404 with no body."""
+        self.server.fake.heads += 1
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     # -- answers a handler can give -----------------------------------------------------------
 
     def send_json(self, status, payload, headers=None):
@@ -139,11 +148,30 @@ class Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # socketserver's 5 drops connects under load (the soak's bursts)
 
+    def get_request(self):
+        """Accept, count the connection, and with TLS wrap it: the handshake itself happens
+        on the first read, in the connection's own thread, so a client that fails it (or
+        never starts it) holds up nobody else."""
+        sock, address = super().get_request()
+        self.fake.connections += 1
+        if self.fake.tls is not None:
+            sock = self.fake.tls.wrap_socket(sock, server_side=True,
+                                             do_handshake_on_connect=False)
+        return sock, address
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ssl.SSLError):  # a refused certificate: expected
+            super().handle_error(request, client_address)
+
 
 class FakeUpstream:
     """The server plus what the tests steer and observe."""
 
-    def __init__(self):
+    def __init__(self, tls=None):
+        """``tls``: a server-side ``ssl.SSLContext`` to answer over TLS (see ``tls_server``)."""
+        self.tls = tls
+        self.connections = 0  # accepted TCP connections (TLS sessions, with tls)
+        self.heads = 0  # HEAD requests
         self.received = []
         self.handler = default_handler
         self.framing = "chunked"
@@ -154,7 +182,8 @@ class FakeUpstream:
         self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.server.fake = self
-        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        self.port = self.server.server_address[1]
+        self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http", self.port)
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
                                         daemon=True)
 
@@ -169,6 +198,13 @@ class FakeUpstream:
     @property
     def last(self):
         return self.received[-1]
+
+
+def tls_server(leaf):
+    """A server-side TLS context presenting ``leaf`` (a ``trustme`` LeafCert)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    leaf.configure_cert(context)
+    return context
 
 
 def default_handler(handler, received):
