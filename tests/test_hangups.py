@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from conftest import CLIENT_KEY, ROOT, key_line
-from test_deploy import DEPLOY, IN_CI, SITE_NAME, running_nginx, serving, started, wait_for
+from conftest import CLIENT_KEY, ROOT, key_line, missing
+from test_deploy import DEPLOY, SITE_NAME, running_nginx, serving, started, wait_for
 from upstream import UPSTREAM_KEY, free_port, message
 
 CLIENTS = 20
@@ -112,9 +112,7 @@ def gevent_gateway(config_dir, tmp_path):
     try:
         import gevent  # noqa: F401
     except ImportError:
-        if IN_CI:
-            pytest.fail("gevent is in the test extra; CI must install it")
-        pytest.skip("gevent is not installed (pip install 'gateway[gevent]')")
+        missing("gevent is not installed (it is in the test extra)")
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-c",
                os.path.join(DEPLOY, "gunicorn-gevent.conf.py"),
