@@ -55,6 +55,9 @@ import requests
 import requests.adapters
 import urllib3  # requests' own transport: its pools carry our upstream calls (send_pooled)
 
+#: The release (setup.cfg reads it from here; 'gateway --version' prints it).
+__version__ = "0.1.0"
+
 __all__ = ["APIError", "Config", "KeyEntry", "KeyStore", "Gateway", "make_app", "main"]
 
 log = logging.getLogger("gateway")
@@ -3855,6 +3858,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="gateway", parents=[config],
         description="Serve the Anthropic Messages API with your own keys.")
+    parser.add_argument("--version", action="version", version="gateway " + __version__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", parents=[config], help="run the gateway (gunicorn)")
     serve.add_argument("--bind", metavar="HOST:PORT", help="listen address (default from "

@@ -163,15 +163,19 @@ def doc_block(doc, marker, after=0):
 
 
 def test_the_readme_quick_start_runs_as_written(upstream, tmp_path):
-    # The README's start command and curl, run by bash as written. The stand-ins: .venv holds
+    # The README's start command and then its curl, in one bash session as a reader types
+    # them (the curl uses the KEY that the start command set), and all of it a second time in
+    # the same directory, as a reader coming back the next day does. The stand-ins: .venv holds
     # the checkout's gateway instead of a pip install, 'gateway serve' listens on a free port
-    # (--bind), GATEWAY_CONFIG points it at the fake upstream, and the upstream key is its key.
+    # (--bind) that the curl is pointed at, GATEWAY_CONFIG points it at the fake upstream, the
+    # upstream key is its key, and the session waits for 'Listening at' before the curl.
     if not shutil.which("curl"):
         missing("curl is not installed (the README's curl example)")
     start = doc_block("README.md", "<!-- start-command")
     curl = doc_block("README.md", "<!-- curl-example")
     shown = json.loads(doc_block("README.md", "<!-- curl-example", after=1))
     assert "sk-ant-your-upstream-key" in start and "127.0.0.1:8080" in curl
+    assert "$KEY" in curl and start.rstrip().endswith("&")
     venv = tmp_path / ".venv" / "bin"
     venv.mkdir(parents=True)
     (venv / "pip").write_text("#!/bin/sh\nexit 0\n")
@@ -182,22 +186,28 @@ def test_the_readme_quick_start_runs_as_written(upstream, tmp_path):
         (venv / script).chmod(0o755)
     (tmp_path / "gateway.ini").write_text("[gateway]\nupstream_url = %s\n" % upstream.url)
     no_venv = 'python3() { if [ "$1 $2" = "-m venv" ]; then return 0; fi; command python3 "$@"; }\n'
-    env = {"GATEWAY_CONFIG": str(tmp_path / "gateway.ini")}
-    command = ["bash", "-c", no_venv + start.replace("sk-ant-your-upstream-key", UPSTREAM_KEY)]
-    log_path = tmp_path / "start.log"
-
-    def listening(text):
-        return LISTENING.search(text) and "Booting worker" in text
-    with server_process(command, log_path, listening, env, cwd=str(tmp_path)):
-        output = log_path.read_text()
-        key = re.search(r"^sk-gw-\S+$", output, re.M).group(0)
-        address = LISTENING.search(output).group(1)
-        answer = subprocess.run(
-            ["bash", "-c", curl.replace("127.0.0.1:8080", address)], capture_output=True,
-            text=True, timeout=30, env=dict(os.environ, KEY=key), cwd=str(tmp_path))
-    assert answer.returncode == 0, answer.stderr
-    assert json.loads(answer.stdout) == shown
-    assert upstream.last.headers["x-api-key"] == UPSTREAM_KEY
+    wait = ('for i in $(seq 300); do grep -q "Booting worker" "$LOG" && break; sleep 0.1; done\n'
+            'ADDRESS=$(grep -o "Listening at: http://[0-9.:]*" "$LOG" | tail -n 1 | cut -d/ -f3)\n')
+    session = (no_venv + start.replace("sk-ant-your-upstream-key", UPSTREAM_KEY) + wait
+               + curl.replace("127.0.0.1:8080", "$ADDRESS").rstrip() + ' > "$ANSWER"\n'
+               + "kill %1; wait\n")
+    env = dict(os.environ, GATEWAY_CONFIG=str(tmp_path / "gateway.ini"))
+    env.pop("KEY", None)
+    keys = []
+    for run in ("first", "second"):
+        log_path, answer = tmp_path / (run + ".log"), tmp_path / (run + ".json")
+        env.update(LOG=str(log_path), ANSWER=str(answer))
+        with open(log_path, "wb") as log:
+            result = subprocess.run(["bash", "-c", session], stdout=log, stderr=subprocess.STDOUT,
+                                    env=env, cwd=str(tmp_path), timeout=60)
+        assert result.returncode == 0, log_path.read_text()
+        assert json.loads(answer.read_text()) == shown, log_path.read_text()
+        assert upstream.last.headers["x-api-key"] == UPSTREAM_KEY
+        access = [json.loads(line) for line in log_path.read_text().splitlines()
+                  if line.startswith("{")]
+        assert [line["key"] for line in access] == ["me"]
+        keys.append(gateway.parse_key_file((tmp_path / "gateway.keys").read_text()).get("me"))
+    assert keys[0].digest != keys[1].digest  # the second run gave 'me' a new key
 
 
 def test_installation_lists_every_extra():

@@ -154,3 +154,13 @@ def test_hup_applies_a_new_config_and_survives_a_broken_one(config_dir, upstream
         for _ in range(6):
             assert models(url)[-1] == "claude-opus-5"
         assert process.poll() is None
+
+
+def test_version_is_the_release_that_setup_cfg_builds():
+    import configparser
+    import gateway
+    result = run_gateway("--version")
+    assert result.returncode == 0 and result.stdout == "gateway %s\n" % gateway.__version__
+    setup = configparser.ConfigParser()
+    setup.read(os.path.join(ROOT, "setup.cfg"))
+    assert setup["metadata"]["version"] == "attr: gateway.__version__"
