@@ -342,20 +342,24 @@ def start_nginx(workdir, upstream_port, core):
     return process, port
 
 
-def start_gateway(workdir, upstream_port, core, gunicorn_config=None, keys=1, serve_args=()):
+def start_gateway(workdir, upstream_port, core, gunicorn_config=None, keys=1, serve_args=(),
+                  settings="", key_lines=""):
     """``./gateway serve`` with the shipped gunicorn defaults (only --bind differs), and a key
-    file of ``keys`` keys, the benchmark's own last."""
+    file of ``keys`` keys, the benchmark's own last (then ``key_lines``). ``settings`` are
+    more [gateway] lines."""
     directory = os.path.join(workdir, "gateway")
     os.makedirs(directory, exist_ok=True)
     write_key_file(os.path.join(directory, "gateway.keys"), keys)
+    with open(os.path.join(directory, "gateway.keys"), "a") as file:
+        file.write(key_lines)
     with open(os.path.join(directory, "upstream.key"), "w") as file:
         file.write(UPSTREAM_KEY + "\n")
     os.chmod(os.path.join(directory, "upstream.key"), 0o600)
     ini = os.path.join(directory, "gateway.ini")
     with open(ini, "w") as file:
         file.write("[gateway]\nupstream_url = http://127.0.0.1:%d\nkeys_file = gateway.keys\n"
-                   "upstream_key_file = upstream.key\n[models]\n%s = %s\n"
-                   % (upstream_port, PUBLIC_MODEL, UPSTREAM_MODEL))
+                   "upstream_key_file = upstream.key\n%s[models]\n%s = %s\n"
+                   % (upstream_port, settings, PUBLIC_MODEL, UPSTREAM_MODEL))
     port = free_port()
     argv = [sys.executable, os.path.join(ROOT, "gateway"), "serve", "--config", ini,
             "--bind", "127.0.0.1:%d" % port]
@@ -438,10 +442,10 @@ def image_body(size):
 
 
 def wrk(port, body_path, connections, seconds, core, workdir, path="/v1/messages",
-        method="POST"):
+        method="POST", key=CLIENT_KEY):
     script = os.path.join(workdir, "wrk-%s-%s.lua" % (method, os.path.basename(body_path)))
     with open(script, "w") as file:
-        file.write(WRK_SCRIPT % {"body": body_path, "key": CLIENT_KEY, "method": method})
+        file.write(WRK_SCRIPT % {"body": body_path, "key": key, "method": method})
     argv = pinned(core, ["wrk", "-t1", "-c%d" % connections, "-d%ds" % seconds,
                          "--timeout", "10s", "-s", script,
                          "http://127.0.0.1:%d%s" % (port, path)])
@@ -725,7 +729,80 @@ def scenario_usage(plan, workdir, upstream_port, proxy_core, load_core, bodies):
     return figures
 
 
-SCENARIOS = {"keys": scenario_keys, "usage": scenario_usage}
+LIMITED_KEY = "sk-gw-bench-limited-0123456789abcdefghijklmnop"
+#: Limits that a benchmark never reaches, so that every request is admitted and counted:
+#: rpm and concurrency are the two that write on every request.
+LIMITED_LINE = "limited sha256:%s * enabled rpm=1000000000 concurrency=100000\n" % (
+    hashlib.sha256(LIMITED_KEY.encode()).hexdigest())
+
+
+def scenario_limits(plan, workdir, upstream_port, proxy_core, load_core, bodies):
+    """What per-key limits cost a request: an unlimited and a limited key (rpm and
+    concurrency, never reached), first with the limits in this host's SQLite file, then in
+    Redis (a redis-server on a unix socket, pinned beside wrk and the upstream). Latency at
+    concurrency 1 (wrk p50 and p99), CPU per request of the gateway and of redis-server at
+    concurrency 16."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    directory = os.path.join(workdir, "redis")
+    os.makedirs(directory, exist_ok=True)
+    socket_path = os.path.join(directory, "redis.sock")
+    redis = subprocess.Popen(pinned(load_core, [
+        binary, "--port", "0", "--unixsocket", socket_path, "--dir", directory, "--save", "",
+        "--appendonly", "no", "--maxmemory-policy", "noeviction"]), stdout=subprocess.DEVNULL)
+    figures = {}
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(socket_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        backends = (("sqlite", ""), ("redis", "limits_backend = unix://%s?db=0\n" % socket_path))
+        for backend, settings in backends:
+            process, port, _ = start_gateway(workdir, upstream_port, proxy_core,
+                                             settings=settings, key_lines=LIMITED_LINE)
+            try:
+                for label, key in (("unlimited", CLIENT_KEY), ("limited", LIMITED_KEY)):
+                    figures["%s_%s" % (backend, label)] = limits_run(
+                        plan, port, process.pid, redis.pid, key, load_core, workdir, bodies)
+                    print("  %-6s %-9s c1 p50 %.3f ms p99 %.3f ms; c16 %.0f req/s, CPU/req: "
+                          "gateway %.3f ms, redis %.3f ms" % (
+                              backend, label, *(figures["%s_%s" % (backend, label)][name] for
+                                                name in ("c1_p50_ms", "c1_p99_ms", "rps_c16",
+                                                         "cpu_ms_per_req_c16",
+                                                         "redis_cpu_ms_per_req_c16"))),
+                          flush=True)
+            finally:
+                stop(process)
+    finally:
+        stop(redis)
+    for backend in ("sqlite", "redis"):
+        limited, unlimited = figures[backend + "_limited"], figures[backend + "_unlimited"]
+        for name in ("c1_p50_ms", "cpu_ms_per_req_c16"):
+            figures["%s_added_%s" % (backend, name)] = limited[name] - unlimited[name]
+    figures["unlimited_redis_vs_sqlite_c1_p50_ms"] = (figures["redis_unlimited"]["c1_p50_ms"]
+                                                      - figures["sqlite_unlimited"]["c1_p50_ms"])
+    print("  a limited key adds, c1 p50: SQLite %.3f ms, Redis %.3f ms (target <= 0.15 ms); "
+          "CPU/req: SQLite %.3f ms, Redis %.3f ms in the gateway" % (
+              figures["sqlite_added_c1_p50_ms"], figures["redis_added_c1_p50_ms"],
+              figures["sqlite_added_cpu_ms_per_req_c16"],
+              figures["redis_added_cpu_ms_per_req_c16"]))
+    print("  an unlimited key with Redis configured vs without, c1 p50: %+.3f ms (target: 0)"
+          % figures["unlimited_redis_vs_sqlite_c1_p50_ms"])
+    return figures
+
+
+def limits_run(plan, port, pid, redis_pid, key, load_core, workdir, bodies):
+    wrk(port, bodies["small"], 4, 1, load_core, workdir, key=key)  # warm: pools, scripts
+    c1 = wrk(port, bodies["small"], 1, plan["seconds"], load_core, workdir, key=key)
+    before, redis_before = cpu_seconds(pid), cpu_seconds(redis_pid)
+    c16 = wrk(port, bodies["small"], 16, plan["seconds"], load_core, workdir, key=key)
+    requests = max(1, c16["requests"])
+    return {"c1_p50_ms": c1["p50_us"] / 1000, "c1_p99_ms": c1["p99_us"] / 1000,
+            "rps_c16": c16["rps"],
+            "cpu_ms_per_req_c16": (cpu_seconds(pid) - before) * 1000 / requests,
+            "redis_cpu_ms_per_req_c16": (cpu_seconds(redis_pid) - redis_before) * 1000 / requests,
+            "errors": c1["errors"] + c1["non2xx"] + c16["errors"] + c16["non2xx"]}
+
+
+SCENARIOS = {"keys": scenario_keys, "usage": scenario_usage, "limits": scenario_limits}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -855,9 +932,9 @@ def main(argv=None):
     parser.add_argument("--gunicorn-config", metavar="FILE",
                         help="try another gunicorn config instead of the shipped one")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS),
-                        help="instead of the table, one scenario of issue 16: keys (cost "
-                        "against the number of keys), usage ('gateway usage' over a "
-                        "large log)")
+                        help="instead of the table, one scenario: keys (cost against the "
+                        "number of keys), usage ('gateway usage' over a large log), limits "
+                        "(what a limited key costs on SQLite and on Redis)")
     parser.add_argument("--upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.upstream:
