@@ -826,10 +826,8 @@ class LastGoodCopy:
     def save(self, text, version):
         """Keep ``text`` (the file at ``version``, its ctime in ns) unless the copy holds a
         newer version. Failing to save is logged, never raised: serving goes on."""
-        import fcntl  # POSIX only, like gunicorn
         try:
-            with open(self.path + ".lock", "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+            with exclusive_lock(self.path + ".lock", owner_of=self.source):
                 saved = self._saved_version()
                 if saved == version or (saved > version and not self._current(version)):
                     return
@@ -862,6 +860,25 @@ def last_good_keys(config):
     key file in the default layout, where the state file is)."""
     return LastGoodCopy(os.path.join(os.path.dirname(config.state_path), os.path.basename(
         config.keys_path) + ".last-good"), config.keys_path)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, owner_of):
+    """Hold an exclusive ``flock`` on the (empty) file ``path``, made if missing. It is opened
+    read-only and made readable by all, so a lock file that root made (running 'gateway
+    check' or 'gateway keys') never locks the service user out; as root, it is also given to
+    the owner of ``owner_of``."""
+    import fcntl  # here, not at the top: POSIX only, like gunicorn
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    try:
+        if os.geteuid() == 0:
+            with contextlib.suppress(OSError):
+                reference = os.stat(owner_of)
+                os.fchown(fd, reference.st_uid, reference.st_gid)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write_atomically(path, text, owner_of=None):
@@ -3052,15 +3069,18 @@ def edit_key_file(config, change):
     """Read, change and write the key file under an exclusive lock beside it, so two
     'gateway keys' runs never interleave. ``change(store)`` returns the new store; the new text
     is checked with the workers' parser before it replaces the file."""
-    import fcntl  # here, not at the top: POSIX only, and embedders never edit keys
-    with open(config.keys_path + ".lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        text, store = load_key_file(config.keys_path)
-        new = change(store)
-        new_text, written = render_key_file(text, store, new)
-        verified_key_file(new_text, new, written)
-        write_key_file(config.keys_path, new_text)
-        last_good_keys(config).save(new_text, os.stat(config.keys_path).st_ctime_ns)
+    try:
+        with exclusive_lock(config.keys_path + ".lock", owner_of=config.keys_path):
+            text, store = load_key_file(config.keys_path)
+            new = change(store)
+            new_text, written = render_key_file(text, store, new)
+            verified_key_file(new_text, new, written)
+            write_key_file(config.keys_path, new_text)  # its rename is the last thing it does
+    except OSError as exc:  # a lock file or directory we may not write, a full disk
+        raise CommandError("cannot update %s: %s; nothing was changed (run 'gateway keys' as "
+                           "the user that owns the key file)" % (
+                               exc.filename or config.keys_path, describe(exc))) from None
+    last_good_keys(config).save(new_text, os.stat(config.keys_path).st_ctime_ns)
 
 
 def _existing(store, name):

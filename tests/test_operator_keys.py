@@ -283,3 +283,46 @@ def test_a_worker_booting_on_a_broken_file_uses_the_copy_and_says_so(config_dir,
     assert "is broken; serving %s" % (config_dir / "gateway.keys.last-good") in caplog.text
     os.unlink(config_dir / "gateway.keys")  # missing at boot: the same
     assert gateway.make_app(config).keys.get().find(CLIENT_KEY).name == "alice"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make files another user owns")
+def test_lock_files_root_made_do_not_lock_the_service_user_out():
+    """'gateway check' or 'gateway keys' run once as root leaves root's lock files behind; the
+    service user must still edit keys and save the last good copy. (In process, with the
+    effective uid switched: the interpreter may live where another user cannot run it.)"""
+    import pathlib
+    import shutil
+    import tempfile
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="gateway-owner-"))  # pytest's is 0700
+    try:
+        _as_the_service_user(directory, 65534)
+    finally:
+        shutil.rmtree(directory)
+
+
+def _as_the_service_user(directory, nobody):
+    (directory / "gateway.ini").write_text("[gateway]\n")
+    (directory / "gateway.keys").write_text(key_line("alice", "sk-a"))
+    for path in (directory, directory / "gateway.ini", directory / "gateway.keys"):
+        os.chown(path, nobody, nobody)
+    for lock in ("gateway.keys.lock", "gateway.keys.last-good.lock"):
+        (directory / lock).write_text("")  # root's, mode 0644
+    os.chmod(directory, 0o755)
+    config = gateway.Config.from_file(str(directory / "gateway.ini"))
+    copy = directory / "gateway.keys.last-good"
+
+    def add(name):
+        gateway.edit_key_file(config, lambda store: store.replace(
+            name, digest=gateway.digest_key("sk-" + name)))
+    os.setegid(nobody)
+    os.seteuid(nobody)
+    try:
+        add("dave")
+    finally:
+        os.seteuid(0)
+        os.setegid(0)
+    assert "dave" in copy.read_text() and os.stat(copy).st_uid == nobody
+    add("erin")  # as root: what it writes goes to the key file's owner, not to root
+    for path in (directory / "gateway.keys", copy):
+        assert os.stat(path).st_uid == nobody and os.stat(path).st_mode & 0o777 == 0o600
+    assert "erin" in copy.read_text()
