@@ -919,15 +919,26 @@ def _keep_owner(temporary, reference):
 FILE_ERRORS = (OSError, UnicodeDecodeError, ValueError)
 
 
-def read_text(path):
+def read_text(path, empty_ok=False):
     """The UTF-8 text at ``path``. An empty file is an error, never a version: it is what a
     reader sees between an in-place rewrite's truncate and its write (a key file emptied on
-    purpose keeps a comment; 'gateway keys' writes one)."""
-    with open(path, encoding="utf-8") as file:
-        text = file.read()
-    if not text:
+    purpose keeps a comment; 'gateway keys' writes one). ``empty_ok`` is for the commands,
+    which read a file nobody is rewriting."""
+    with open(path, "rb") as file:
+        data = file.read()
+    if not data and not empty_ok:
         raise ValueError("the file is empty")
-    return text
+    return decode_utf8(data)
+
+
+def decode_utf8(data):
+    """``data`` as text; bytes that are not UTF-8 are an error naming their line (an editor's
+    line number), not the decoder's byte offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError("line %d: not UTF-8 (byte 0x%02x); save the file as UTF-8" % (
+            data.count(b"\n", 0, exc.start) + 1, data[exc.start])) from None
 
 
 def read_parsed(path, parse):
@@ -2998,18 +3009,22 @@ def load_key_file(path):
     """Read the key file for editing: its text and its ``KeyStore``; a missing file is an
     empty one. A file that does not parse is an error naming the line to fix."""
     try:
-        with open(path, encoding="utf-8") as file:  # empty is fine here: no keys yet
-            text = file.read()
+        text = read_text(path, empty_ok=True)  # empty is fine here: no keys yet
     except FileNotFoundError:
         return "", KeyStore()
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise CommandError("key file %s: %s" % (path, describe(exc))) from None
+    except ValueError as exc:  # not UTF-8
+        raise CommandError(_fix_the_line(path, exc)) from None
     try:
         return text, parse_key_file(text)
     except ValueError as exc:
-        raise CommandError(
-            "key file %s, %s.\nFix or delete that line, then run the command again. Until "
-            "then the workers serve the last version that parsed." % (path, exc)) from None
+        raise CommandError(_fix_the_line(path, exc)) from None
+
+
+def _fix_the_line(path, exc):
+    return ("key file %s, %s.\nFix or delete that line, then run the command again. Until "
+            "then the workers serve the last version that parsed." % (path, exc))
 
 
 def render_key_file(text, old, new):
@@ -3289,8 +3304,7 @@ def cmd_check(config, args):
     if problem:
         problems.append("a worker cannot start with this config: %s" % problem)
     try:
-        with open(config.keys_path, encoding="utf-8") as file:  # empty: no keys, as for 'keys'
-            store = parse_key_file(file.read())
+        store = parse_key_file(read_text(config.keys_path, empty_ok=True))  # as for 'keys'
         enabled = sum(1 for e in store.entries if e.enabled)
         print("keys: %s: %d key(s), %d enabled" % (config.keys_path, len(store.entries), enabled))
         salted = len(store.salted_entries(time.time()))

@@ -326,3 +326,13 @@ def _as_the_service_user(directory, nobody):
     for path in (directory / "gateway.keys", copy):
         assert os.stat(path).st_uid == nobody and os.stat(path).st_mode & 0o777 == 0o600
     assert "erin" in copy.read_text()
+
+
+def test_bytes_that_are_not_utf8_are_named_by_line(config_dir):
+    path = config_dir / "gateway.keys"
+    path.write_bytes(path.read_bytes() + b"# caf\xe9 (latin-1)\n")
+    result = run(config_dir, "list")
+    assert result.returncode == 1
+    assert "line 4: not UTF-8 (byte 0xe9)" in result.stderr and "position" not in result.stderr
+    with pytest.raises(ValueError, match=r"line 4: not UTF-8"):
+        gateway.read_parsed(str(path), gateway.parse_key_file)  # what a worker logs
