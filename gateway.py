@@ -113,6 +113,14 @@ DEFAULT_MODELS = types.MappingProxyType({
 STREAM_READ_SIZE = 65536
 BODY_READ_SIZE = 262144
 
+#: A refusal that cannot succeed within this many seconds tells clients not to retry. Both
+#: SDKs obey ``x-should-retry: false`` before the status; without it both sleep for whatever
+#: ``retry-after`` says, hours included, and try twice more (@anthropic-ai/sdk 1.14
+#: src/client.ts ``shouldRetry``, ``retryRequest``; anthropic 2.17
+#: src/anthropic/_base_client.py ``_should_retry``, ``_calculate_retry_timeout``).
+RETRY_HORIZON = 60
+NO_RETRY = ("x-should-retry", "false")
+
 KEY_PREFIX = "sk-gw-"
 #: The access log's ``error`` for a stream the client abandoned (not counted as an error).
 CLIENT_WENT_AWAY = "client went away"
@@ -989,8 +997,10 @@ def limit_refusal(entry, option, retry_after):
     rounded up, at least 1 (the SDKs honour it)."""
     message = dict(LIMIT_REFUSALS)[option] % counted(
         getattr(entry, option), "token" if option == "tokens_per_day" else "request")
-    return APIError(429, "rate_limit_error", message,
-                    [("retry-after", str(max(1, math.ceil(retry_after))))])
+    headers = [("retry-after", str(max(1, math.ceil(retry_after))))]
+    if retry_after > RETRY_HORIZON:  # tokens_per_day: not before midnight UTC
+        headers.append(NO_RETRY)
+    return APIError(429, "rate_limit_error", message, headers)
 
 
 def counted(number, noun):
@@ -2589,8 +2599,10 @@ class Gateway:
             log.critical("the upstream refused OUR key #%d of %d (401) [%s]: replace it in "
                          "the upstream key file", keys.index(key) + 1, len(keys),
                          exchange.request_id)
+        # Not retried (x-should-retry): only the operator can fix it, and Claude Code would
+        # otherwise try ten times.
         raise APIError(502, "api_error", "The gateway's upstream credentials were refused. "
-                       "The operator has been told.")
+                       "The operator has been told.", [NO_RETRY])
 
     def _send(self, environ, exchange, path, body, upstream_key):
         query = environ.get("QUERY_STRING", "")
@@ -2617,7 +2629,7 @@ class Gateway:
             log.critical("no upstream key: put it in %s or set ANTHROPIC_API_KEY",
                          self.config.upstream_key_path)
             raise APIError(502, "api_error", "The gateway has no upstream credentials. "
-                           "The operator has been told.")
+                           "The operator has been told.", [NO_RETRY])
         return keys
 
     def session(self):

@@ -1,8 +1,14 @@
 """The real anthropic Python SDK, pointed at the gateway over HTTP, sees the real API."""
+import json
+import logging
+import threading
+import time
+
 import anthropic
 import pytest
 
-from conftest import CLIENT_KEY, LIMITED_KEY, missing
+import gateway
+from conftest import CLIENT_KEY, LIMITED_KEY, key_line, missing
 from upstream import message, sse, stream_events, text_stream
 
 MESSAGES = [{"role": "user", "content": "Hello"}]
@@ -155,3 +161,76 @@ def test_typescript_sdk(ts_sdk, served_app, upstream):
         "text": "Hello!", "streamed": ["Hel", "lo", "!"], "output_tokens": 7,
         "input_tokens": 42, "error": {"status": 404, "type": "not_found_error"}}
     assert all(CLIENT_KEY not in repr(r.headers) for r in upstream.received)
+
+
+# -- refusals that cannot succeed soon are not retried (x-should-retry: false) -----------------
+
+SPENT_KEY = "sk-gw-test-dave-0123456789abcdefghijklmnopq"
+
+
+@pytest.fixture
+def spent_key(config_dir, config):
+    """A key whose tokens_per_day are used up: its 429 says retry-after of hours."""
+    with open(config_dir / "gateway.keys", "a") as keys:
+        keys.write(key_line("dave", SPENT_KEY).rstrip("\n") + " tokens_per_day=10\n")
+    gateway.HostState(config.state_path).add_tokens("dave", 10, time.time())
+    return SPENT_KEY
+
+
+def gateway_requests(caplog, key=None):
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "gateway.access"
+            and (key is None or json.loads(r.getMessage())["key"] == key)]
+
+
+def bounded(call, seconds=30):
+    """``call()``'s exception, raised within ``seconds`` or the test fails: an SDK that sleeps
+    on an hours-long retry-after must fail the test, not hang it (the thread is a daemon)."""
+    outcome = []
+
+    def run():
+        try:
+            call()
+        except Exception as exc:
+            outcome.append(exc)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), "the SDK is still waiting to retry"
+    assert outcome, "the call succeeded"
+    return outcome[0]
+
+
+def test_python_sdk_does_not_retry_a_spent_daily_budget(served_app, spent_key, caplog):
+    sdk = anthropic.Anthropic(api_key=spent_key, base_url=served_app, max_retries=2)
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        refused = bounded(lambda: sdk.messages.create(model="claude-opus-4-8", max_tokens=1,
+                                                      messages=MESSAGES))
+    assert isinstance(refused, anthropic.RateLimitError)
+    assert refused.response.headers["x-should-retry"] == "false"
+    assert int(refused.response.headers["retry-after"]) > 60
+    assert len(gateway_requests(caplog, "dave")) == 1
+
+
+def test_python_sdk_does_not_retry_our_refused_upstream_credentials(served_app, upstream):
+    upstream.handler = lambda handler, received: handler.send_json(401, {
+        "type": "error", "error": {"type": "authentication_error",
+                                   "message": "invalid x-api-key"}})
+    sdk = anthropic.Anthropic(api_key=CLIENT_KEY, base_url=served_app, max_retries=2)
+    with pytest.raises(anthropic.InternalServerError) as failed:
+        sdk.messages.create(model="claude-opus-4-8", max_tokens=1, messages=MESSAGES)
+    assert failed.value.status_code == 502
+    assert failed.value.response.headers["x-should-retry"] == "false"
+    assert len(upstream.received) == 1
+
+
+def test_typescript_sdk_does_not_sleep_on_an_hours_long_retry_after(ts_sdk, served_app,
+                                                                     spent_key, caplog):
+    import subprocess
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        result = subprocess.run(["node", "no_retry.js", served_app, spent_key], cwd=ts_sdk,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout)
+    assert (seen["status"], seen["type"], seen["should_retry"]) == (
+        429, "rate_limit_error", "false")
+    assert len(gateway_requests(caplog, "dave")) == 1
