@@ -1565,6 +1565,13 @@ def route_models(body, models, key_entry):
     fallbacks = body.get("fallbacks")
     if isinstance(fallbacks, list):
         routed["fallbacks"] = [_route_nested(item, models, key_entry) for item in fallbacks]
+    elif fallbacks is not None:
+        # "default" (anthropic types/beta/beta_fallbacks_param.py) asks for the upstream's own
+        # fallback set: models we cannot see, map or check against the key.
+        raise APIError(400, "invalid_request_error",
+                       'fallbacks: this gateway serves only the models in its map, so '
+                       '"default" (the upstream\'s own fallback models) is not accepted; '
+                       'list them instead: [{"model": "<id>"}, ...].')
     tools = body.get("tools")
     if isinstance(tools, list):
         routed["tools"] = [

@@ -120,6 +120,15 @@ def test_errors_become_the_sdk_exceptions(served_app, sdk, upstream):
     assert overloaded.value.status_code == 529
 
 
+def test_fallbacks_default_is_refused_before_the_upstream(sdk, upstream):
+    """"default" would let the upstream answer from models outside the map and the key."""
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        sdk.beta.messages.create(model="claude-opus-4-8", max_tokens=1, messages=MESSAGES,
+                                 fallbacks="default")
+    assert refused.value.body["error"]["message"].startswith("fallbacks: ")
+    assert upstream.received == []
+
+
 def test_error_event_mid_stream_raises(sdk, upstream):
     def breaks(handler, received):
         stream_events(handler, text_stream("m")[:2] + [

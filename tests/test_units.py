@@ -205,6 +205,8 @@ def test_route_models_rewrites_every_model_id():
     ({"model": "claude-opus-4-7",
       "tools": [{"type": "advisor_20260301", "model": "opus-upstream-x"}]}, 404, "model:"),
     ({"model": 7}, 400, "model"), ({}, 400, "model"),
+    ({"model": "claude-opus-4-7", "fallbacks": "default"}, 400, 'fallbacks: '),
+    ({"model": "claude-opus-4-7", "fallbacks": {"model": "claude-opus-4-7"}}, 400, "fallbacks"),
 ])
 def test_route_models_refuses_what_is_outside_the_map_or_the_key(body, status, message):
     with pytest.raises(APIError) as error:
