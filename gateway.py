@@ -2518,6 +2518,8 @@ class Gateway:
                              environ.get("gateway.request_id"), type(exc).__name__)
                     raise APIError(400, "invalid_request_error",
                                    "The request body could not be read.") from None
+        log.info("request body did not arrive within %g s [%s]", self.config.body_timeout,
+                 environ.get("gateway.request_id"))
         raise APIError(408, "timeout_error", "The request body did not arrive within %g "
                        "seconds." % self.config.body_timeout)
 

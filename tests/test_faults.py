@@ -17,6 +17,7 @@ The soak at the end is opt-in: ``pytest --soak`` or ``GATEWAY_SOAK=1``.
 """
 import collections
 import contextlib
+import functools
 import gzip
 import hashlib
 import itertools
@@ -55,12 +56,13 @@ STREAM_KEY = "sk-gw-test-erin-0123456789abcdefghijklmnopq"
 FRANK_KEY = "sk-gw-test-frank-0123456789abcdefghijklmnop"
 CLIENT_KEYS = (CLIENT_KEY, LIMITED_KEY, DISABLED_KEY, NEW_CLIENT_KEY, STREAM_KEY, FRANK_KEY)
 
-#: Everything any client in this module received (status lines, headers, bodies), and every
-#: gateway log file: both are audited for secrets by the last test.
+#: Everything any client in this module received (status lines, headers, bodies), every
+#: gateway log file and every upstream: audited for secrets by test_secrets_never_leak
+#: (whenever it runs) and once more after the module's last test (the ``audit`` fixture).
+#: Only appended to: no test's outcome depends on what ran before it.
 SEEN_BY_CLIENTS = []
 LOG_FILES = []
 UPSTREAMS = []
-FAULTS_INJECTED = collections.Counter()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,6 +81,16 @@ class Stage:
 STAGES = collections.defaultdict(Stage)
 
 
+@pytest.fixture(autouse=True)
+def fresh_stages():
+    """Every test starts with fresh stages, so no test depends on another's events; a handler
+    still held by an earlier test is released first."""
+    for stage in STAGES.values():
+        stage.release.set()
+    STAGES.clear()
+    yield
+
+
 def fault_of(received):
     """'name' when the request's first user message is 'fault:name', else None."""
     try:
@@ -94,7 +106,6 @@ def dispatch(handler, received):
     name = fault_of(received)
     if name is None:
         return default_handler(handler, received)
-    FAULTS_INJECTED[name] += 1
     return UPSTREAM_FAULTS[name](handler, received)
 
 
@@ -242,15 +253,10 @@ def up_brotli_json(handler, received):
               b"\x8b\x03\x80not-json")
 
 
-HUGE_TEXT = None
-
-
+@functools.lru_cache(maxsize=1)
 def huge_text():
-    global HUGE_TEXT
-    if HUGE_TEXT is None:
-        HUGE_TEXT = "".join(random.Random(6).choice("abcdefghij ") for _ in range(1024)) * \
-            (50 * 1024)
-    return HUGE_TEXT
+    """50 MiB of text, the same every time (made once: it takes a moment)."""
+    return "".join(random.Random(6).choice("abcdefghij ") for _ in range(1024)) * (50 * 1024)
 
 
 def up_huge_json(handler, received):
@@ -640,10 +646,11 @@ def no_tracebacks(rig):
 # ---------------------------------------------------------------------------------------------
 
 def test_upstream_reset_before_headers_is_a_502(rig):
+    before = len(received_with(rig, "reset_before_headers"))
     response = post(rig, body("fault:reset_before_headers"))
     assert_envelope(response.status_code, response.headers, response.content, 502, "api_error")
     request_id = response.headers["request-id"]
-    assert len(received_with(rig, "reset_before_headers")) == 1  # not retried
+    assert len(received_with(rig, "reset_before_headers")) == before + 1  # not retried
     assert rig.access(request_id)["status"] == 502
     assert re.search(r"upstream request to 127\.0\.0\.1:%d failed \[%s\]: connection reset "
                      % (rig.upstream.server.server_address[1], request_id), rig.log())
@@ -677,6 +684,7 @@ def test_upstream_reset_mid_stream_ends_with_an_error_event(rig):
 
 def test_upstream_stall_before_headers_is_a_504_and_others_are_served(rig):
     stage = STAGES["stall_headers"]
+    before = len(received_with(rig, "stall_headers"))
     stalled = in_background(post, rig, body("fault:stall_headers"))
     assert stage.started.wait(WAIT)
     healthy(rig)                   # during the stall
@@ -688,7 +696,7 @@ def test_upstream_stall_before_headers_is_a_504_and_others_are_served(rig):
     request_id = response.headers["request-id"]
     assert any("ReadTimeout" in line for line in rig.lines(request_id))
     assert rig.access(request_id)["error"] == "timeout_error"
-    assert len(received_with(rig, "stall_headers")) == 1
+    assert len(received_with(rig, "stall_headers")) == before + 1  # not retried
     healthy(rig)
 
 
@@ -853,9 +861,16 @@ def test_client_deeply_nested_json_is_answered_without_a_5xx(rig, depth, where):
         text = '{"model": "%s", "max_tokens": 1, "messages": [], "tools": [{"type": %s}]}' % (
             MODEL, deep)
     response = post(rig, text.encode())
-    assert response.status_code in (200, 400), response.content[:300]
-    if response.status_code == 400:
-        assert_envelope(400, response.headers, response.content, 400, "invalid_request_error")
+    # Deep enough to exhaust Python's recursion: a 400; shallow enough: served. In between
+    # (900, 990) it depends on the interpreter's stack, and either answer is right.
+    if depth >= 5000:
+        assert_envelope(response.status_code, response.headers, response.content, 400,
+                        "invalid_request_error")
+        assert "nested too deeply" in response.json()["error"]["message"]
+    elif depth <= 500:
+        assert response.status_code == 200, response.content[:300]
+    else:
+        assert response.status_code in (200, 400), response.content[:300]
     no_tracebacks(rig)
     healthy(rig)
 
@@ -903,8 +918,10 @@ def test_client_content_length_longer_than_the_body_is_cut_off(rig):
         healthy(rig)  # while that request waits for bytes that never come
         response = read_response(sock)
     assert_envelope(response.status, response.headers, response.body, 408, "timeout_error")
-    assert any("did not arrive" in line or "408" in line
-               for line in rig.lines(response.headers["request-id"]))
+    request_id = response.headers["request-id"]
+    assert any("request body did not arrive within %g s [%s]" % (BODY_TIMEOUT, request_id)
+               in line for line in rig.lines(request_id)), rig.lines(request_id)
+    assert rig.access(request_id)["error"] == "timeout_error"
     healthy(rig)
 
 
@@ -935,9 +952,15 @@ def test_client_chunked_body_under_the_limit_is_served(rig):
 
 
 def test_client_malformed_chunked_body_is_a_400(rig):
+    before = len(rig.upstream.received)
     response = raw_request(rig, http_request([b"Transfer-Encoding: chunked"],
                                              b"5\r\n{\"a\":\r\nzz\r\n", content_length=False))
-    assert response is None or 400 <= response.status < 500
+    assert_envelope(response.status, response.headers, response.body, 400,
+                    "invalid_request_error")
+    request_id = response.headers["request-id"]
+    assert any("request body unreadable [%s]: InvalidChunkSize" % request_id in line
+               for line in rig.lines(request_id)), rig.lines(request_id)
+    assert len(rig.upstream.received) == before
     no_tracebacks(rig)
     healthy(rig)
 
@@ -1014,17 +1037,31 @@ def test_client_disconnects_mid_stream_and_the_upstream_is_closed(rig):
     healthy(rig, stream=True)
 
 
-@pytest.mark.parametrize("line", [b"anthropic-beta: a\rb", b"anthropic-beta: a\nb",
-                                  b"anthropic-beta: a\r\n b", b"anthropic-beta: a\x00b",
-                                  b"x-api-key: sk-gw-\r\nx-evil: 1"])
-def test_client_header_with_cr_lf_or_nul_is_refused(rig, line):
+@pytest.mark.parametrize("line, refusal", [
+    (b"anthropic-beta: a\rb", b"Invalid HTTP Header"),
+    (b"anthropic-beta: a\nb", b"Invalid HTTP Header"),
+    (b"anthropic-beta: a\r\n b", b"Obsolete line folding is unacceptable"),
+    (b"anthropic-beta: a\x00b", b"Invalid HTTP Header")])
+def test_client_header_with_cr_lf_or_nul_is_refused(rig, line, refusal):
+    """gunicorn refuses these before the gateway runs: its own 400, nothing goes upstream."""
     before = len(rig.upstream.received)
     response = raw_request(rig, http_request([line], json.dumps(body("hi")).encode()))
-    assert response is None or 400 <= response.status < 500
-    for received in rig.upstream.received[before:]:
-        for value in received.headers.values():
-            assert "\r" not in value and "\n" not in value and "\x00" not in value
+    assert response.status == 400 and refusal in response.body, response.raw[:300]
+    assert len(rig.upstream.received) == before
     healthy(rig)
+
+
+def test_client_header_smuggled_after_a_key_is_a_401(rig):
+    """A CR LF inside a value is, on the wire, two headers: a key 'sk-gw-' that is no key,
+    and x-evil, which is not forwarded (an allowlist)."""
+    before = len(rig.upstream.received)
+    response = raw_request(rig, http_request([b"x-api-key: sk-gw-\r\nx-evil: 1"],
+                                             json.dumps(body("hi")).encode()))
+    assert_envelope(response.status, response.headers, response.body, 401,
+                    "authentication_error")
+    assert len(rig.upstream.received) == before
+    healthy(rig)
+    assert "x-evil" not in rig.upstream.last.headers
 
 
 @pytest.mark.parametrize("value", ["caf\xe9".encode("latin-1"), "café ☃".encode(),
@@ -1055,7 +1092,7 @@ def test_client_enormous_anthropic_beta_header(rig):
     assert received_with(rig, "count")[-1].headers["anthropic-beta"] == value
     before = len(rig.upstream.received)
     response = raw_request(rig, http_request([b"anthropic-beta: " + b"b" * 1000000], data))
-    assert response is None or 400 <= response.status < 500
+    assert response.status == 431, response.raw[:300]  # gunicorn's refusal, before the app
     many = [b"anthropic-beta: beta-%d" % n for n in range(90)]
     response = raw_request(rig, http_request(many, data))
     assert response.status == 200
@@ -1258,17 +1295,15 @@ def test_key_file_replaced_while_requests_are_in_flight(keys, how):
         while not stop.is_set():
             statuses[status_of(keys, CLIENT_KEY)] += 1
 
-    threads = [threading.Thread(target=hammer, daemon=True) for _ in range(4)]
-    for thread in threads:
-        thread.start()
+    hammers = [in_background(hammer) for _ in range(4)]
     try:
         for number in range(40):
             write(path, key_file_with_dave(keys) if number % 2 else keys.good_keys)
     finally:
         stop.set()
-        for thread in threads:
-            thread.join(WAIT)
-    assert set(statuses) == {200}, statuses
+        for join in hammers:
+            join()  # raises what a hammer raised: a refused connection is no 200
+    assert set(statuses) == {200} and sum(statuses.values()) >= 4, statuses
     write(path, key_file_with_dave(keys))
     assert status_of(keys, NEW_CLIENT_KEY) == 200
 
@@ -1752,7 +1787,7 @@ def test_soak_nothing_piles_up(soak_rig, capsys):
 
 
 # ---------------------------------------------------------------------------------------------
-# Secrets: after everything above
+# Secrets: in everything the module recorded
 # ---------------------------------------------------------------------------------------------
 
 def secret_forms(key):
@@ -1760,10 +1795,35 @@ def secret_forms(key):
     return [key.encode(), digest.encode(), digest.upper().encode(), digest[:16].encode()]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def audit():
+    """After the module's last test, whichever it was, audit everything it recorded."""
+    yield
+    audit_secrets()
+
+
 def test_secrets_never_leak(rig, keys_rig, dead_rig):
-    """Runs last: the logs, the error bodies and everything the upstreams received hold no
-    client key or digest; no client ever received the upstream key."""
-    assert len(SEEN_BY_CLIENTS) > 100 and len(LOG_FILES) >= 3
+    """Wherever it runs in the module: a sample of every kind of answer is made here (upstream
+    faults, a stream cut short, client faults, a bad key, an unreachable upstream), then
+    everything recorded so far is audited (the ``audit`` fixture audits again at the end)."""
+    before = len(SEEN_BY_CLIENTS)
+    for name in ("reset_before_headers", "headers_then_reset", "not_json", "rate_limited",
+                 "internal", "gzip_json"):
+        post(rig, body("fault:" + name))
+    read_stream(post(rig, body("fault:no_message_stop", stream=True), stream=True))
+    post(rig, b'{"model": ')
+    post(rig, body("hi"), key="sk-gw-nobody-0123456789")
+    post(rig, body("hi", model="claude-opus-4-7"), key=DISABLED_KEY)
+    raw_request(rig, http_request([b"anthropic-beta: a\rb"], json.dumps(body("hi")).encode()))
+    assert post(keys_rig, body("hi")).status_code == 200
+    assert post(dead_rig, body("hi")).status_code == 502
+    assert len(SEEN_BY_CLIENTS) >= before + 24 and len(LOG_FILES) >= 3
+    audit_secrets()
+
+
+def audit_secrets():
+    """The logs, the error bodies and everything the upstreams received hold no client key
+    or digest; no client ever received the upstream key."""
     client_secrets = [form for key in CLIENT_KEYS for form in secret_forms(key)]
     upstream_secrets = [UPSTREAM_KEY.encode(), NEW_UPSTREAM_KEY.encode(),
                         b"org-secret-upstream", b"upstream-cookie"]
