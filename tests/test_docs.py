@@ -185,9 +185,11 @@ def test_the_readme_quick_start_runs_as_written(upstream, tmp_path):
     for script in ("pip", "gateway"):
         (venv / script).chmod(0o755)
     (tmp_path / "gateway.ini").write_text("[gateway]\nupstream_url = %s\n" % upstream.url)
-    no_venv = 'python3() { if [ "$1 $2" = "-m venv" ]; then return 0; fi; command python3 "$@"; }\n'
+    no_venv = ('python3() { if [ "$1 $2" = "-m venv" ]; then return 0; fi; '
+               'command python3 "$@"; }\n')
     wait = ('for i in $(seq 300); do grep -q "Booting worker" "$LOG" && break; sleep 0.1; done\n'
-            'ADDRESS=$(grep -o "Listening at: http://[0-9.:]*" "$LOG" | tail -n 1 | cut -d/ -f3)\n')
+            'ADDRESS=$(grep -o "Listening at: http://[0-9.:]*" "$LOG" | tail -n 1 '
+            '| cut -d/ -f3)\n')
     session = (no_venv + start.replace("sk-ant-your-upstream-key", UPSTREAM_KEY) + wait
                + curl.replace("127.0.0.1:8080", "$ADDRESS").rstrip() + ' > "$ANSWER"\n'
                + "kill %1; wait\n")
@@ -217,3 +219,11 @@ def test_installation_lists_every_extra():
     listed = set(re.findall(r"^\| `(\w+)` \|", read("docs/installation.md"), re.M))
     assert extras <= listed, "docs/installation.md does not list the extras %s" % (
         ", ".join(sorted(extras - listed)))
+
+
+@pytest.mark.parametrize("index", ["README.md", "docs/README.md"])
+def test_every_topic_is_in_the_index(index):
+    linked = {os.path.normpath(os.path.join(os.path.dirname(index), target.partition("#")[0]))
+              for target in LINK.findall(read(index))}
+    topics = {doc for doc in DOCS if doc.startswith("docs/") and doc != "docs/README.md"}
+    assert topics <= linked, "%s does not link to %s" % (index, ", ".join(sorted(topics - linked)))
