@@ -286,34 +286,46 @@ class Config:
 
     @classmethod
     def from_file(cls, path, environ=None):
-        """Parse the INI file at ``path``; raise ``ValueError`` saying what is wrong."""
-        parser = configparser.ConfigParser(interpolation=None)
-        parser.optionxform = str  # model ids are case-sensitive
+        """Parse the INI file at ``path``; raise ``ValueError`` naming the file, the line and
+        the setting that is wrong (``config gateway.ini, line 7: read_timeout = ten: not a
+        number``)."""
         try:
-            with open(path, encoding="utf-8") as file:
-                parser.read_file(file)
-        except (OSError, UnicodeDecodeError, configparser.Error) as exc:
-            raise ValueError("cannot read config %s: %s" % (path, exc)) from None
-        settings = dict(parser["gateway"]) if parser.has_section("gateway") else {}
-        models = dict(parser["models"]) if parser.has_section("models") else {}
+            with open(path, "rb") as file:
+                data = file.read()
+        except OSError as exc:
+            raise ValueError("cannot read config %s: %s" % (path, describe(exc))) from None
+        try:
+            text = decode_utf8(data)
+            sections, lines = _read_ini(text, path)
+        except ValueError as exc:
+            raise ValueError("config %s, %s" % (path, exc)) from None
         base_dir = os.path.dirname(os.path.abspath(path))
-        return cls._with_environ(settings, models, base_dir, os.environ if environ is None
-                                 else environ)
+        return cls._with_environ(sections.get("gateway", {}), sections.get("models", {}),
+                                 base_dir, os.environ if environ is None else environ,
+                                 lambda *where: "config %s, %s: " % (
+                                     path, "line %d" % lines[where] if where in lines
+                                     else "[%s] %s" % where))
 
     @classmethod
-    def _with_environ(cls, settings, models, base_dir, environ):
+    def _with_environ(cls, settings, models, base_dir, environ, at=lambda *where: ""):
+        """The Config of these [gateway] and [models] texts. ``at(section, name)`` begins an
+        error about that setting: 'config FILE, line N: '."""
         values = {"base_dir": base_dir}
         known = {field.name: field for field in dataclasses.fields(cls)
                  if field.name not in ("models", "upstream_key", "base_dir")}
         for name, text in settings.items():
             if name not in known:
-                raise ValueError("unknown setting %r in [gateway]; known: %s"
-                                 % (name, ", ".join(sorted(known))))
-            values[name] = _parse_setting(known[name], text)
+                raise ValueError("%sunknown setting %s in [gateway]; known: %s"
+                                 % (at("gateway", name), name, ", ".join(sorted(known))))
+            try:
+                values[name] = _parse_setting(known[name], text)
+            except ValueError as exc:
+                raise ValueError(at("gateway", name) + str(exc)) from None
         if models:
             for public, upstream in models.items():
                 if not upstream.strip():
-                    raise ValueError("model %r maps to nothing in [models]" % public)
+                    raise ValueError("%smodel %s maps to nothing in [models]"
+                                     % (at("models", public), public))
             values["models"] = types.MappingProxyType(
                 {public: upstream.strip() for public, upstream in models.items()})
         if not values.get("upstream_key_file") and environ.get("ANTHROPIC_API_KEY"):
@@ -340,35 +352,95 @@ class Config:
         return self.path(self.upstream_key_file or "upstream.key")
 
 
+#: The sections a config file may have; any other (a typo like [gatway]) is an error, since
+#: its settings would be silently ignored.
+CONFIG_SECTIONS = ("gateway", "models")
+
+
+def _read_ini(text, path):
+    """({section: {name: value}}, {(section, name): line number}) of an INI text, or
+    ValueError beginning 'line N: '. configparser parses it; the line numbers, which it
+    keeps only for its own errors, come from a scan of the same lines. No error repeats a
+    line that is not a setting: it may be a key pasted in the wrong file."""
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0")
+    parser.optionxform = str  # model ids are case-sensitive
+    try:
+        parser.read_string(text, source=path)
+    except configparser.MissingSectionHeaderError as exc:
+        raise ValueError("line %d: a setting before any section: begin with [gateway]"
+                         % exc.lineno) from None
+    except configparser.DuplicateSectionError as exc:
+        raise ValueError("line %d: section [%s] is there twice" % (exc.lineno, exc.section)) \
+            from None
+    except configparser.DuplicateOptionError as exc:
+        raise ValueError("line %d: %s is set twice in [%s]" % (exc.lineno, exc.option,
+                                                              exc.section)) from None
+    except configparser.ParsingError as exc:
+        raise ValueError("line %d: not a setting (expected name = value)"
+                         % exc.errors[0][0]) from None
+    lines, section = {}, None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped[0] in "#;":
+            continue
+        # A value's continuation line may be taken for a setting here: harmless, as the first
+        # line that names a setting is the one kept.
+        header = parser.SECTCRE.match(stripped)
+        if header:
+            section = header.group("header")
+            lines.setdefault((section, None), number)
+        else:
+            name = re.split(r"[=:]", stripped, maxsplit=1)[0].strip()
+            lines.setdefault((section, name), number)
+    for name in parser.sections():
+        if name not in CONFIG_SECTIONS:
+            raise ValueError("line %d: unknown section [%s]; known: %s" % (
+                lines[name, None], name, ", ".join("[%s]" % s for s in CONFIG_SECTIONS)))
+    return {name: dict(parser[name]) for name in parser.sections()}, lines
+
+
+#: Settings whose value may carry a password: their errors never repeat it.
+SECRET_SETTINGS = ("limits_backend", "upstream_proxy")
+
+
 def _parse_setting(field, text):
+    """A setting's value from its text, or ValueError 'name = text: what is wrong'."""
     text = text.strip()
     try:
-        if field.type in ("int", int):
-            value = int(text)
-            if value <= 0:
-                raise ValueError("must be positive")
-            return value
-        if field.type in ("float", float):
-            value = float(text)
-            if not value > 0:
-                raise ValueError("must be positive")
-            return value
-        if field.type in ("bool", bool):
-            return _parse_bool(text)
-        if field.type in ("frozenset", frozenset):
-            return frozenset(item.strip() for item in text.split(",") if item.strip())
+        return _parse_value(field, text)
     except ValueError as exc:
-        raise ValueError("setting %s = %r: %s" % (field.name, text, exc)) from None
-    if field.name == "upstream_url":
+        if field.name in SECRET_SETTINGS:
+            raise
+        raise ValueError("%s = %s: %s" % (field.name, text, exc)) from None
+
+
+def _parse_value(field, text):
+    if field.type in ("int", int):
         try:
-            return parse_upstream_url(text)
-        except ValueError as exc:
-            raise ValueError("setting upstream_url = %r: %s" % (text, exc)) from None
+            value = int(text)
+        except ValueError:
+            raise ValueError("not a whole number") from None
+        if value <= 0:
+            raise ValueError("must be positive")
+        return value
+    if field.type in ("float", float):
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError("not a number") from None
+        if not 0 < value < math.inf:
+            raise ValueError("must be a positive, finite number")
+        return value
+    if field.type in ("bool", bool):
+        return _parse_bool(text)
+    if field.type in ("frozenset", frozenset):
+        return frozenset(item.strip() for item in text.split(",") if item.strip())
+    if field.name == "upstream_url":
+        return parse_upstream_url(text)
     if field.name == "limits_backend":
         return _parse_limits_backend(text)
     if field.name == "limits_backend_down" and text not in LIMITS_DOWN_POLICIES:
-        raise ValueError("setting limits_backend_down = %r: expected %s"
-                         % (text, ", ".join(LIMITS_DOWN_POLICIES)))
+        raise ValueError("expected %s" % ", ".join(LIMITS_DOWN_POLICIES))
     if field.name == "upstream_proxy":
         return parse_proxy_url(text)
     return text
@@ -941,7 +1013,10 @@ def read_text(path, empty_ok=False):
 
 def decode_utf8(data):
     """``data`` as text; bytes that are not UTF-8 are an error naming their line (an editor's
-    line number), not the decoder's byte offset."""
+    line number), not the decoder's byte offset. A byte order mark (Notepad writes one) is
+    not part of the first line."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -3328,6 +3403,13 @@ def cmd_check(config, args):
         store = parse_key_file(read_text(config.keys_path, empty_ok=True))  # as for 'keys'
         enabled = sum(1 for e in store.entries if e.enabled)
         print("keys: %s: %d key(s), %d enabled" % (config.keys_path, len(store.entries), enabled))
+        fallback = _last_good_keys_note(config) if not store.entries else None
+        if fallback and not os.path.getsize(config.keys_path):
+            print("warning: %s is empty: %s" % (config.keys_path, fallback))
+        elif not enabled:
+            print("warning: %s holds no enabled key: every request will be refused"
+                  % config.keys_path)
+        _warn_if_readable_by_others(config.keys_path)
         salted = len(store.salted_entries(time.time()))
         if salted > SALTED_KEYS_WARNING:
             print("warning: %d keys have salted (imported) digests, which every request "
@@ -3346,16 +3428,16 @@ def cmd_check(config, args):
             # the workers serve the copy, and say so; 'gateway check' still fails on it.
             print("WARNING: %s\nWARNING: starting anyway: %s" % (problem, fallback))
         else:
-            problems.append(problem + ("; meanwhile " + fallback if fallback else ""))
+            problems.append(problem + ("; meanwhile " + fallback if fallback else
+                                       "; a worker that starts now has no key to fall back on: "
+                                       "every request will be refused"))
     if config.upstream_key_path is None:
         print("upstream key: from ANTHROPIC_API_KEY")
     else:
         try:
             count = len(read_parsed(config.upstream_key_path, parse_secret_lines))
             print("upstream key: %s (%d key(s), readable)" % (config.upstream_key_path, count))
-            if too_open(os.stat(config.upstream_key_path).st_mode):
-                print("warning: %s is readable by group or others; chmod 600 it"
-                      % config.upstream_key_path)
+            _warn_if_readable_by_others(config.upstream_key_path)
         except FILE_ERRORS as exc:
             problems.append("upstream key file %s: %s (or set ANTHROPIC_API_KEY)"
                             % (config.upstream_key_path, describe(exc)))
@@ -3387,6 +3469,15 @@ def _last_good_keys_note(config):
         return None
     return ("the workers serve %s, the last version that parsed (%d key(s), saved %s), until "
             "the key file is fixed" % (copy.path, len(store.entries), format_time(saved)))
+
+
+def _warn_if_readable_by_others(path):
+    """The warning each worker logs for a file of secrets or keys that is too open, in the
+    same words, for every such file."""
+    mode = os.stat(path).st_mode
+    if too_open(mode):
+        print("warning: %s is readable by group or others (mode %03o): chmod 600 it"
+              % (path, mode & 0o777))
 
 
 def boot_problem(config):
@@ -3468,6 +3559,7 @@ def _check_metrics(config):
     try:
         read_parsed(path, parse_secret_lines)
         print("metrics: GET /metrics, bearer token from %s" % path)
+        _warn_if_readable_by_others(path)
     except FILE_ERRORS as exc:
         problems.append("metrics token file %s: %s" % (path, describe(exc)))
     return problems

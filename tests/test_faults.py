@@ -1508,6 +1508,58 @@ def test_check_builds_the_app_as_a_worker_does(tmp_path):
         "prometheus_client" in check.stdout
 
 
+@pytest.mark.parametrize("edit, error", [
+    ("read_timeout = 1.5", "line 6: read_timeout = ten: not a number"),
+    ("[gateway]", "line 1: unknown section [gatway]; known: [gateway], [models]"),
+    ("keys_file = gateway.keys", "line 3: not UTF-8 (byte 0xe9); save the file as UTF-8"),
+    ("upstream_url = http", "line 2: upstream_url = {url}/v1: remove the /v1 at the end: the "
+     "gateway adds /v1/messages itself, so requests would go to /v1/v1/messages"),
+], ids=["not-a-number", "unknown-section", "not-utf8", "v1"])
+def test_check_names_the_file_the_line_and_the_setting(tmp_path, upstream, edit, error):
+    ini = write_config(tmp_path, upstream.url)
+    lines = ini.read_bytes().split(b"\n")
+    number = next(i for i, line in enumerate(lines) if line.startswith(edit.encode()))
+    lines[number] = {"read_timeout = 1.5": b"read_timeout = ten",
+                     "[gateway]": b"[gatway]",
+                     "keys_file = gateway.keys": b"keys_file = gateway.keys # caf\xe9",
+                     "upstream_url = http": lines[number] + b"/v1"}[edit]
+    ini.write_bytes(b"\n".join(lines))
+    check = run_gateway("check", "--config", str(ini))
+    assert check.returncode == 2
+    assert check.stderr == "error: config %s, %s\n" % (ini, error.replace("{url}", upstream.url))
+
+
+def test_check_reports_key_files_as_the_workers_read_them(tmp_path, upstream):
+    """The same warning for every too-open file of keys; a key file that would refuse every
+    request says so (revoking every key is a choice, so a warning); an empty one names the
+    last good copy the workers serve meanwhile, if there is one."""
+    ini = write_config(tmp_path, upstream.url)
+    for name in ("gateway.keys", "upstream.key"):
+        os.chmod(tmp_path / name, 0o640)
+    check = run_gateway("check", "--config", str(ini))
+    assert check.returncode == 0, check.stdout
+    for name in ("gateway.keys", "upstream.key"):
+        assert "warning: %s is readable by group or others (mode 640): chmod 600 it\n" \
+            % (tmp_path / name) in check.stdout
+    os.chmod(tmp_path / "upstream.key", 0o600)
+    replace_atomically(tmp_path / "gateway.keys", "")
+    check = run_gateway("check", "--config", str(ini))  # the copy saved as check built the app
+    assert check.returncode == 0
+    assert re.search(r"warning: %s is empty: the workers serve \S+last-good, the last version "
+                     r"that parsed \(4 key\(s\)" % re.escape(str(tmp_path / "gateway.keys")),
+                     check.stdout), check.stdout
+    os.unlink(tmp_path / "gateway.keys.last-good")
+    for text in ("", "# every key revoked\n", key_line("carol", DISABLED_KEY, "*", "disabled")):
+        replace_atomically(tmp_path / "gateway.keys", text)
+        check = run_gateway("check", "--config", str(ini))
+        assert check.returncode == 0, check.stdout
+        assert "warning: %s holds no enabled key: every request will be refused\n" \
+            % (tmp_path / "gateway.keys") in check.stdout
+        assert "readable by group" not in check.stdout
+    replace_atomically(tmp_path / "gateway.keys", key_line("alice", CLIENT_KEY))
+    assert "will be refused" not in run_gateway("check", "--config", str(ini)).stdout
+
+
 def hup_and_wait(process, log_path, text, count=1):
     """HUP the master; wait (bounded) until ``text`` is in the log ``count`` times and the
     new workers have booted and loaded the key file."""
@@ -1559,7 +1611,8 @@ def hup_with_broken_config_keeps_serving(tmp_path, upstream, breaking_edit, env=
 def test_hup_with_an_unusable_upstream_url_keeps_serving(tmp_path, upstream, url):
     log = hup_with_broken_config_keeps_serving(
         tmp_path, upstream, lambda: write_ini(tmp_path, url))
-    assert "reload: setting upstream_url = %r: the port must be" % url in log
+    assert "reload: config %s, line 2: upstream_url = %s: the port must be a number from 1 " \
+        "to 65535; keeping the previous gateway config" % (tmp_path / "gateway.ini", url) in log
     assert "Worker failed to boot" not in log and "LocationParseError" not in log
 
 

@@ -335,13 +335,44 @@ def test_config_defaults_and_the_upstream_key_from_the_environment(tmp_path):
     ("[gateway]\nupstream_url = https://u:p@api.anthropic.com\n", "upstream_key_file"),
     ("[gateway]\nupstream_url = https://api.anthropic.com?beta=1\n", "no \\?query"),
     ("[models]\nclaude-x =\n", "maps to nothing"),
-    ("not an ini file", "cannot read config"),
+    ("not an ini file", "line 1: a setting before any section"),
 ])
 def test_config_errors_say_what_is_wrong(tmp_path, text, complaint):
     ini = tmp_path / "gateway.ini"
     ini.write_text(text)
     with pytest.raises(ValueError, match=complaint):
         gateway.Config.from_file(str(ini), environ={})
+
+
+@pytest.mark.parametrize("data, error", [
+    (b"[gateway]\nread_timeout = ten\n", "line 2: read_timeout = ten: not a number"),
+    (b"[gateway]\n\n# why\n  connect_timeout = 0\n", "line 4: connect_timeout = 0: must be a "
+     "positive, finite number"),
+    (b"[gateway]\nbody_timeout = inf\n", "line 2: body_timeout = inf: must be a positive, "),
+    (b"[gateway]\nmax_body_bytes = 1e6\n", "line 2: max_body_bytes = 1e6: not a whole number"),
+    (b"[gateway]\nread_timeout = 5\n[gatway]\nread_timeout = 6\n",
+     "line 3: unknown section [gatway]; known: [gateway], [models]"),
+    (b"[DEFAULT]\nread_timeout = 5\n", "line 1: unknown section [DEFAULT]"),
+    (b"[gateway]\n# caf\xe9 au lait\nread_timeout = 5\n", "line 2: not UTF-8 (byte 0xe9)"),
+    (b"\xef\xbb\xbf[gateway]\nread_timeout = 5\n\xff\n", "line 3: not UTF-8 (byte 0xff)"),
+    (b"[gateway]\nread_timeout = 5\nread_timeout = 6\n", "line 3: read_timeout is set twice"),
+    (b"[gateway]\nsk-ant-pasted-here\n", "line 2: not a setting (expected name = value)"),
+    (b"[gateway]\nmax_body_byte = 5\n", "line 2: unknown setting max_body_byte in [gateway]"),
+    (b"[models]\nclaude-x = a\nclaude-y =\n", "line 3: model claude-y maps to nothing"),
+    (b"[gateway]\nupstream_url = http://127.0.0.1:99999\n", "line 2: upstream_url = "
+     "http://127.0.0.1:99999: the port must be a number from 1 to 65535"),
+])
+def test_config_errors_name_the_file_the_line_and_the_setting(tmp_path, data, error):
+    ini = tmp_path / "gateway.ini"
+    ini.write_bytes(data)
+    with pytest.raises(ValueError) as raised:
+        gateway.Config.from_file(str(ini), environ={})
+    assert str(raised.value).startswith("config %s, %s" % (ini, error))
+    assert "sk-ant-pasted-here" not in str(raised.value)  # a line that is no setting: not shown
+
+
+def test_config_with_a_byte_order_mark_reads_as_without():
+    assert gateway.decode_utf8(b"\xef\xbb\xbf[gateway]\n") == "[gateway]\n"
 
 
 def test_config_from_environ_without_a_file_uses_defaults():
