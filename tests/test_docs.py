@@ -231,3 +231,13 @@ def test_every_topic_is_in_the_index(index):
               for target in LINK.findall(read(index))}
     topics = {doc for doc in DOCS if doc.startswith("docs/") and doc != "docs/README.md"}
     assert topics <= linked, "%s does not link to %s" % (index, ", ".join(sorted(topics - linked)))
+
+
+def test_api_reference_names_the_headers_and_fields_the_code_passes():
+    text = read("docs/api.md")
+    named = (["`%s`" % name for name in gateway.FORWARDED_HEADERS | gateway.RELAYED_HEADERS
+              | gateway.COUNT_TOKENS_DROPPED_FIELDS]
+             + ["`%s*`" % prefix for prefix in gateway.FORWARDED_PREFIXES
+                + gateway.RELAYED_PREFIXES])
+    missing = sorted(name for name in named if name not in text)
+    assert not missing, "docs/api.md does not name " + ", ".join(missing)
