@@ -1588,20 +1588,41 @@ class RedisLimits:
 # Request shaping: pure functions from what the client sent to what the upstream gets
 # ---------------------------------------------------------------------------------------------
 
-def client_key(environ):
-    """The key the client presented, or None.
+#: What an Anthropic API key (and Claude Code's Anthropic login token) starts with: never one of
+#: ours, so when it comes beside a gateway key it is the one to ignore.
+ANTHROPIC_KEY_PREFIX = "sk-ant-"
+API_KEY_HEADER = "x-api-key"
+BEARER_HEADER = "Authorization: Bearer"
 
-    ``x-api-key`` wins when both headers are present: the 0.x SDKs send it deliberately, and a
-    client sending both with different values (Claude Code's ``apiKeyHelper`` sends the same
-    value twice) most likely carries an unrelated ``Authorization`` from its environment.
+
+def client_credential(environ):
+    """``(key, header)``: the key the client presented and the header it came in, or
+    ``(None, None)``.
+
+    Clients may send both headers: the Python SDK sends ``x-api-key`` from
+    ``ANTHROPIC_API_KEY`` and ``Authorization: Bearer`` from ``auth_token=`` side by side
+    (anthropic ``_client.py`` ``auth_headers``), Claude Code's ``apiKeyHelper`` the same value
+    in both. When the two differ and exactly one is an Anthropic key (``sk-ant-…``, a
+    developer's own, from the environment), the other is the gateway key; any other pair of
+    different values is a 401, since the gateway cannot tell which one the client meant.
     """
-    key = environ.get("HTTP_X_API_KEY", "").strip()
-    if key:
-        return key
+    api_key = environ.get("HTTP_X_API_KEY", "").strip()
     scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").strip().partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return None
+    bearer = token.strip() if scheme.lower() == "bearer" else ""
+    if not (api_key and bearer) or api_key == bearer:
+        if api_key:
+            return api_key, API_KEY_HEADER
+        return (bearer, BEARER_HEADER) if bearer else (None, None)
+    anthropic_api_key = api_key.startswith(ANTHROPIC_KEY_PREFIX)
+    if anthropic_api_key != bearer.startswith(ANTHROPIC_KEY_PREFIX):
+        return (bearer, BEARER_HEADER) if anthropic_api_key else (api_key, API_KEY_HEADER)
+    raise APIError(401, "authentication_error", "x-api-key and Authorization: Bearer hold two "
+                   "different keys: send the gateway key in one of them, or the same in both.")
+
+
+def client_key(environ):
+    """The key the client presented, or None (see ``client_credential``)."""
+    return client_credential(environ)[0]
 
 
 def parse_json_body(raw):
@@ -2547,7 +2568,7 @@ class Gateway:
     # -- stages -------------------------------------------------------------------------------
 
     def authenticate(self, environ, exchange):
-        key = client_key(environ)
+        key, header = client_credential(environ)
         if key is None:
             raise APIError(401, "authentication_error",
                            "Missing API key: send it as 'x-api-key' or "
@@ -2555,7 +2576,7 @@ class Gateway:
         now = time.time()
         entry = self.keys.get().find(key, now)
         if entry is None or not entry.enabled:
-            raise APIError(401, "authentication_error", "invalid x-api-key")
+            raise APIError(401, "authentication_error", _refused_key_message(key, header))
         if entry.expired(now):
             raise APIError(401, "authentication_error",
                            "This key expired at %s." % format_time(entry.expires))
@@ -2974,6 +2995,16 @@ def _read_exactly(stream, length):
         chunks.append(chunk)
         remaining -= len(chunk)
     return b"".join(chunks)
+
+
+def _refused_key_message(key, header):
+    """The real API's wording for the header the client used ('invalid x-api-key', 'Invalid
+    bearer token'), and a hint when the key is an Anthropic one rather than ours."""
+    message = "invalid x-api-key" if header == API_KEY_HEADER else "Invalid bearer token"
+    if key.startswith(ANTHROPIC_KEY_PREFIX):
+        message += (" (it is an Anthropic API key; this gateway takes the keys its operator "
+                    "gives out)")
+    return message
 
 
 def _json_response(status, payload):

@@ -34,6 +34,38 @@ def test_auth_token_credential(served_app, upstream):
                                   messages=MESSAGES).content[0].text == "Hello!"
 
 
+def test_an_anthropic_key_in_the_environment_beside_the_gateway_key(served_app, upstream,
+                                                                      monkeypatch):
+    """Both headers at once: the 0.x SDKs send x-api-key from ANTHROPIC_API_KEY beside the
+    Bearer of auth_token=; the current ones send an x-api-key only from custom headers
+    (ANTHROPIC_CUSTOM_HEADERS, default_headers=), as here. A developer's own Anthropic key
+    there must not turn a valid gateway key into a 401."""
+    monkeypatch.setenv("ANTHROPIC_CUSTOM_HEADERS", "x-api-key: sk-ant-api03-developers-own-key")
+    client = anthropic.Anthropic(auth_token=CLIENT_KEY, base_url=served_app, max_retries=0)
+    assert client.messages.create(model="claude-opus-4-8", max_tokens=16,
+                                  messages=MESSAGES).content[0].text == "Hello!"
+    assert "sk-ant-api03-developers-own-key" not in repr(upstream.last.headers)
+
+
+def test_two_different_gateway_keys_are_a_401_and_the_message_names_the_header(served_app,
+                                                                              monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_CUSTOM_HEADERS", "x-api-key: " + LIMITED_KEY)
+    both = anthropic.Anthropic(auth_token=CLIENT_KEY, base_url=served_app, max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError, match="two different keys"):
+        both.messages.create(model="claude-opus-4-7", max_tokens=1, messages=MESSAGES)
+    monkeypatch.delenv("ANTHROPIC_CUSTOM_HEADERS")
+    bearer = anthropic.Anthropic(auth_token="sk-gw-stranger", base_url=served_app,
+                                 max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        bearer.messages.create(model="claude-opus-4-7", max_tokens=1, messages=MESSAGES)
+    assert refused.value.body["error"]["message"] == "Invalid bearer token"
+    api_key = anthropic.Anthropic(api_key="sk-ant-api03-x", base_url=served_app, max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as refused:
+        api_key.messages.create(model="claude-opus-4-7", max_tokens=1, messages=MESSAGES)
+    assert refused.value.body["error"]["message"].startswith("Invalid bearer token (it is an "
+                                                             "Anthropic API key")
+
+
 def test_stream_text(sdk, upstream):
     with sdk.messages.stream(model="claude-opus-4-8", max_tokens=16, messages=MESSAGES) as s:
         texts = list(s.text_stream)

@@ -122,13 +122,26 @@ def test_watched_file_reloads_on_change_and_keeps_last_good(tmp_path):
     ({"HTTP_X_API_KEY": "sk-1"}, "sk-1"),
     ({"HTTP_AUTHORIZATION": "Bearer sk-2"}, "sk-2"),
     ({"HTTP_AUTHORIZATION": "bearer  sk-2 "}, "sk-2"),
-    ({"HTTP_X_API_KEY": "sk-1", "HTTP_AUTHORIZATION": "Bearer sk-2"}, "sk-1"),
+    ({"HTTP_X_API_KEY": "sk-1", "HTTP_AUTHORIZATION": "Bearer sk-1"}, "sk-1"),
+    ({"HTTP_X_API_KEY": "sk-ant-api03-dev", "HTTP_AUTHORIZATION": "Bearer sk-gw-1"}, "sk-gw-1"),
+    ({"HTTP_X_API_KEY": "sk-gw-1", "HTTP_AUTHORIZATION": "Bearer sk-ant-oat01-x"}, "sk-gw-1"),
+    ({"HTTP_X_API_KEY": "sk-1", "HTTP_AUTHORIZATION": "Basic c2stMg=="}, "sk-1"),
     ({"HTTP_AUTHORIZATION": "Basic c2stMg=="}, None),
     ({"HTTP_AUTHORIZATION": "Bearer "}, None),
     ({}, None),
 ])
 def test_client_key(environ, key):
     assert gateway.client_key(environ) == key
+
+
+@pytest.mark.parametrize("api_key, bearer", [
+    ("sk-gw-1", "sk-gw-2"),  # two gateway keys: which one did the client mean?
+    ("sk-ant-a", "sk-ant-b"),
+])
+def test_two_different_keys_are_a_401(api_key, bearer):
+    with pytest.raises(APIError) as refused:
+        gateway.client_key({"HTTP_X_API_KEY": api_key, "HTTP_AUTHORIZATION": "Bearer " + bearer})
+    assert refused.value.status == 401 and "two different keys" in refused.value.message
 
 
 def test_upstream_headers_forward_anthropic_and_telemetry_but_no_credentials():

@@ -142,6 +142,16 @@ def test_missing_unknown_or_disabled_key_is_401(client, upstream, headers):
     assert upstream.received == []
 
 
+@pytest.mark.parametrize("headers, message", [
+    ({"x-api-key": "sk-gw-unknown"}, "invalid x-api-key"),
+    ({"Authorization": "Bearer sk-gw-unknown"}, "Invalid bearer token"),
+    ({"x-api-key": "sk-ant-api03-x"}, "invalid x-api-key (it is an Anthropic API key"),
+])
+def test_a_refused_key_is_named_by_the_header_it_came_in(client, headers, message):
+    response = client.post_json("/v1/messages", MESSAGE, headers=headers, status=401)
+    assert response.json["error"]["message"].startswith(message)
+
+
 def test_model_not_allowed_for_the_key_is_403(client, upstream):
     response = client.post_json("/v1/messages", MESSAGE, headers=auth(LIMITED_KEY),
                                 status=403)
