@@ -430,6 +430,9 @@ def _parse_value(field, text):
             raise ValueError("not a number") from None
         if not 0 < value < math.inf:
             raise ValueError("must be a positive, finite number")
+        if field.name == "limits_lease" and value < 1:
+            # Renewals every lease/3 run from the Deadlines thread, which looks every 0.25 s.
+            raise ValueError("must be at least 1 (second)")
         return value
     if field.type in ("bool", bool):
         return _parse_bool(text)
@@ -1417,12 +1420,25 @@ class RedisLimits:
             admit=client.register_script(REDIS_ADMIT),
             finish=client.register_script(REDIS_FINISH),
             renew=client.register_script(REDIS_RENEW))
-        self._outbox = queue.Queue()
+        self._outbox = None
         self._live, self._away, self._touched = {}, {}, {}
         self._client = client
         self._pid = os.getpid()
-        threading.Thread(target=self._send_finishes, name="gateway-limits", daemon=True).start()
-        self._deadlines.add(self.lease_ms / 3000, self._renew_periodically)
+
+    def _start_background(self):
+        """The thread that sends finish calls and the periodic renewal, on first need in
+        this process (never in a command that only asks Redis a question)."""
+        with self._lock:
+            if self._outbox is None:
+                self._outbox = queue.Queue()
+                threading.Thread(target=self._send_finishes, name="gateway-limits",
+                                 daemon=True).start()
+                self._deadlines.add(self.lease_ms / 3000, self._renew_periodically)
+
+    def close(self):
+        """Drop this process's connections (a command's, before gunicorn forks workers)."""
+        if self._client is not None:
+            self._client.connection_pool.disconnect()
 
     def key(self, name, kind):
         return self.KEY_FORMAT % (name, kind)
@@ -1448,6 +1464,8 @@ class RedisLimits:
                     raise limit_refusal(entry, LIMIT_REFUSALS[refused - 1][0], wait_ms / 1000)
                 if entry.concurrency:
                     self._live[holder] = entry.name
+                    if self._outbox is None:
+                        self._start_background()
                 return
         self._admit_away(entry, holder, now)
 
@@ -1472,11 +1490,15 @@ class RedisLimits:
         held = self._live.pop(holder, None) is not None
         if policy is None and (held or tokens):
             self.client()
+            if self._outbox is None:
+                self._start_background()
             self._outbox.put((entry.name, holder if held else "", tokens))
 
     def touch(self, name, now):
         """Note that ``name`` was used; written with the next renewal, not on this request."""
         self.client()
+        if self._outbox is None:
+            self._start_background()
         self._touched[name] = now
 
     def last_use(self, names):
@@ -3412,9 +3434,11 @@ def _check_limits(config):
     try:
         version, elapsed = limits.check()
     except limits.errors as exc:
+        limits.close()
         print("warning: limits backend %s does not answer (%s): until it does, %s" % (
             where, type(exc).__name__, LIMITS_DOWN_POLICIES[config.limits_backend_down]))
         return []
+    limits.close()  # 'gateway serve' forks its workers next: they must not share it
     print("limits: shared by every host in %s (Redis %s, answered in %.1f ms); lease %g s; "
           "while it is down: %s" % (where, version, elapsed, config.limits_lease,
                                     config.limits_backend_down))

@@ -47,6 +47,12 @@ def value_text(field):
         return "`http(s)://host[:port][/prefix]`"
     if field.name == "upstream_proxy":
         return "`http://[user:password@]host:port`"
+    if field.name == "limits_backend":
+        return "`redis://host:port/db`, `rediss://…` or `unix://path?db=n`"
+    if field.name == "limits_backend_down":
+        return "`local`, `open` or `closed`"
+    if field.name == "limits_lease":
+        return "a number ≥ 1"
     if field.name.endswith("_file"):
         return "a path, relative to the config file"
     return {"int": "a whole number > 0", "float": "a number > 0", "bool": "`true` or `false`",

@@ -361,6 +361,8 @@ def test_config_checks_the_url_and_never_repeats_a_password():
         "unix:///run/r.sock?db=3"
     with pytest.raises(ValueError):
         gateway.Config._with_environ({"limits_backend_down": "maybe"}, {}, "/", {})
+    with pytest.raises(ValueError, match="at least 1"):
+        gateway.Config._with_environ({"limits_lease": "0.5"}, {}, "/", {})
 
 
 # -- whole hosts: 'gateway serve' (gthread) and plain gunicorn (gevent), several workers ----------
