@@ -3272,6 +3272,8 @@ def _models_setting(config, text):
     if text.strip() == "*":
         return None
     models = frozenset(m.strip() for m in text.split(",") if m.strip())
+    if "*" in models:
+        raise CommandError("--models %r: * means every model; give it alone" % text, 2)
     if not models:
         raise CommandError("--models %r names no model: give public ids, comma-separated, or "
                            "* for every model" % text, 2)

@@ -37,6 +37,7 @@ def parsed(config_dir):
     (["set", "bob", "--models", ","], "names no model"),
     (["set", "bob", "--models", " , "], "names no model"),
     (["add", "eve", "--models", ""], "names no model"),
+    (["add", "eve", "--models", "*,claude-opus-4-8"], "give it alone"),
     (["add", "eve x"], "no spaces"),
     (["add", "eve,x"], "separators"),
     (["add", "#eve"], "separators"),
