@@ -29,6 +29,7 @@ import fcntl
 import gzip
 import hashlib
 import hmac
+import http
 import http.cookiejar
 import json
 import logging
@@ -140,25 +141,27 @@ class APIError(Exception):
     with ``status`` and any extra ``headers`` (for example ``Allow`` on a 405).
     """
 
-    def __init__(self, status, error_type, message, headers=()):
+    def __init__(self, status, error_type, message, headers=(), model=None):
         super().__init__(message)
         self.status = status
         self.error_type = error_type
         self.message = message
         self.headers = list(headers)
+        self.model = model  # a configured public model the refusal is about (access log)
 
 
-HTTP_REASONS = {
-    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-    413: "Payload Too Large", 429: "Too Many Requests", 499: "Client Closed Request",
-    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
-    504: "Gateway Timeout", 529: "Overloaded",
-}
+#: Reason phrases that http.HTTPStatus lacks: nginx's 499 and the API's 529 (ERR).
+NONSTANDARD_REASONS = {499: "Client Closed Request", 529: "Overloaded"}
 
 
 def status_line(status):
-    return "%d %s" % (status, HTTP_REASONS.get(status, "Status"))
+    """'402 Payment Required': the phrase from http.HTTPStatus, so an upstream status the
+    gateway never makes itself still goes out under its own name."""
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = NONSTANDARD_REASONS.get(status, "Unknown")
+    return "%d %s" % (status, reason)
 
 
 def error_body(error_type, message, request_id):
@@ -1714,7 +1717,7 @@ def _upstream_model(public, models, key_entry):
         raise APIError(404, "not_found_error", "model: %s" % public)
     if not key_entry.allows(public):
         raise APIError(403, "permission_error",
-                       "This key may not use model %s." % public)
+                       "This key may not use model %s." % public, model=public)
     return upstream
 
 
@@ -2509,13 +2512,18 @@ class Gateway:
             status, headers, body = self._render_error(
                 APIError(500, "api_error", "Internal server error."), exchange)
         exchange.status = status
+        if not any(name.lower() == "request-id" for name, _ in headers):
+            # Every answer carries one, the gateway's own 200s too (the SDKs expose it as
+            # _request_id); the upstream's own is relayed when it sent one.
+            headers.append(("request-id", exchange.request_id))
         start_response(status_line(status), headers)
         if self.metrics is not None:
             self.metrics.watch(exchange, stream=not isinstance(body, bytes))
         if isinstance(body, bytes):
             exchange.first_byte()
             exchange.finish()
-            return [body]
+            # HEAD: the headers GET would send, Content-Length included, and no body.
+            return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
         return body  # a stream: it finishes the exchange when it ends
 
     def _dispatch(self, environ, exchange):
@@ -2525,6 +2533,8 @@ class Gateway:
             methods = {"GET": self.on_model}
         if methods is None:
             raise APIError(404, "not_found_error", "Not found: %s" % path)
+        if "GET" in methods:
+            methods = dict({"HEAD": methods["GET"]}, **methods)  # RFC 9110 9.3.2
         handler = methods.get(environ.get("REQUEST_METHOD", "GET"))
         if handler is None:
             raise APIError(405, "invalid_request_error",
@@ -2801,6 +2811,8 @@ class Gateway:
 
     def _render_error(self, exc, exchange):
         exchange.error = exc.error_type
+        if exc.model and exchange.public_model is None:
+            exchange.public_model = exc.model  # the 403's log line names what was asked for
         body = error_body(exc.error_type, exc.message, exchange.request_id)
         headers = [("Content-Type", JSON_CONTENT_TYPE), ("Content-Length", str(len(body))),
                    ("request-id", exchange.request_id)] + exc.headers

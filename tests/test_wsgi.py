@@ -152,10 +152,14 @@ def test_a_refused_key_is_named_by_the_header_it_came_in(client, headers, messag
     assert response.json["error"]["message"].startswith(message)
 
 
-def test_model_not_allowed_for_the_key_is_403(client, upstream):
-    response = client.post_json("/v1/messages", MESSAGE, headers=auth(LIMITED_KEY),
-                                status=403)
+def test_model_not_allowed_for_the_key_is_403(client, upstream, caplog):
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        response = client.post_json("/v1/messages", MESSAGE, headers=auth(LIMITED_KEY),
+                                    status=403)
     assert_envelope(response, 403, "permission_error")
+    record = json.loads([r for r in caplog.records if r.name == "gateway.access"][-1]
+                        .getMessage())
+    assert (record["status"], record["key"], record["model"]) == (403, "bob", MESSAGE["model"])
     client.post_json("/v1/messages", dict(MESSAGE, model="claude-opus-4-7"),
                      headers=auth(LIMITED_KEY))
     assert upstream.last.json()["model"] == "claude-opus-4-7-20260601"
@@ -188,7 +192,7 @@ def test_body_over_the_limit_is_413_before_reading(config):
                "CONTENT_LENGTH": "101", "HTTP_X_API_KEY": CLIENT_KEY, "wsgi.input": Input()}
     started = []
     body = b"".join(app(environ, lambda status, headers: started.append(status)))
-    assert started == ["413 Payload Too Large"] and environ_reads == []
+    assert started == [gateway.status_line(413)] and environ_reads == []
     assert json.loads(body)["error"]["type"] == "request_too_large"
 
 
@@ -201,7 +205,7 @@ def test_chunked_body_over_the_limit_is_413(config):
                "wsgi.input": io.BytesIO(b"{" + b" " * 5000 + b"}")}
     started = []
     b"".join(app(environ, lambda status, headers: started.append(status)))
-    assert started == ["413 Payload Too Large"]
+    assert started == [gateway.status_line(413)]
     assert environ["wsgi.input"].tell() <= 1001  # stopped reading just past the limit
 
 
@@ -215,6 +219,43 @@ def test_unknown_path_is_404_and_wrong_method_405(client):
 def test_health_and_head_need_no_key(client):
     assert client.get("/healthz").json == {"status": "ok"}
     assert client.head("/").status_int == 200
+
+
+@pytest.mark.parametrize("path, headers", [
+    ("/healthz", {}), ("/v1/models", auth()), ("/v1/models/claude-opus-4-8", auth()),
+    ("/", {}),
+])
+def test_every_answer_has_a_request_id_and_head_works_where_get_does(client, path, headers):
+    got = client.get(path, headers=headers)
+    assert got.headers["request-id"].startswith("req_gw_")
+    head = client.head(path, headers=headers)
+    assert head.status_int == 200 and head.body == b""
+    assert head.headers["Content-Length"] == got.headers["Content-Length"]
+    assert head.headers["request-id"] != got.headers["request-id"]
+
+
+def test_head_is_allowed_where_get_is(client):
+    response = client.post("/v1/models", headers=auth(), status=405)
+    assert response.headers["Allow"] == "GET, HEAD"
+
+
+@pytest.mark.parametrize("status, line", [
+    (200, "200 OK"), (402, "402 Payment Required"), (413, "413 Content Too Large"),
+    (529, "529 Overloaded"), (499, "499 Client Closed Request"), (599, "599 Unknown"),
+])
+def test_status_lines_use_the_standard_reason_phrases(status, line):
+    import http
+    if status == 413 and not hasattr(http.HTTPStatus, "CONTENT_TOO_LARGE"):
+        line = "413 Request Entity Too Large"  # Python < 3.13 names it by RFC 7231
+    assert gateway.status_line(status) == line
+
+
+def test_an_upstream_402_keeps_its_reason_phrase(served_app, upstream):
+    import requests
+    upstream.handler = lambda handler, received: handler.send_json(402, {
+        "type": "error", "error": {"type": "billing_error", "message": "Pay up"}})
+    response = requests.post(served_app + "/v1/messages", json=MESSAGE, headers=auth())
+    assert (response.status_code, response.reason) == (402, "Payment Required")
 
 
 # -- models ----------------------------------------------------------------------------------
