@@ -226,8 +226,12 @@ def test_a_broken_key_file_survives_hup_and_restart_on_the_last_good_copy(config
         assert "erin" in copy.read_text() and os.stat(copy).st_mode & 0o777 == 0o600
         with open(path, "a") as file:  # the 3 a.m. edit: a line no parser takes
             file.write("frank sha256:0123 * enabled\n")
+        settings = {}  # the workers that deploy/gunicorn.conf.py starts here
+        with open(os.path.join(ROOT, "deploy", "gunicorn.conf.py")) as file:
+            exec(file.read(), settings)
+        workers = settings["workers"]
         process.send_signal(signal.SIGHUP)
-        _wait_for(tmp_path / "first.log", r"is broken; serving .*last-good", 2)
+        _wait_for(tmp_path / "first.log", r"is broken; serving .*last-good", workers)
         for _ in range(6):  # every worker now booted on the broken file
             for key in (CLIENT_KEY, dave, hand_added):
                 assert _served(url, key) == 200
