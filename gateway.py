@@ -3932,21 +3932,57 @@ def cmd_usage(config, args):
     return 0
 
 
-def find_gunicorn_config():
-    """deploy/gunicorn.conf.py beside this module (a checkout or editable install), else the
-    copy that ``pip install`` puts in ``<prefix>/share/gateway``."""
-    candidates = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "deploy",
-                               "gunicorn.conf.py"),
-                  os.path.join(sys.prefix, "share", "gateway", "gunicorn.conf.py")]
+def find_gunicorn_config(name="gunicorn.conf.py"):
+    """deploy/<name> beside this module (a checkout or editable install), else the copy that
+    ``pip install`` puts in ``<prefix>/share/gateway``."""
+    candidates = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "deploy", name),
+                  os.path.join(sys.prefix, "share", "gateway", name)]
     for candidate in candidates:
         if os.path.exists(candidate):
             return candidate
     return None
 
 
+#: ``gateway serve --worker gevent`` runs again in a fresh interpreter that lets gevent patch
+#: the standard library before anything imports ``requests`` (see _serve_patched_first).
+GEVENT_BOOT = ("import sys; from gevent import monkey; monkey.patch_all(); "
+               "sys.path.insert(0, sys.argv.pop(1)); import gateway; sys.exit(gateway.main())")
+
+
+def _gevent_patched():
+    """Whether gevent has patched this process's standard library."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and monkey.is_module_patched("socket")
+
+
+def _serve_patched_first(args):
+    """Replace this process with one where gevent patches first, then the same command.
+
+    Facts -> decision: gevent must patch ``ssl`` and ``socket`` before ``requests`` (urllib3)
+    is imported, or urllib3 keeps the unpatched ``ssl.SSLContext`` and HTTPS upstream calls
+    fail with RecursionError (gevent#1016); this module imports requests at the top, so the
+    process running it is too late. gunicorn's own gevent worker patches only in the worker,
+    after the fork, which is too late for the same reason. So the whole process starts over
+    (``exec``: same pid, so systemd's Type=notify and HUP still reach the gunicorn master),
+    patches, and runs ``gateway serve`` again, master and workers patched alike, keeping
+    everything ``gateway serve`` does (the checks, HUP keeping the last good config).
+    """
+    import importlib.util
+    if importlib.util.find_spec("gevent") is None:
+        print("error: --worker gevent needs gevent: pip install 'gateway[gevent]'",
+              file=sys.stderr)
+        return 2
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-c", GEVENT_BOOT,
+                              os.path.dirname(os.path.abspath(__file__))] + args.argv)
+
+
 def cmd_serve(config, args):
     if args.dev:
         return serve_dev(config, args)
+    if args.worker == "gevent" and not _gevent_patched():
+        return _serve_patched_first(args)
     try:
         import gunicorn.app.base
     except ImportError:
@@ -3961,7 +3997,8 @@ def cmd_serve(config, args):
         if made:
             shutil.rmtree(made, ignore_errors=True)
         return 1
-    gunicorn_config = args.gunicorn_config or find_gunicorn_config()
+    gunicorn_config = args.gunicorn_config or find_gunicorn_config(
+        "gunicorn-gevent.conf.py" if args.worker == "gevent" else "gunicorn.conf.py")
 
     class GatewayServer(gunicorn.app.base.Application):
         # The gunicorn master is this process, so 'gateway serve' can be supervised directly
@@ -3977,6 +4014,10 @@ def cmd_serve(config, args):
                 self.load_config_from_file(gunicorn_config)
             if args.bind:
                 self.cfg.set("bind", [args.bind])
+            configured = self.cfg.settings["worker_class"].get()
+            if args.worker and args.worker not in str(getattr(configured, "__name__",
+                                                               configured)).lower():
+                self.cfg.set("worker_class", args.worker)
 
         def reload(self):
             try:
@@ -4080,6 +4121,10 @@ def build_parser():
     serve.add_argument("--bind", metavar="HOST:PORT", help="listen address (default from "
                        "deploy/gunicorn.conf.py: 127.0.0.1:8080)")
     serve.add_argument("--gunicorn-config", metavar="FILE", help="another gunicorn config")
+    serve.add_argument("--worker", choices=("gthread", "gevent"),
+                       help="gunicorn's worker class (default: the gunicorn config's, "
+                       "gthread); gevent holds thousands of open streams, with "
+                       "deploy/gunicorn-gevent.conf.py unless --gunicorn-config is given")
     serve.add_argument("--dev", action="store_true", help="DEVELOPMENT ONLY: the standard "
                        "library's wsgiref server instead of gunicorn")
     serve.set_defaults(run=cmd_serve)
@@ -4167,6 +4212,7 @@ def main(argv=None):
     the PATH).
     """
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for serve --worker gevent
     if getattr(args, "config", None):
         # Workers (and 'gateway:make_app()' under a bare gunicorn) find the file this way.
         os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)

@@ -802,7 +802,123 @@ def limits_run(plan, port, pid, redis_pid, key, load_core, workdir, bodies):
             "errors": c1["errors"] + c1["non2xx"] + c16["errors"] + c16["non2xx"]}
 
 
-SCENARIOS = {"keys": scenario_keys, "usage": scenario_usage, "limits": scenario_limits}
+
+
+STREAM_COUNTS = (1000, 5000, 10000)
+STREAM_GAP_MS = 2000
+STREAM_BURST = 1000
+
+
+async def paced_stream(port, events, gap_ms):
+    """One slow stream: (seconds to its first event, the worst delay of an event beyond the
+    pacing, whether it ended with message_stop). Any failure counts as lost."""
+    body = small_body(stream=True)
+    request = (b"POST /v1/messages?events=%d&gap_ms=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               b"Content-Type: application/json\r\nx-api-key: %s\r\n"
+               b"anthropic-version: 2023-06-01\r\nContent-Length: %d\r\n\r\n%s"
+               % (events, gap_ms, CLIENT_KEY.encode(), len(body), body))
+    started = time.monotonic()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return None, None, False
+    try:
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            return None, None, False
+        arrivals, tail = [], b""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            chunk = (await reader.readexactly(size + 2))[:-2]
+            if size == 0:
+                break
+            now = time.monotonic() - started
+            arrivals += [now] * chunk.count(b"\n\n")
+            tail = (tail + chunk)[-200:]
+        delays = [later - earlier - gap_ms / 1000 for earlier, later in zip(arrivals, arrivals[1:])]
+        return (arrivals[0] if arrivals else None, max(delays, default=0.0),
+                b"event: message_stop" in tail)
+    except (OSError, asyncio.IncompleteReadError, ValueError):
+        return None, None, False
+    finally:
+        writer.close()
+
+
+def open_streams(port, count, pid, burst=STREAM_BURST, gap_ms=STREAM_GAP_MS):
+    """``count`` slow streams (an event every ``gap_ms``), opened ``burst`` at a time every
+    ``gap_ms``, each long enough that all are open together for a while; the tree's RSS is
+    sampled once they all are. Returns the figures."""
+    events = count // burst + 5
+    rss = {}
+
+    async def run():
+        tasks = []
+        for start in range(0, count, burst):
+            tasks += [asyncio.ensure_future(paced_stream(port, events, gap_ms))
+                      for _ in range(min(burst, count - start))]
+            await asyncio.sleep(gap_ms / 1000)
+        await asyncio.sleep(gap_ms / 1000)
+        rss["open"] = memory_mb(pid)[0]
+        return await asyncio.wait_for(asyncio.gather(*tasks), events * gap_ms / 1000 + 120)
+    results = asyncio.run(run())
+    firsts = [r[0] for r in results if r[0] is not None]
+    first_burst = [r[0] for r in results[:burst] if r[0] is not None]
+    return {
+        "streams": count, "events_each": events,
+        "ttfe_p50_ms": percentile(firsts, 0.5) * 1000 if firsts else None,
+        "ttfe_p99_ms": percentile(firsts, 0.99) * 1000 if firsts else None,
+        "first_burst_ttfe_p99_ms": percentile(first_burst, 0.99) * 1000 if first_burst else None,
+        "lost": sum(1 for r in results if not r[2]),
+        "late_first_events": sum(1 for f in firsts if f > 1.0),
+        "late_events": sum(1 for r in results if r[1] is not None and r[1] > 1.0),
+        "worst_event_delay_ms": max((r[1] for r in results if r[1] is not None),
+                                    default=0) * 1000,
+        "rss_open_mb": rss["open"],
+    }
+
+
+def scenario_streams(plan, workdir, upstream_port, proxy_core, load_core, bodies):
+    """``gateway serve --worker gevent`` (or --worker WORKER) holding 1,000, 5,000 and 10,000
+    slow streams: first events, events late or lost, RSS per open stream."""
+    import resource
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the children inherit it
+    shipped = os.path.join(ROOT, "deploy", "gunicorn-gevent.conf.py" if plan["worker"] ==
+                           "gevent" else "gunicorn.conf.py")
+    config = os.path.join(workdir, "gunicorn-streams.conf.py")
+    with open(config, "w") as file:  # the shipped config, with room for every stream
+        file.write("import runpy\nglobals().update((k, v) for k, v in runpy.run_path(%r)"
+                   ".items() if not k.startswith('__'))\nworker_connections = %d\n"
+                   % (shipped, max(STREAM_COUNTS) + 1000))
+    process, port, _ = start_gateway(workdir, upstream_port, proxy_core, config,
+                                     serve_args=["--worker", plan["worker"]])
+    figures = {"worker": plan["worker"], "nofile": hard}
+    try:
+        streams(port, 2, 1, 4, 1, 30)  # warm-up
+        time.sleep(1)
+        for count in plan["stream_counts"]:
+            idle = memory_mb(process.pid)[0]
+            result = open_streams(port, count, process.pid)
+            result["rss_idle_mb"] = idle
+            result["rss_per_stream_kb"] = (result["rss_open_mb"] - idle) * 1024 / count
+            figures["streams_%d" % count] = result
+            print("  %5d streams (%s): first event p50 %.0f ms, p99 %.0f ms (first %d: p99 %.0f "
+                  "ms), %d first events > 1 s, %d streams with an event > 1 s late (worst "
+                  "%.0f ms), %d lost; RSS %.0f -> %.0f MB, %.1f KB per stream" % (
+                      count, plan["worker"], result["ttfe_p50_ms"] or -1,
+                      result["ttfe_p99_ms"] or -1, STREAM_BURST,
+                      result["first_burst_ttfe_p99_ms"] or -1, result["late_first_events"],
+                      result["late_events"], result["worst_event_delay_ms"], result["lost"],
+                      idle, result["rss_open_mb"], result["rss_per_stream_kb"]), flush=True)
+            time.sleep(3)  # the workers let go of the finished streams
+    finally:
+        stop(process)
+    return figures
+
+
+SCENARIOS = {"keys": scenario_keys, "usage": scenario_usage, "limits": scenario_limits,
+             "streams": scenario_streams}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -915,10 +1031,12 @@ def machine():
 PLANS = {
     "full": {"seconds": 10, "settle": 3, "settle_after": 3, "stream_rounds_1": 20,
              "stream_rounds_50": 5, "slow_streams": 200, "slow_events": 20,
-             "usage_lines": 1_000_000},
+             "usage_lines": 1_000_000,
+             "stream_counts": STREAM_COUNTS, "worker": "gevent"},
     "quick": {"seconds": 2, "settle": 0.5, "settle_after": 2.5, "stream_rounds_1": 3,
               "stream_rounds_50": 1, "slow_streams": 200, "slow_events": 8,
-              "usage_lines": 100_000},
+              "usage_lines": 100_000,
+              "stream_counts": (1000,), "worker": "gevent"},
 }
 
 
@@ -934,7 +1052,10 @@ def main(argv=None):
     parser.add_argument("--scenario", choices=sorted(SCENARIOS),
                         help="instead of the table, one scenario: keys (cost against the "
                         "number of keys), usage ('gateway usage' over a large log), limits "
-                        "(what a limited key costs on SQLite and on Redis)")
+                        "(what a limited key costs on SQLite and on Redis), streams (1,000 to "
+                        "10,000 slow streams)")
+    parser.add_argument("--worker", choices=("gevent", "gthread"), default="gevent",
+                        help="the worker for --scenario streams (default gevent)")
     parser.add_argument("--upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.upstream:
@@ -948,7 +1069,7 @@ def main(argv=None):
     # A TERM (CI's timeout, a supervisor) unwinds like Ctrl-C, so the ExitStack below stops
     # the upstream, nginx and the gateway instead of leaving them running.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    plan = PLANS["quick" if args.quick else "full"]
+    plan = dict(PLANS["quick" if args.quick else "full"], worker=args.worker)
     proxy_core, load_core = cores()
     info = dict(machine(), plan="quick" if args.quick else "full",
                 pinning="proxy on core %s, wrk/client/upstream on core %s" % (

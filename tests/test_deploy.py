@@ -71,14 +71,30 @@ def with_trusted_proxy(config_dir):
     return str(ini)
 
 
+def require_gevent():
+    try:
+        import gevent  # noqa: F401
+    except ImportError:
+        missing("gevent is not installed (it is in the test extra)")
+
+
+@pytest.fixture(params=["gthread", "gevent"])
+def worker(request):
+    """Each deployment behaviour is proven for both workers 'gateway serve --worker' runs."""
+    if request.param == "gevent":
+        require_gevent()
+    return request.param
+
+
 @contextlib.contextmanager
-def serving(config_dir, tmp_path, name="gateway"):
-    """``gateway serve`` with the shipped gunicorn config: yields (process, port, log path)
-    once every worker has booted."""
+def serving(config_dir, tmp_path, name="gateway", worker=None):
+    """``gateway serve`` with the shipped gunicorn config (``--worker`` when given): yields
+    (process, port, log path) once every worker has booted."""
     ini = with_trusted_proxy(config_dir)
     port = free_port()
     log_path = tmp_path / (name + ".log")
-    with gateway_process(["serve", "--config", ini, "--bind", "127.0.0.1:%d" % port],
+    command = ["serve", "--config", ini, "--bind", "127.0.0.1:%d" % port]
+    with gateway_process(command + (["--worker", worker] if worker else []),
                          log_path) as (process, _):
         wait_for(lambda: len(booted_workers(log_path)) >= shipped_workers(), "workers")
         yield process, port, log_path
@@ -193,9 +209,9 @@ def access_lines(log_path):
 # -- through nginx and gunicorn ---------------------------------------------------------------
 
 def test_a_stream_passes_through_nginx_and_gunicorn_event_by_event(config_dir, upstream,
-                                                                   tmp_path):
+                                                                   tmp_path, worker):
     upstream.gate = threading.Event()
-    with serving(config_dir, tmp_path) as (_, port, _), running_nginx(tmp_path, [port]) as base:
+    with serving(config_dir, tmp_path, worker=worker) as (_, port, _), running_nginx(tmp_path, [port]) as base:
         connection, response, first = open_stream(base)
         # The upstream is holding event 2 until the gate opens: event 1 came through alone.
         assert first.startswith(b"event: message_start")
@@ -207,8 +223,8 @@ def test_a_stream_passes_through_nginx_and_gunicorn_event_by_event(config_dir, u
     assert first + rest == b"".join(text_stream("claude-opus-4-8-20261101"))
 
 
-def test_body_limits_through_nginx(config_dir, upstream, tmp_path):
-    with serving(config_dir, tmp_path) as (_, port, _), running_nginx(tmp_path, [port]) as base:
+def test_body_limits_through_nginx(config_dir, upstream, tmp_path, worker):
+    with serving(config_dir, tmp_path, worker=worker) as (_, port, _), running_nginx(tmp_path, [port]) as base:
         too_large = requests.post(base + "/v1/messages", data=b" " * (33 * 1024 * 1024),
                                   headers=via_nginx({"content-type": "application/json"}),
                                   timeout=WAIT)
@@ -251,9 +267,9 @@ def pings_until_the_client_leaves(handler, received):
 
 
 def test_a_client_leaving_mid_stream_through_nginx_closes_the_upstream(config_dir, upstream,
-                                                                       tmp_path):
+                                                                       tmp_path, worker):
     upstream.handler = pings_until_the_client_leaves
-    with serving(config_dir, tmp_path) as (_, port, log), running_nginx(tmp_path, [port]) as base:
+    with serving(config_dir, tmp_path, worker=worker) as (_, port, log), running_nginx(tmp_path, [port]) as base:
         connection, response, first = open_stream(base)
         assert first.startswith(b"event: message_start")
         response.close()
@@ -264,9 +280,9 @@ def test_a_client_leaving_mid_stream_through_nginx_closes_the_upstream(config_di
     assert record["stream"] is True and record["key"] == "alice"
 
 
-def test_hup_reload_finishes_open_streams_and_keeps_serving(config_dir, upstream, tmp_path):
+def test_hup_reload_finishes_open_streams_and_keeps_serving(config_dir, upstream, tmp_path, worker):
     upstream.gate = threading.Event()
-    with serving(config_dir, tmp_path) as (process, port, log), \
+    with serving(config_dir, tmp_path, worker=worker) as (process, port, log), \
             running_nginx(tmp_path, [port]) as base:
         old_workers = booted_workers(log)
         streams = [open_stream(base) for _ in range(3)]
@@ -302,8 +318,8 @@ def test_hup_reload_finishes_open_streams_and_keeps_serving(config_dir, upstream
     assert answers and set(answers) == {200}, answers
 
 
-def test_the_client_address_comes_from_nginx_and_only_from_it(config_dir, upstream, tmp_path):
-    with serving(config_dir, tmp_path) as (_, port, log), running_nginx(tmp_path, [port]) as base:
+def test_the_client_address_comes_from_nginx_and_only_from_it(config_dir, upstream, tmp_path, worker):
+    with serving(config_dir, tmp_path, worker=worker) as (_, port, log), running_nginx(tmp_path, [port]) as base:
         # A client on 127.0.0.2 (loopback too) that also forges X-Real-IP, via nginx...
         connection = http.client.HTTPConnection("127.0.0.1", urllib.parse.urlsplit(base).port,
                                                 timeout=WAIT, source_address=("127.0.0.2", 0))
@@ -402,9 +418,9 @@ def status_with(connection, key):
 
 
 def test_keys_added_and_revoked_reach_every_worker_without_restart(config_dir, upstream,
-                                                                   tmp_path):
+                                                                   tmp_path, worker):
     ini = str(config_dir / "gateway.ini")
-    with serving(config_dir, tmp_path) as (process, port, log):
+    with serving(config_dir, tmp_path, worker=worker) as (process, port, log):
         workers = booted_workers(log)
         held = one_connection_per_worker(port, workers)
         assert {pid: status_with(c, CLIENT_KEY) for pid, c in held.items()} == dict.fromkeys(
@@ -486,14 +502,12 @@ def test_the_gevent_config_refuses_gateway_serve(config_dir):
          "--gunicorn-config", os.path.join(DEPLOY, "gunicorn-gevent.conf.py")],
         capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
-    assert "needs plain gunicorn" in result.stdout + result.stderr
+    assert "needs gevent to patch first: 'gateway serve --worker gevent'" in \
+        result.stdout + result.stderr
 
 
 def test_the_gevent_extra_streams_under_plain_gunicorn(config_dir, upstream, tmp_path):
-    try:
-        import gevent  # noqa: F401
-    except ImportError:
-        missing("gevent is not installed (it is in the test extra)")
+    require_gevent()
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-c",
                os.path.join(DEPLOY, "gunicorn-gevent.conf.py"),
@@ -511,7 +525,50 @@ def test_the_gevent_extra_streams_under_plain_gunicorn(config_dir, upstream, tmp
     log = (tmp_path / "gevent.log").read_text()
     assert first.startswith(b"event: message_start") and b"event: message_stop" in rest
     assert not upstream.gate_timed_out.is_set()
-    assert "Using worker: gevent" in log and "MonkeyPatchWarning" not in log
+    assert "Using worker: GatewayGeventWorker" in log and "MonkeyPatchWarning" not in log
+
+
+def test_serve_with_gevent_streams_from_an_https_upstream(config_dir, tmp_path):
+    """gevent patched first: HTTPS upstream calls work (patched after requests, urllib3's
+    SSLContext recurses: gevent#1016), and 'gateway serve' still checks before serving."""
+    require_gevent()
+    trustme = pytest.importorskip("trustme")  # in the test extra
+    import ssl
+    from upstream import FakeUpstream
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    tls_upstream = FakeUpstream()
+    tls_upstream.server.socket = context.wrap_socket(tls_upstream.server.socket,
+                                                     server_side=True)
+    tls_upstream.start()
+    try:
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        ini = config_dir / "gateway.ini"
+        ini.write_text(re.sub(r"upstream_url = \S+", "upstream_url = https://127.0.0.1:%d\n"
+                              "trust_env = true" % tls_upstream.server.server_address[1],
+                              ini.read_text()))
+        log_path = tmp_path / "gevent.log"
+        with gateway_process(["serve", "--worker", "gevent", "--config", str(ini), "--bind",
+                              "127.0.0.1:%d" % free_port()], log_path,
+                             env={"REQUESTS_CA_BUNDLE": str(tmp_path / "ca.pem")}) as (_, url):
+            tls_upstream.gate = threading.Event()
+            stream = requests.post(url + "/v1/messages", json=STREAM,
+                                   headers=dict(auth(), Connection="close"), stream=True,
+                                   timeout=WAIT)
+            first = read_until(stream.raw, b"\n\n")
+            tls_upstream.gate.set()
+            rest = stream.raw.read()
+        log = log_path.read_text()
+    finally:
+        if tls_upstream.gate is not None:
+            tls_upstream.gate.set()
+        tls_upstream.stop()
+    assert stream.status_code == 200 and first.startswith(b"event: message_start")
+    assert b"event: message_stop" in rest and not tls_upstream.gate_timed_out.is_set()
+    assert log.startswith("config: ") and "\nok\n" in log  # gateway check ran first
+    assert "Using worker: GatewayGeventWorker" in log
+    assert "RecursionError" not in log and "MonkeyPatchWarning" not in log
 
 
 # -- systemd ----------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import gzip
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -37,7 +38,8 @@ import time
 import pytest
 import requests
 
-from conftest import CLIENT_KEY, DISABLED_KEY, LIMITED_KEY, ROOT, gateway_process, key_line
+from conftest import CLIENT_KEY, DISABLED_KEY, LIMITED_KEY, ROOT, gateway_process, key_line, \
+    missing
 from upstream import UPSTREAM_KEY, FakeUpstream, default_handler, free_port, message, sse, \
     text_stream
 
@@ -421,17 +423,19 @@ def shipped_workers():
 
 
 @contextlib.contextmanager
-def serving(directory, upstream_url, name, env=None, **popen):
-    """``gateway serve`` with the shipped gunicorn config, once every worker has loaded the
-    key file (so that each has a last good version before a test breaks the file)."""
+def serving(directory, upstream_url, name, env=None, worker=None, **popen):
+    """``gateway serve`` with the shipped gunicorn config (``--worker`` when given), once
+    every worker has loaded the key file (so that each has a last good version before a test
+    breaks the file)."""
     ini = write_config(directory, upstream_url)
     log_path = directory / ("%s.log" % name)
     LOG_FILES.append(log_path)
     env = dict(env or {}, PYTHONDONTWRITEBYTECODE="1")
     loaded = re.compile(r"\[(\d+)\] \[INFO\] gateway: loaded %s$"
                         % re.escape(str(directory / "gateway.keys")), re.M)
-    with gateway_process(["serve", "--config", str(ini), "--bind",
-                          "127.0.0.1:%d" % free_port()], log_path, env=env, **popen) \
+    command = ["serve", "--config", str(ini), "--bind", "127.0.0.1:%d" % free_port()]
+    with gateway_process(command + (["--worker", worker] if worker else []), log_path,
+                         env=env, **popen) \
             as (process, url):
         deadline = time.monotonic() + WAIT
         while len(set(loaded.findall(log_path.read_text()))) < shipped_workers():
@@ -1576,14 +1580,16 @@ def hup_and_wait(process, log_path, text, count=1):
         time.sleep(0.05)
 
 
-def hup_with_broken_config_keeps_serving(tmp_path, upstream, breaking_edit, env=None):
+def hup_with_broken_config_keeps_serving(tmp_path, upstream, breaking_edit, env=None,
+                                         worker=None):
     """Serve; HUP with ``breaking_edit`` made to gateway.ini: the key that worked still gets
     200 from the same upstream and the master lives. Then fix the file and HUP: the new
     config (another upstream) is taken up."""
     second = FakeUpstream().start()
     UPSTREAMS.append(second)
     try:
-        with serving(tmp_path, upstream.url, "hup", env=env) as (url, log_path, process):
+        with serving(tmp_path, upstream.url, "hup", env=env, worker=worker) as \
+                (url, log_path, process):
             rig = Rig(url, upstream, log_path, process, tmp_path)
             assert status_of(rig, CLIENT_KEY) == 200
             breaking_edit()
@@ -1607,10 +1613,13 @@ def hup_with_broken_config_keeps_serving(tmp_path, upstream, breaking_edit, env=
         second.stop()
 
 
+@pytest.mark.parametrize("worker", ["gthread", "gevent"])
 @pytest.mark.parametrize("url", UNUSABLE_UPSTREAM_URLS[:1])
-def test_hup_with_an_unusable_upstream_url_keeps_serving(tmp_path, upstream, url):
+def test_hup_with_an_unusable_upstream_url_keeps_serving(tmp_path, upstream, url, worker):
+    if worker == "gevent" and importlib.util.find_spec("gevent") is None:
+        missing("gevent is not installed (it is in the test extra)")
     log = hup_with_broken_config_keeps_serving(
-        tmp_path, upstream, lambda: write_ini(tmp_path, url))
+        tmp_path, upstream, lambda: write_ini(tmp_path, url), worker=worker)
     assert "reload: config %s, line 2: upstream_url = %s: the port must be a number from 1 " \
         "to 65535; keeping the previous gateway config" % (tmp_path / "gateway.ini", url) in log
     assert "Worker failed to boot" not in log and "LocationParseError" not in log
