@@ -646,3 +646,33 @@ def test_metrics_count_backend_errors_and_requests_admitted_while_away(redis_ser
     text = client.get("/metrics").text
     assert "gateway_limits_backend_errors_total 1.0" in text  # then the breaker: no calls
     assert 'gateway_limits_admitted_away_total{mode="local"} 3.0' in text
+
+
+def test_unlimited_keys_never_wait_on_redis(redis_server, config_dir, caplog):
+    """An unlimited key's requests send Redis nothing (their last use goes with the periodic
+    renewal), so they are served at once even while Redis is frozen; a limited key's request
+    is one admit script."""
+    write_keys(config_dir, rpm=100)
+    config = dataclasses.replace(gateway.Config.from_file(str(config_dir / "gateway.ini")),
+                                 limits_backend=redis_server.url)
+    client = webtest.TestApp(gateway.make_app(config))
+
+    def scripts_run():
+        stats = redis_server.client().info("commandstats")
+        return stats.get("cmdstat_evalsha", {}).get("calls", 0)
+    client.post_json("/v1/messages", MESSAGE, headers=auth(RPM_KEY))  # loads the script
+    before = scripts_run()
+    for _ in range(10):
+        client.post_json("/v1/messages", MESSAGE, headers=auth(CLIENT_KEY))
+    assert scripts_run() == before
+    client.post_json("/v1/messages", MESSAGE, headers=auth(RPM_KEY))
+    assert scripts_run() == before + 1
+    redis_server.freeze()
+    try:
+        for _ in range(10):
+            client.post_json("/v1/messages", MESSAGE, headers=auth(CLIENT_KEY))
+        assert "unreachable" not in caplog.text  # no call timed out: none was made
+        client.post_json("/v1/messages", MESSAGE, headers=auth(RPM_KEY))  # local fallback
+        assert "unreachable (TimeoutError)" in caplog.text
+    finally:
+        redis_server.thaw()
