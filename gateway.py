@@ -98,10 +98,13 @@ RELAYED_HEADERS = frozenset({
 
 #: count_tokens takes "the same message shape" but rejects these fields with 400 "Extra inputs
 #: are not permitted" (docs/protocol.md, "count_tokens fields"), so they are dropped before
-#: forwarding.
+#: forwarding: the Messages create fields that count_tokens lacks, GA and beta, as the anthropic
+#: SDK's own types list them (tests/test_sdk.py derives the set and fails when the API adds
+#: one), plus ``temperature``, ``top_p`` and ``top_k``, which older SDKs still send.
 COUNT_TOKENS_DROPPED_FIELDS = frozenset({
-    "max_tokens", "stream", "temperature", "top_p", "top_k", "stop_sequences", "metadata",
-    "service_tier", "container",
+    "max_tokens", "stream", "stop_sequences", "metadata", "service_tier", "container",
+    "inference_geo", "thread", "diagnostics", "fallbacks", "fallback_credit_token",
+    "temperature", "top_p", "top_k",
 })
 
 DEFAULT_MODELS = types.MappingProxyType({
@@ -2557,12 +2560,14 @@ class Gateway:
 
     def on_count_tokens(self, environ, exchange):
         key_entry = self.authenticate(environ, exchange)
-        body = parse_json_body(self.read_body(environ))
+        # Dropped before routing: a field count_tokens never sees ("fallbacks": "default")
+        # cannot reach a model, so it is no reason to refuse.
+        body = count_tokens_body(parse_json_body(self.read_body(environ)))
         routed, exchange.public_model, exchange.upstream_model = route_models(
             body, self.config.models, key_entry)
         self.limit(key_entry, exchange)
         return self.forward(environ, exchange, "/v1/messages/count_tokens",
-                            encode_json(count_tokens_body(routed)))
+                            encode_json(routed))
 
     def on_models(self, environ, exchange):
         key_entry = self.authenticate(environ, exchange)

@@ -126,6 +126,46 @@ def test_count_tokens(sdk, upstream):
     assert upstream.last.json() == {"model": "claude-opus-4-8-20261101", "messages": MESSAGES}
 
 
+def _fields(typed_dict):
+    return {name for cls in typed_dict.__mro__ for name in getattr(cls, "__annotations__", {})}
+
+
+def test_count_tokens_drops_exactly_what_the_sdk_types_say_it_lacks():
+    """The create fields (GA and beta, streaming included) that count_tokens does not take,
+    from the installed SDK's own types: a field the API adds later fails this test until the
+    gateway drops it too."""
+    from anthropic.types import message_count_tokens_params, message_create_params
+    from anthropic.types.beta import message_count_tokens_params as beta_count
+    from anthropic.types.beta import message_create_params as beta_create
+    create = (_fields(message_create_params.MessageCreateParamsStreaming)
+              | _fields(beta_create.MessageCreateParamsStreaming))
+    count = (_fields(message_count_tokens_params.MessageCountTokensParams)
+             | _fields(beta_count.MessageCountTokensParams))
+    assert {"model", "messages", "max_tokens", "stream"} <= create and "messages" in count
+    dropped = gateway.COUNT_TOKENS_DROPPED_FIELDS
+    assert create - count <= dropped, "count_tokens would get fields it does not take"
+    assert not dropped & count, "the gateway drops a field count_tokens takes"
+    # Beyond the SDK's list only the sampling settings older SDKs still send.
+    assert dropped - create <= {"temperature", "top_p", "top_k"}
+
+
+def test_count_tokens_after_a_create_body_gets_only_its_own_fields(served_app, upstream):
+    """Claude Code's create body (fallbacks, diagnostics, inference_geo, ...) reused for
+    count_tokens: the upstream gets only what count_tokens takes."""
+    import requests
+    body = {"model": "claude-opus-4-8", "messages": MESSAGES, "max_tokens": 64000,
+            "stream": True, "system": [{"type": "text", "text": "s"}],
+            "fallbacks": "default", "diagnostics": {"previous_message_id": "msg_1"},
+            "inference_geo": "us", "fallback_credit_token": "t", "speed": "fast",
+            "metadata": {"user_id": "u"}, "context_management": {"edits": []}}
+    response = requests.post(served_app + "/v1/messages/count_tokens?beta=true", json=body,
+                             headers={"Authorization": "Bearer " + CLIENT_KEY})
+    assert response.json() == {"input_tokens": 42}
+    assert upstream.last.json() == {
+        "model": "claude-opus-4-8-20261101", "messages": MESSAGES, "system": body["system"],
+        "speed": "fast", "context_management": {"edits": []}}
+
+
 def test_models_list_and_retrieve(served_app):
     sdk = anthropic.Anthropic(api_key=LIMITED_KEY, base_url=served_app, max_retries=0)
     assert [m.id for m in sdk.models.list()] == ["claude-opus-4-7"]

@@ -231,6 +231,7 @@ def test_count_tokens_body_drops_fields_count_tokens_rejects():
     body = {"model": "m", "messages": [], "max_tokens": 5, "stream": True,
             "temperature": 1, "top_p": 1, "top_k": 1, "stop_sequences": [], "metadata": {},
             "service_tier": "auto", "container": "c", "system": "s", "tools": [],
+            "fallbacks": "default", "diagnostics": {}, "inference_geo": "us",
             "thinking": {"type": "adaptive"}, "context_management": {}}
     assert gateway.count_tokens_body(body) == {
         "model": "m", "messages": [], "system": "s", "tools": [],
