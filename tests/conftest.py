@@ -145,6 +145,18 @@ def server_process(command, log_path, ready, env=None, timeout=30, stop_timeout=
 
 
 LISTENING = re.compile(r"Listening at: http://([\d.]+:\d+)")
+DEV_LISTENING = re.compile(r"DEVELOPMENT SERVER .* listening on http://([\d.]+:\d+)")
+#: What every server started here binds: port 0, so the kernel picks a free port and the
+#: server says which (listening_url). A port picked and closed first could be taken meanwhile.
+ANY_PORT = "127.0.0.1:0"
+
+
+def listening_url(log_path):
+    """The base URL that gunicorn (or 'gateway serve --dev') logged it listens at."""
+    text = open(log_path, encoding="utf-8", errors="replace").read()
+    match = LISTENING.search(text) or DEV_LISTENING.search(text)
+    assert match, "no 'Listening at' in %s:\n%s" % (log_path, text[-2000:])
+    return "http://" + match.group(1)
 
 
 @contextlib.contextmanager

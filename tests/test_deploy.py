@@ -27,9 +27,9 @@ import pytest
 import requests
 
 import gateway
-from conftest import CLIENT_KEY, ROOT, auth, gateway_process, missing, required, \
-    server_process
-from upstream import UPSTREAM_KEY, free_port, text_stream
+from conftest import ANY_PORT, CLIENT_KEY, ROOT, auth, gateway_process, listening_url, \
+    missing, required, server_process
+from upstream import UPSTREAM_KEY, refused_port, text_stream
 
 DEPLOY = os.path.join(ROOT, "deploy")
 SITE_NAME = "gateway.example.com"  # deploy/nginx.conf's server_name
@@ -91,13 +91,12 @@ def serving(config_dir, tmp_path, name="gateway", worker=None):
     """``gateway serve`` with the shipped gunicorn config (``--worker`` when given): yields
     (process, port, log path) once every worker has booted."""
     ini = with_trusted_proxy(config_dir)
-    port = free_port()
     log_path = tmp_path / (name + ".log")
-    command = ["serve", "--config", ini, "--bind", "127.0.0.1:%d" % port]
+    command = ["serve", "--config", ini, "--bind", ANY_PORT]
     with gateway_process(command + (["--worker", worker] if worker else []),
-                         log_path) as (process, _):
+                         log_path) as (process, url):
         wait_for(lambda: len(booted_workers(log_path)) >= shipped_workers(), "workers")
-        yield process, port, log_path
+        yield process, int(url.rsplit(":", 1)[1]), log_path
 
 
 # -- nginx ------------------------------------------------------------------------------------
@@ -132,13 +131,34 @@ def nginx_site(listen_port, gateway_ports):
     return text
 
 
+NGINX_PORT_ATTEMPTS = 5
+
+
 @contextlib.contextmanager
 def running_nginx(tmp_path, gateway_ports):
-    """The real nginx in the foreground with the shipped site; yields its base URL."""
+    """The real nginx in the foreground with the shipped site; yields its base URL.
+
+    nginx cannot listen on port 0 and say which port it got, so it is given a port the
+    kernel just handed out, and if another server takes that port first, nginx fails to bind
+    ('Address already in use') and is started again on another one."""
+    for attempt in range(NGINX_PORT_ATTEMPTS):
+        prefix = tmp_path / ("nginx-%d" % attempt)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        with _nginx(prefix, port, gateway_ports) as base:
+            if base is None:
+                continue  # the port was taken before nginx could bind it
+            yield base
+            return
+    raise AssertionError("nginx found no free port in %d attempts" % NGINX_PORT_ATTEMPTS)
+
+
+@contextlib.contextmanager
+def _nginx(prefix, port, gateway_ports):
+    """nginx on ``port``; yields its base URL, or None when the port was in use."""
     binary = required("nginx", "apt-get install nginx")
-    prefix = tmp_path / "nginx"
     (prefix / "sites-enabled").mkdir(parents=True)
-    port = free_port()
     (prefix / "sites-enabled" / "gateway").write_text(nginx_site(port, gateway_ports))
     user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach the 0700 tmp_path
     (prefix / "nginx.conf").write_text(NGINX_MAIN.format(user=user, prefix=prefix))
@@ -148,14 +168,19 @@ def running_nginx(tmp_path, gateway_ports):
              "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
             stdout=log, stderr=subprocess.STDOUT)
     try:
-        def listening():
+        def started():
+            # Not a connect to the port: it could be another server's. nginx logs its
+            # workers' start only once it has bound every listen address.
+            errors = (prefix / "error.log").read_text() if (prefix / "error.log").exists() \
+                else ""
+            if "Address already in use" in errors:
+                return "taken"
             if process.poll() is not None:
                 raise AssertionError("nginx exited:\n" + (prefix / "stderr.log").read_text()
-                                     + (prefix / "error.log").read_text())
-            with socket.socket() as probe:
-                return probe.connect_ex(("127.0.0.1", port)) == 0
-        wait_for(listening, "nginx to listen")
-        yield "http://127.0.0.1:%d" % port
+                                     + errors)
+            return "started" if "start worker process" in errors else None
+        outcome = wait_for(started, "nginx to start")
+        yield "http://127.0.0.1:%d" % port if outcome == "started" else None
     finally:
         process.terminate()
         try:
@@ -163,6 +188,13 @@ def running_nginx(tmp_path, gateway_ports):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def test_nginx_is_started_again_when_its_port_was_taken(tmp_path):
+    """The retry above, proven: a port someone else listens on is given up, not shared."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        with _nginx(tmp_path / "taken", taken.getsockname()[1], [9]) as base:
+            assert base is None
 
 
 def via_nginx(headers=None):
@@ -337,7 +369,7 @@ def test_the_client_address_comes_from_nginx_and_only_from_it(config_dir, upstre
 
 
 def test_nginx_answers_its_own_errors_in_the_anthropic_envelope(tmp_path):
-    with running_nginx(tmp_path, [free_port()]) as base:  # no gateway listening there
+    with refused_port() as port, running_nginx(tmp_path, [port]) as base:  # no gateway
         unavailable = requests.post(base + "/v1/messages", json=MESSAGE, headers=via_nginx(),
                                     timeout=WAIT)
         with pytest.raises(requests.ConnectionError):  # any other host name: 444, no answer
@@ -457,13 +489,12 @@ def started(command, log_path, env, ready="Booting worker"):
 def test_mounted_under_a_prefix_in_another_wsgi_app(config_dir, upstream, tmp_path):
     site_app = doc_block("docs/embedding.md", "<!-- embedding-example")
     (tmp_path / "site_app.py").write_text(site_app)
-    port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-c", os.path.join(DEPLOY, "gunicorn.conf.py"),
-               "--bind", "127.0.0.1:%d" % port, "--pythonpath", "%s,%s" % (tmp_path, ROOT),
+               "--bind", ANY_PORT, "--pythonpath", "%s,%s" % (tmp_path, ROOT),
                "site_app:application"]
-    base = "http://127.0.0.1:%d" % port
     with started(command, tmp_path / "site.log",
                  {"GATEWAY_CONFIG": str(config_dir / "gateway.ini")}):
+        base = listening_url(tmp_path / "site.log")
         upstream.gate = threading.Event()
         stream = requests.post(base + "/anthropic/v1/messages", json=STREAM, headers=auth(),
                                stream=True, timeout=WAIT)
@@ -480,12 +511,11 @@ def test_mounted_under_a_prefix_in_another_wsgi_app(config_dir, upstream, tmp_pa
 
 
 def test_dev_server_streams_with_the_standard_library_alone(config_dir, upstream, tmp_path):
-    port = free_port()
     command = [sys.executable, os.path.join(ROOT, "gateway"), "serve", "--dev", "--config",
-               str(config_dir / "gateway.ini"), "--bind", "127.0.0.1:%d" % port]
+               str(config_dir / "gateway.ini"), "--bind", ANY_PORT]
     with started(command, tmp_path / "dev.log", {}, ready="DEVELOPMENT SERVER"):
         upstream.gate = threading.Event()
-        stream = requests.post("http://127.0.0.1:%d/v1/messages" % port, json=STREAM,
+        stream = requests.post(listening_url(tmp_path / "dev.log") + "/v1/messages", json=STREAM,
                                headers=auth(), stream=True, timeout=WAIT)
         first = read_until(stream.raw, b"\n\n")
         upstream.gate.set()
@@ -498,7 +528,7 @@ def test_dev_server_streams_with_the_standard_library_alone(config_dir, upstream
 def test_the_gevent_config_refuses_gateway_serve(config_dir):
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "gateway"), "serve", "--config",
-         str(config_dir / "gateway.ini"), "--bind", "127.0.0.1:%d" % free_port(),
+         str(config_dir / "gateway.ini"), "--bind", ANY_PORT,
          "--gunicorn-config", os.path.join(DEPLOY, "gunicorn-gevent.conf.py")],
         capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
@@ -508,15 +538,15 @@ def test_the_gevent_config_refuses_gateway_serve(config_dir):
 
 def test_the_gevent_extra_streams_under_plain_gunicorn(config_dir, upstream, tmp_path):
     require_gevent()
-    port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-c",
                os.path.join(DEPLOY, "gunicorn-gevent.conf.py"),
-               "--bind", "127.0.0.1:%d" % port, "--pythonpath", ROOT]
+               "--bind", ANY_PORT, "--pythonpath", ROOT]
     with started(command, tmp_path / "gevent.log",
                  {"GATEWAY_CONFIG": str(config_dir / "gateway.ini")}):
         upstream.gate = threading.Event()
         # Connection: close, or the worker's graceful stop waits for this idle connection.
-        stream = requests.post("http://127.0.0.1:%d/v1/messages" % port, json=STREAM,
+        stream = requests.post(listening_url(tmp_path / "gevent.log") + "/v1/messages",
+                               json=STREAM,
                                headers=dict(auth(), Connection="close"), stream=True,
                                timeout=WAIT)
         first = read_until(stream.raw, b"\n\n")
@@ -550,7 +580,7 @@ def test_serve_with_gevent_streams_from_an_https_upstream(config_dir, tmp_path):
                               ini.read_text()))
         log_path = tmp_path / "gevent.log"
         with gateway_process(["serve", "--worker", "gevent", "--config", str(ini), "--bind",
-                              "127.0.0.1:%d" % free_port()], log_path,
+                              ANY_PORT], log_path,
                              env={"REQUESTS_CA_BUNDLE": str(tmp_path / "ca.pem")}) as (_, url):
             tls_upstream.gate = threading.Event()
             stream = requests.post(url + "/v1/messages", json=STREAM,

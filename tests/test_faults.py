@@ -38,9 +38,9 @@ import time
 import pytest
 import requests
 
-from conftest import CLIENT_KEY, DISABLED_KEY, LIMITED_KEY, ROOT, gateway_process, key_line, \
-    missing
-from upstream import UPSTREAM_KEY, FakeUpstream, default_handler, free_port, message, sse, \
+from conftest import ANY_PORT, CLIENT_KEY, DISABLED_KEY, LIMITED_KEY, ROOT, gateway_process, \
+    key_line, missing
+from upstream import UPSTREAM_KEY, FakeUpstream, default_handler, message, refused_port, sse, \
     text_stream
 
 #: Short budgets so that stalls end quickly; each fault below is sized against these.
@@ -433,7 +433,7 @@ def serving(directory, upstream_url, name, env=None, worker=None, **popen):
     env = dict(env or {}, PYTHONDONTWRITEBYTECODE="1")
     loaded = re.compile(r"\[(\d+)\] \[INFO\] gateway: loaded %s$"
                         % re.escape(str(directory / "gateway.keys")), re.M)
-    command = ["serve", "--config", str(ini), "--bind", "127.0.0.1:%d" % free_port()]
+    command = ["serve", "--config", str(ini), "--bind", ANY_PORT]
     with gateway_process(command + (["--worker", worker] if worker else []), log_path,
                          env=env, **popen) \
             as (process, url):
@@ -1406,7 +1406,7 @@ def test_serve_refuses_to_start_without_a_key_file(tmp_path):
     ini = write_config(tmp_path, "http://127.0.0.1:9")
     (tmp_path / "gateway.keys").unlink()
     result = subprocess.run([sys.executable, os.path.join(ROOT, "gateway"), "serve",
-                             "--config", str(ini), "--bind", "127.0.0.1:%d" % free_port()],
+                             "--config", str(ini), "--bind", ANY_PORT],
                             capture_output=True, text=True, timeout=WAIT)
     assert result.returncode == 1
     assert "gateway.keys" in result.stdout
@@ -1419,8 +1419,8 @@ def test_serve_refuses_to_start_without_a_key_file(tmp_path):
 @pytest.fixture(scope="module")
 def dead_rig(tmp_path_factory):
     directory = tmp_path_factory.mktemp("deadupstream")
-    port = free_port()
-    with serving(directory, "http://127.0.0.1:%d" % port, "dead") as (url, log_path, process):
+    with refused_port() as port, serving(directory, "http://127.0.0.1:%d" % port, "dead") \
+            as (url, log_path, process):
         rig = Rig(url, None, log_path, process, directory)
         rig.upstream_port = port
         yield rig
@@ -1446,28 +1446,28 @@ def test_upstream_connection_refused_is_a_502(dead_rig):
     assert dead_rig.access(request_id)["status"] == 502
 
 
-def test_upstream_that_never_accepts_is_a_504(dead_rig):
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", dead_rig.upstream_port))
-    listener.listen(0)
-    filler = socket.create_connection(("127.0.0.1", dead_rig.upstream_port), timeout=WAIT)
-    try:  # the accept queue is full: the kernel drops the gateway's SYNs
+def test_upstream_that_never_accepts_is_a_504(tmp_path):
+    """Its own gateway, in front of its own listener whose accept queue is full: the kernel
+    drops the gateway's SYNs."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as listener, \
+            socket.create_connection(listener.getsockname(), timeout=WAIT), \
+            serving(tmp_path, "http://127.0.0.1:%d" % listener.getsockname()[1], "never") \
+            as (url, log_path, process):
+        dead_rig = Rig(url, None, log_path, process, tmp_path)
+        dead_rig.upstream_port = listener.getsockname()[1]
         stalled = in_background(post, dead_rig, body("hi"))
         serves_without_upstream(dead_rig)
         response = stalled()
-    finally:
-        filler.close()
-        listener.close()
-    assert_envelope(response.status_code, response.headers, response.content, 504,
-                    "timeout_error")
-    request_id = response.headers["request-id"]
-    # Linux drops the SYN when the accept queue is full (ConnectTimeout); a kernel that
-    # completes the handshake anyway leaves the request unanswered (ReadTimeout).
-    assert re.search(r"upstream request to 127\.0\.0\.1:%d failed \[%s\]: (no connection "
-                     r"within connect_timeout \(1 s\) \(ConnectTimeout|no answer within "
-                     r"read_timeout \(1\.5 s\) \(ReadTimeout)"
-                     % (dead_rig.upstream_port, request_id), dead_rig.log())
-    serves_without_upstream(dead_rig)
+        assert_envelope(response.status_code, response.headers, response.content, 504,
+                        "timeout_error")
+        request_id = response.headers["request-id"]
+        # Linux drops the SYN when the accept queue is full (ConnectTimeout); a kernel that
+        # completes the handshake anyway leaves the request unanswered (ReadTimeout).
+        assert re.search(r"upstream request to 127\.0\.0\.1:%d failed \[%s\]: (no connection "
+                         r"within connect_timeout \(1 s\) \(ConnectTimeout|no answer within "
+                         r"read_timeout \(1\.5 s\) \(ReadTimeout)"
+                         % (dead_rig.upstream_port, request_id), dead_rig.log())
+        serves_without_upstream(dead_rig)
 
 
 # ---------------------------------------------------------------------------------------------

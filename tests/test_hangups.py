@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from conftest import CLIENT_KEY, ROOT, key_line, missing
+from conftest import ANY_PORT, CLIENT_KEY, ROOT, key_line, listening_url, missing
 from test_deploy import DEPLOY, SITE_NAME, running_nginx, serving, started, wait_for
-from upstream import UPSTREAM_KEY, free_port, message
+from upstream import UPSTREAM_KEY, message
 
 CLIENTS = 20
 WAIT = 10
@@ -113,13 +113,12 @@ def gevent_gateway(config_dir, tmp_path):
         import gevent  # noqa: F401
     except ImportError:
         missing("gevent is not installed (it is in the test extra)")
-    port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-c",
                os.path.join(DEPLOY, "gunicorn-gevent.conf.py"),
-               "--bind", "127.0.0.1:%d" % port, "--pythonpath", ROOT]
+               "--bind", ANY_PORT, "--pythonpath", ROOT]
     log_path = tmp_path / "gevent.log"
     with started(command, log_path, {"GATEWAY_CONFIG": str(config_dir / "gateway.ini")}):
-        yield port, log_path
+        yield int(listening_url(log_path).rsplit(":", 1)[1]), log_path
 
 
 @contextlib.contextmanager

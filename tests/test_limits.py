@@ -11,8 +11,8 @@ import webtest
 
 import gateway
 from gateway import APIError, HostState, KeyEntry
-from conftest import CLIENT_KEY, ROOT, auth, gateway_process, key_line
-from upstream import UPSTREAM_KEY, free_port, stream_events, text_stream
+from conftest import ANY_PORT, CLIENT_KEY, ROOT, auth, gateway_process, key_line
+from upstream import UPSTREAM_KEY, stream_events, text_stream
 
 MESSAGE = {"model": "claude-opus-4-8", "max_tokens": 16,
            "messages": [{"role": "user", "content": "Hello"}]}
@@ -163,7 +163,7 @@ def test_concurrency_limit_across_workers_and_rotation_loses_nothing(config_dir,
     upstream.handler = held
     stream = dict(MESSAGE, stream=True)
     with gateway_process(["serve", "--config", str(config_dir / "gateway.ini"), "--bind",
-                          "127.0.0.1:%d" % free_port()], tmp_path / "serve.log") as (_, url):
+                          ANY_PORT], tmp_path / "serve.log") as (_, url):
         session = requests.Session()
         opened = [requests.post(url + "/v1/messages", json=stream, headers=auth(),
                                 stream=True, timeout=20) for _ in range(3)]
@@ -203,7 +203,7 @@ def test_rpm_and_tokens_are_exact_under_concurrent_clients(config_dir, upstream,
         key_line("alice", CLIENT_KEY).strip() + " rpm=7\n"
         + key_line("bob", "sk-gw-bob-budget-0123456789").strip() + " tokens_per_day=30\n")
     with gateway_process(["serve", "--config", str(config_dir / "gateway.ini"), "--bind",
-                          "127.0.0.1:%d" % free_port()], tmp_path / "serve.log",
+                          ANY_PORT], tmp_path / "serve.log",
                          env={"WEB_CONCURRENCY": "2"}) as (_, url):
         def call(key):
             return requests.post(url + "/v1/messages", json=MESSAGE, headers=auth(key),

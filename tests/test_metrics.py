@@ -16,8 +16,8 @@ from prometheus_client.multiprocess import MultiProcessCollector  # the 'test' e
 from prometheus_client.parser import text_string_to_metric_families
 
 import gateway
-from conftest import CLIENT_KEY, LIMITED_KEY, ROOT, auth, gateway_process
-from upstream import abandoned_stream, default_handler, free_port, returned_usage
+from conftest import ANY_PORT, CLIENT_KEY, LIMITED_KEY, ROOT, auth, gateway_process
+from upstream import abandoned_stream, default_handler, returned_usage
 
 WAIT = 15.0  # every wait below is bounded by this many seconds
 METRICS_TOKEN = "metrics-scrape-token-0123456789"
@@ -165,7 +165,7 @@ def read_rest(response):
 
 def test_metrics_add_up_every_worker(metrics_ini, upstream, tmp_path):
     directory = tmp_path / "prometheus"
-    bind = "127.0.0.1:%d" % free_port()
+    bind = ANY_PORT
     log_path = tmp_path / "serve.log"
     sent = {"json": 0, "stream": 0, "abandoned": 0}
     with gateway_process(["serve", "--config", str(metrics_ini), "--bind", bind,
@@ -250,7 +250,7 @@ def test_metrics_add_up_every_worker(metrics_ini, upstream, tmp_path):
 
 
 def test_serve_makes_and_removes_its_own_metrics_directory(metrics_ini, upstream, tmp_path):
-    bind = "127.0.0.1:%d" % free_port()
+    bind = ANY_PORT
     log_path = tmp_path / "serve.log"
     with gateway_process(["serve", "--config", str(metrics_ini), "--bind", bind],
                          log_path) as (_, url):

@@ -23,9 +23,9 @@ import webtest
 
 import gateway
 from gateway import APIError, HostState, KeyEntry, RedisLimits
-from conftest import (CLIENT_KEY, LIMITED_KEY, ROOT, auth, gateway_process, key_line,
-                      missing, server_process)
-from upstream import UPSTREAM_KEY, default_handler, free_port, stream_events, text_stream
+from conftest import (ANY_PORT, CLIENT_KEY, LIMITED_KEY, ROOT, auth, gateway_process, key_line,
+                      listening_url, missing, server_process)
+from upstream import UPSTREAM_KEY, default_handler, stream_events, text_stream
 
 LEASE = 3.0  # seconds: short, so that lapsed leases are seen within a test
 
@@ -372,7 +372,6 @@ STREAM = {"model": "claude-opus-4-8", "max_tokens": 16, "stream": True,
 MESSAGE = dict(STREAM, stream=False)
 RPM_KEY = "sk-gw-test-rpm-0123456789abcdefghijklmnopqrstu"
 SLOTS_KEY = "sk-gw-test-slots-0123456789abcdefghijklmnopqrs"
-PORT_ATTEMPTS = 5
 
 
 def write_keys(config_dir, rpm=6, concurrency=4):
@@ -398,20 +397,10 @@ def host(config_dir, tmp_path, name, server, workers=2, **settings):
     """One gateway host: 'gateway serve' with ``workers`` workers, in its own process group
     (so that a test can SIGKILL the whole host). Yields (process, base URL)."""
     ini = host_ini(config_dir, name, server, **settings)
-    serving = False
-    for attempt in range(PORT_ATTEMPTS):  # free_port can collide with another test's server
-        try:
-            with gateway_process(["serve", "--config", ini, "--bind",
-                                  "127.0.0.1:%d" % free_port()], tmp_path / (name + ".log"),
-                                 env={"WEB_CONCURRENCY": str(workers)},
-                                 start_new_session=True) as started:
-                serving = True
-                yield started
-                return
-        except AssertionError as exc:
-            if serving or "Address already in use" not in str(exc) \
-                    or attempt == PORT_ATTEMPTS - 1:
-                raise
+    with gateway_process(["serve", "--config", ini, "--bind", ANY_PORT],
+                         tmp_path / (name + ".log"), env={"WEB_CONCURRENCY": str(workers)},
+                         start_new_session=True) as started:  # port 0: nothing to collide
+        yield started
 
 
 def held_streams(upstream):
@@ -609,15 +598,14 @@ def test_exact_under_the_gevent_config_too(redis_server, config_dir, upstream, t
     write_keys(config_dir, rpm=6, concurrency=3)
     gate = held_streams(upstream)
     ini = host_ini(config_dir, "gevent", redis_server)
-    port = free_port()
     command = [sys.executable, "-m", "gunicorn", "-c",
                os.path.join(ROOT, "deploy", "gunicorn-gevent.conf.py"),
-               "--bind", "127.0.0.1:%d" % port, "--pythonpath", ROOT]
+               "--bind", ANY_PORT, "--pythonpath", ROOT]
     try:
         with server_process(command, tmp_path / "gevent.log",
                             lambda text: text.count("Booting worker") >= 2,
                             {"GATEWAY_CONFIG": ini, "WEB_CONCURRENCY": "2"}, stop_timeout=5):
-            url = "http://127.0.0.1:%d" % port
+            url = listening_url(tmp_path / "gevent.log")
             statuses = at_once([lambda: post(url, RPM_KEY).status_code] * 18)
             assert sorted(statuses) == [200] * 6 + [429] * 12
             streams = at_once([lambda: post(url, SLOTS_KEY, STREAM, stream=True)] * 9)

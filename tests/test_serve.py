@@ -8,8 +8,7 @@ import requests
 
 import gateway
 
-from conftest import CLIENT_KEY, ROOT, auth, gateway_process
-from upstream import free_port
+from conftest import ANY_PORT, CLIENT_KEY, ROOT, auth, gateway_process
 
 
 def run_gateway(*args, env=None):
@@ -19,7 +18,7 @@ def run_gateway(*args, env=None):
 
 
 def test_serve_relays_a_stream_and_logs_one_json_line(config_dir, upstream, tmp_path):
-    bind = "127.0.0.1:%d" % free_port()
+    bind = ANY_PORT
     log_path = tmp_path / "serve.log"
     with gateway_process(["serve", "--config", str(config_dir / "gateway.ini"),
                           "--bind", bind], log_path) as (process, url):
@@ -141,7 +140,7 @@ def test_hup_applies_a_new_config_and_survives_a_broken_one(config_dir, upstream
         raise AssertionError("the reload did not take effect:\n" + log_path.read_text())
 
     with gateway_process(["serve", "--config", str(ini), "--bind",
-                          "127.0.0.1:%d" % free_port()], log_path) as (process, url):
+                          ANY_PORT], log_path) as (process, url):
         assert models(url) == ["claude-opus-4-8", "claude-opus-4-7"]
         ini.write_text(ini.read_text() + "claude-opus-5 = claude-opus-5-20270101\n")
         after_hup(process, url, ["claude-opus-4-8", "claude-opus-4-7", "claude-opus-5"])

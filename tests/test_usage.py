@@ -13,8 +13,8 @@ import pytest
 import requests
 
 import gateway
-from conftest import CLIENT_KEY, LIMITED_KEY, ROOT, auth, gateway_process
-from upstream import abandoned_stream, default_handler, free_port, returned_usage
+from conftest import ANY_PORT, CLIENT_KEY, LIMITED_KEY, ROOT, auth, gateway_process
+from upstream import abandoned_stream, default_handler, returned_usage
 
 WAIT = 15.0  # every wait below is bounded by this many seconds
 
@@ -138,7 +138,7 @@ def serve(config_dir, log_path, requests_to_send, expected_lines):
     """Run 'gateway serve', send the requests, and stop once the access log holds them all
     (a stream's line is written after its last byte, so the wait is on the log)."""
     ini = str(config_dir / "gateway.ini")
-    bind = "127.0.0.1:%d" % free_port()
+    bind = ANY_PORT
     with gateway_process(["serve", "--config", ini, "--bind", bind], log_path) as (_, url):
         requests_to_send(url)
         deadline = time.monotonic() + WAIT

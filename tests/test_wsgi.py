@@ -105,11 +105,12 @@ def test_upstream_key_file_is_reread_when_it_changes(client, upstream, config_di
 
 def test_upstream_unreachable_is_502(config):
     import dataclasses
-    from upstream import free_port
-    app = gateway.make_app(dataclasses.replace(
-        config, upstream_url="http://127.0.0.1:%d" % free_port()))
-    response = webtest.TestApp(app).post_json("/v1/messages", MESSAGE, headers=auth(),
-                                              status=502)
+    from upstream import refused_port
+    with refused_port() as port:
+        app = gateway.make_app(dataclasses.replace(
+            config, upstream_url="http://127.0.0.1:%d" % port))
+        response = webtest.TestApp(app).post_json("/v1/messages", MESSAGE, headers=auth(),
+                                                  status=502)
     assert "could not be reached" in assert_envelope(response, 502, "api_error")
 
 

@@ -7,6 +7,7 @@ a ``threading.Event`` so that it proves the gateway relays event 1 before the up
 event 2.
 """
 
+import contextlib
 import json
 import select
 import socket
@@ -240,10 +241,15 @@ def stream_events(handler, events, fake):
         fake.client_gone.set()
 
 
-def free_port():
+@contextlib.contextmanager
+def refused_port():
+    """A port on 127.0.0.1 that refuses connections: bound and never listening, and held for
+    the block, so no other server (another test run's) can start listening there meanwhile.
+    Servers the tests start bind port 0 and say which port they got; there is no picking a
+    free port and hoping it stays free."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        yield sock.getsockname()[1]
 
 
 PING = b'event: ping\ndata: {"type": "ping"}\n\n'
