@@ -45,6 +45,35 @@ def missing(message):
     pytest.skip(message + "; in CI this test fails instead")
 
 
+BACKGROUND_TIMEOUT = 40  # seconds
+
+
+def in_background(function, *args, **kwargs):
+    """Run ``function`` in a thread; the returned callable joins it (bounded) and returns its
+    result or raises its exception: a background thread's failure is the test's failure,
+    never lost while the test checks what the other threads did."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = function(*args, **kwargs)
+        except BaseException as exc:  # handed to the test thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def join():
+        thread.join(BACKGROUND_TIMEOUT)
+        assert not thread.is_alive(), "a background thread did not finish"
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return join
+
+
+
 @pytest.fixture(autouse=True)
 def no_proxy_environment(monkeypatch):
     """requests honours proxy variables; a developer's proxy must not catch loopback tests."""

@@ -39,7 +39,7 @@ import pytest
 import requests
 
 from conftest import ANY_PORT, CLIENT_KEY, DISABLED_KEY, LIMITED_KEY, ROOT, gateway_process, \
-    key_line, missing
+    in_background, key_line, missing
 from upstream import UPSTREAM_KEY, FakeUpstream, default_handler, message, refused_port, sse, \
     text_stream
 
@@ -611,30 +611,6 @@ def assert_envelope(status, response_headers, data, expected_status, error_type)
     assert payload["request_id"] == response_headers["request-id"]
     assert response_headers["content-type"] == "application/json"
     return payload
-
-
-def in_background(function, *args, **kwargs):
-    """Run ``function`` in a thread; the returned callable joins it (bounded) and returns its
-    result or raises its exception."""
-    outcome = {}
-
-    def run():
-        try:
-            outcome["value"] = function(*args, **kwargs)
-        except BaseException as exc:  # handed to the test thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-
-    def join():
-        thread.join(WAIT * 2)
-        assert not thread.is_alive(), "background request did not finish"
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
-
-    return join
 
 
 def received_with(rig, name):

@@ -23,8 +23,8 @@ import webtest
 
 import gateway
 from gateway import APIError, HostState, KeyEntry, RedisLimits
-from conftest import (ANY_PORT, CLIENT_KEY, LIMITED_KEY, ROOT, auth, gateway_process, key_line,
-                      listening_url, missing, server_process)
+from conftest import (ANY_PORT, CLIENT_KEY, LIMITED_KEY, ROOT, auth, gateway_process,
+                      in_background, key_line, listening_url, missing, server_process)
 from upstream import UPSTREAM_KEY, default_handler, stream_events, text_stream
 
 LEASE = 3.0  # seconds: short, so that lapsed leases are seen within a test
@@ -563,9 +563,7 @@ def test_redis_restarted_then_frozen_under_load(redis_server, config_dir, upstre
                 started = time.monotonic()
                 status = post(one, "sk-gw-test-busy-0123456789abcdefghij").status_code
                 answers.append((status, time.monotonic() - started))
-        clients = [threading.Thread(target=load) for _ in range(4)]
-        for client in clients:
-            client.start()
+        clients = [in_background(load) for _ in range(4)]
         try:
             eventually(lambda: len(answers) > 20)
             redis_server.restart()
@@ -578,8 +576,8 @@ def test_redis_restarted_then_frozen_under_load(redis_server, config_dir, upstre
             redis_server.thaw()
         finally:
             stop.set()
-            for client in clients:
-                client.join(20)
+            for join in clients:
+                join()  # a client's exception fails the test, not just that client
         assert {status for status, _ in answers} == {200}
         assert max(elapsed for _, elapsed in frozen) < 1.5  # generous: a loaded machine
         time.sleep(RedisLimits.BREAKER_SECONDS + 0.5)  # every worker's breaker lets Redis back
