@@ -1717,11 +1717,21 @@ def _route_nested(item, models, key_entry):
 def _upstream_model(public, models, key_entry):
     upstream = models.get(public)
     if upstream is None:
-        raise APIError(404, "not_found_error", "model: %s" % public)
+        raise APIError(404, "not_found_error",
+                       "model: %s. %s" % (public, usable_models(models, key_entry)))
     if not key_entry.allows(public):
-        raise APIError(403, "permission_error",
-                       "This key may not use model %s." % public, model=public)
+        raise APIError(403, "permission_error", "This key may not use model %s. %s"
+                       % (public, usable_models(models, key_entry)), model=public)
     return upstream
+
+
+def usable_models(models, key_entry):
+    """'This key may use: a, b.': what a client asking for another model (Claude Code's own
+    ids, say) can point its settings at. The message starts as the API's does ('model: <id>')."""
+    usable = [model for model in models if key_entry.allows(model)]
+    if not usable:
+        return "This key may use no model."
+    return "This key may use: %s." % ", ".join(usable)
 
 
 def count_tokens_body(body):
@@ -2580,7 +2590,8 @@ class Gateway:
         key_entry = self.authenticate(environ, exchange)
         model_id = environ["PATH_INFO"][len("/v1/models/"):]
         if model_id not in self.config.models or not key_entry.allows(model_id):
-            raise APIError(404, "not_found_error", "model: %s" % model_id)
+            raise APIError(404, "not_found_error", "model: %s. %s" % (
+                model_id, usable_models(self.config.models, key_entry)))
         self.limit(key_entry, exchange)
         return _json_response(200, model_info(model_id))
 

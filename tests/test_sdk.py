@@ -180,10 +180,13 @@ def test_errors_become_the_sdk_exceptions(served_app, sdk, upstream):
     assert denied.value.request_id.startswith("req_gw_")
     with pytest.raises(anthropic.NotFoundError) as missing:
         sdk.messages.create(model="claude-foo", max_tokens=1, messages=MESSAGES)
-    assert missing.value.body["error"]["message"] == "model: claude-foo"
+    assert missing.value.body["error"]["message"] == (
+        "model: claude-foo. This key may use: claude-opus-4-8, claude-opus-4-7.")
     limited = anthropic.Anthropic(api_key=LIMITED_KEY, base_url=served_app, max_retries=0)
-    with pytest.raises(anthropic.PermissionDeniedError):
+    with pytest.raises(anthropic.PermissionDeniedError) as denied:
         limited.messages.create(model="claude-opus-4-8", max_tokens=1, messages=MESSAGES)
+    assert denied.value.body["error"]["message"] == (
+        "This key may not use model claude-opus-4-8. This key may use: claude-opus-4-7.")
 
     upstream.handler = lambda handler, received: handler.send_json(529, {
         "type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})

@@ -415,3 +415,11 @@ def test_the_ci_guard_takes_any_true_value(value, expected):
     from conftest import in_ci
     assert in_ci({"CI": value}) is expected
     assert in_ci({}) is False
+
+
+def test_a_refused_model_names_the_models_the_key_may_use():
+    with pytest.raises(APIError) as missing:
+        gateway.route_models({"model": "claude-sonnet-4-6"}, MODELS, ONLY_47)
+    assert missing.value.message == "model: claude-sonnet-4-6. This key may use: claude-opus-4-7."
+    nothing = gateway.KeyEntry("none", b"\0" * 32, models=frozenset())
+    assert gateway.usable_models(MODELS, nothing) == "This key may use no model."

@@ -169,7 +169,8 @@ def test_model_not_allowed_for_the_key_is_403(client, upstream, caplog):
 def test_unknown_public_model_is_404_naming_it(client, upstream):
     response = client.post_json("/v1/messages", dict(MESSAGE, model="claude-foo"),
                                 headers=auth(), status=404)
-    assert assert_envelope(response, 404, "not_found_error") == "model: claude-foo"
+    assert assert_envelope(response, 404, "not_found_error") == (
+        "model: claude-foo. This key may use: claude-opus-4-8, claude-opus-4-7.")
     assert upstream.received == []
 
 
