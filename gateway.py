@@ -385,7 +385,7 @@ def _read_ini(text, path):
         raise ValueError("line %d: not a setting (expected name = value)"
                          % exc.errors[0][0]) from None
     lines, section = {}, None
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # configparser's lines: not \f, \r
         stripped = line.strip()
         if not stripped or stripped[0] in "#;":
             continue

@@ -373,6 +373,7 @@ def test_config_errors_say_what_is_wrong(tmp_path, text, complaint):
     (b"[gateway]\nsk-ant-pasted-here\n", "line 2: not a setting (expected name = value)"),
     (b"[gateway]\nmax_body_byte = 5\n", "line 2: unknown setting max_body_byte in [gateway]"),
     (b"[models]\nclaude-x = a\nclaude-y =\n", "line 3: model claude-y maps to nothing"),
+    (b"[gateway]\r\n# a \x0c form feed\r\nread_timeout = ten\r\n", "line 3: read_timeout = ten"),
     (b"[gateway]\nupstream_url = http://127.0.0.1:99999\n", "line 2: upstream_url = "
      "http://127.0.0.1:99999: the port must be a number from 1 to 65535"),
 ])
