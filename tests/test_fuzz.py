@@ -6,8 +6,10 @@ every error it makes is the Anthropic envelope with a ``request-id``. When a req
 upstream, the upstream receives the client's body with only the model ids mapped, and no
 header value with CR, LF or NUL in it.
 
-The number of cases per property is ``GATEWAY_FUZZ_EXAMPLES`` (default 250); hypothesis keeps
-failing cases in ``.hypothesis/`` and replays them first.
+The number of cases per property is ``GATEWAY_FUZZ_EXAMPLES`` (default 250), except for the
+last property, aimed past routing and refusals so that every case reaches the upstream:
+``GATEWAY_FUZZ_UPSTREAM_EXAMPLES`` (default 2,000). hypothesis keeps failing cases in
+``.hypothesis/`` and replays them first.
 """
 import hashlib
 import io
@@ -335,3 +337,93 @@ def test_any_query_and_headers_on_a_good_request(rig, query, request_headers, st
     status, response_headers, data = call(app, environ)
     check_answer(status, response_headers, data, records, start)
     event("status %s" % status[:3])
+
+
+# ---------------------------------------------------------------------------------------------
+# Aimed at the upstream: valid requests with arbitrary content, most of the fuzzing budget
+# ---------------------------------------------------------------------------------------------
+
+#: Cases of the property below, every one of which must reach the upstream (CI runs the
+#: default); GATEWAY_FUZZ_UPSTREAM_EXAMPLES changes it.
+UPSTREAM_EXAMPLES = int(os.environ.get("GATEWAY_FUZZ_UPSTREAM_EXAMPLES", "2000"))
+UPSTREAM_FUZZ = settings(FUZZ, max_examples=UPSTREAM_EXAMPLES)
+
+#: (key, a public model it may use): alice may use both, bob only claude-opus-4-7.
+ALLOWED = [(CLIENT_KEY, "claude-opus-4-8"), (CLIENT_KEY, "claude-opus-4-7"),
+           (LIMITED_KEY, "claude-opus-4-7")]
+#: Anything at all, as the value of any field the gateway does not route.
+free_fields = st.dictionaries(
+    st.one_of(st.sampled_from(["messages", "system", "max_tokens", "metadata", "temperature",
+                               "stop_sequences", "thinking", "tool_choice", "top_k",
+                               "service_tier", "container", "mcp_servers"]),
+              st.text(max_size=12)).filter(
+        lambda name: name not in ("model", "fallbacks", "tools", "stream")),
+    json_values, max_size=6)
+
+
+@st.composite
+def valid_requests(draw):
+    """(key, path, body bytes, the body as sent): the model ids all ones the key may use, so
+    the gateway must forward it; everything else arbitrary JSON, encoded in several ways."""
+    key, model = draw(st.sampled_from(ALLOWED))
+    allowed = [public for owner, public in ALLOWED if owner == key]
+    body = {"model": model}
+    body.update(draw(free_fields))
+    if draw(st.booleans()):
+        body["fallbacks"] = draw(st.lists(st.fixed_dictionaries(
+            {"model": st.sampled_from(allowed)}, optional={"max_tokens": json_values}),
+            max_size=2))
+    if draw(st.booleans()):
+        body["tools"] = draw(st.lists(st.one_of(
+            st.fixed_dictionaries({"type": st.just("advisor_20260301"),
+                                   "name": st.text(max_size=8),
+                                   "model": st.sampled_from(allowed)}),
+            st.fixed_dictionaries({"name": st.text(max_size=8),
+                                   "input_schema": json_values})), max_size=3))
+    path = draw(st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]))
+    if path == "/v1/messages" and draw(st.booleans()):
+        body["stream"] = draw(st.booleans())
+    encode = draw(st.sampled_from([
+        lambda value: json.dumps(value).encode(),
+        lambda value: json.dumps(value, ensure_ascii=False).encode(),
+        lambda value: json.dumps(value, indent=draw(st.integers(0, 3))).encode(),
+        lambda value: json.dumps(value, separators=(",", ":")).encode()]))
+    return key, path, encode(body), body
+
+
+def test_valid_requests_reach_the_upstream_with_only_the_model_ids_mapped(rig):
+    """Most of the fuzzing budget, aimed past the routing and the refusals: every case is a
+    request the gateway must forward, and the upstream must get the client's fields as they
+    were (count_tokens minus the fields it refuses), the model ids mapped, nothing retried."""
+    app, fake, records = rig
+    reached = []
+
+    @UPSTREAM_FUZZ
+    @given(case=valid_requests())
+    def forwards(case):
+        key, path, data, client = case
+        start, before = len(records.records), len(fake.received)
+        marker = "aimed-%d" % len(reached)
+        environ = environ_for("POST", path, "", [("x-api-key", key),
+                                                 ("x-client-request-id", marker)], data)
+        status, response_headers, answer = call(app, environ)
+        check_answer(status, response_headers, answer, records, start)
+        sent = [r for r in fake.received[before:]
+                if r.headers.get("x-client-request-id") == marker]
+        assert status.startswith("200") and len(sent) == 1, (status, answer[:300])
+        upstream = sent[0].json()
+        assert upstream["model"] == MODELS[client["model"]]
+        for routed, item in zip(upstream.get("fallbacks", ()), client.get("fallbacks", ())):
+            assert routed["model"] == MODELS[item["model"]]
+        for name in set(client) | set(upstream):
+            if name in ("model", "fallbacks", "tools"):
+                continue
+            if path.endswith("count_tokens") and name in gateway.COUNT_TOKENS_DROPPED_FIELDS:
+                assert name not in upstream
+                continue
+            assert upstream.get(name) == client.get(name), name
+        reached.append(path)
+
+    forwards()
+    # hypothesis runs exactly max_examples generated cases (plus any saved failures first).
+    assert len(reached) >= UPSTREAM_EXAMPLES, len(reached)
