@@ -27,6 +27,7 @@ import os
 import random
 import re
 import select
+import shlex
 import signal
 import socket
 import struct
@@ -1608,6 +1609,46 @@ def test_hup_with_a_config_no_worker_can_build_keeps_serving(tmp_path, upstream)
     assert re.search(r"reload: a worker cannot start with \S+gateway.ini: metrics = true "
                      r"needs prometheus_client", log)
     assert "Worker failed to boot" not in log
+
+
+def systemctl_reload(ini, pid):
+    """What 'systemctl reload gateway' runs: the unit's ExecReload lines in order, stopping at
+    the first that fails (as systemd does), with the unit's paths made this checkout's and
+    the test's. The failed command's result, or None when every one succeeded."""
+    unit = open(os.path.join(ROOT, "deploy", "gateway.service"), encoding="utf-8").read()
+    for line in re.findall(r"^ExecReload=(.*)$", unit, re.M):
+        command = (line.replace("/opt/gateway/bin/gateway", "%s %s" % (
+            shlex.quote(sys.executable), shlex.quote(os.path.join(ROOT, "gateway"))))
+            .replace("/etc/gateway/gateway.ini", shlex.quote(str(ini)))
+            .replace("$MAINPID", str(pid)))
+        result = subprocess.run(shlex.split(command), capture_output=True, text=True,
+                                timeout=WAIT)
+        if result.returncode != 0:
+            return result
+    return None
+
+
+def test_systemctl_reload_refuses_a_config_no_worker_can_use(tmp_path, upstream):
+    second = FakeUpstream().start()
+    UPSTREAMS.append(second)
+    try:
+        with serving(tmp_path, upstream.url, "reload") as (url, log_path, process):
+            rig = Rig(url, upstream, log_path, process, tmp_path)
+            ini = write_ini(tmp_path, UNUSABLE_UPSTREAM_URLS[0])
+            refused = systemctl_reload(ini, process.pid)
+            assert refused is not None and "line 2: upstream_url = " in refused.stderr
+            assert "Handling signal: hup" not in log_path.read_text()  # never sent
+            for _ in range(2 * shipped_workers()):
+                assert status_of(rig, CLIENT_KEY) == 200
+            write_ini(tmp_path, second.url)
+            assert systemctl_reload(ini, process.pid) is None
+            deadline = time.monotonic() + WAIT
+            while not second.received:  # the old workers may answer while they drain
+                assert status_of(rig, CLIENT_KEY) == 200
+                assert time.monotonic() < deadline, log_path.read_text()
+            assert process.poll() is None
+    finally:
+        second.stop()
 
 
 @pytest.mark.parametrize("where, cause", [
