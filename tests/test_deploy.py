@@ -2,7 +2,7 @@
 
 Every server listens on 127.0.0.1 and every wait is bounded. nginx runs in the foreground from
 a prefix under tmp_path; deploy/nginx.conf is included the way Debian's nginx.conf includes a
-site, with only its listen ports and gateway addresses substituted. Without nginx the nginx
+site, with only its listen ports, gateway addresses and error log path substituted. Without nginx the nginx
 tests skip locally and fail in CI (CI set to any true value: conftest.in_ci), where a skip
 could hide a missing install.
 """
@@ -119,15 +119,19 @@ http {{
 """
 
 
-def nginx_site(listen_port, gateway_ports):
-    """deploy/nginx.conf with its ports and gateway addresses substituted, nothing else."""
+def nginx_site(listen_port, gateway_ports, error_log, error_level=None):
+    """deploy/nginx.conf with its ports, gateway addresses and error log path substituted,
+    nothing else (``error_level``: another level than the shipped one, for a control run)."""
     text = open(os.path.join(DEPLOY, "nginx.conf"), encoding="utf-8").read()
     text, listens = re.subn(r"^(\s*)listen 80\b", r"\g<1>listen 127.0.0.1:%d" % listen_port,
                             text, flags=re.M)
     servers = "\n    ".join("server 127.0.0.1:%d;" % port for port in gateway_ports)
     text, upstreams = re.subn(r"^(\s*)server 127\.0\.0\.1:8080;", r"\g<1>" + servers, text,
                               flags=re.M)
-    assert (listens, upstreams) == (2, 1)
+    text, logs = re.subn(r"^(\s*error_log) /var/log/nginx/error\.log (\w+);",
+                         lambda m: "%s %s %s;" % (m.group(1), error_log,
+                                                  error_level or m.group(2)), text, flags=re.M)
+    assert (listens, upstreams, logs) == (2, 1, 2)
     return text
 
 
@@ -135,7 +139,7 @@ NGINX_PORT_ATTEMPTS = 5
 
 
 @contextlib.contextmanager
-def running_nginx(tmp_path, gateway_ports):
+def running_nginx(tmp_path, gateway_ports, error_level=None):
     """The real nginx in the foreground with the shipped site; yields its base URL.
 
     nginx cannot listen on port 0 and say which port it got, so it is given a port the
@@ -146,7 +150,7 @@ def running_nginx(tmp_path, gateway_ports):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        with _nginx(prefix, port, gateway_ports) as base:
+        with _nginx(prefix, port, gateway_ports, error_level) as base:
             if base is None:
                 continue  # the port was taken before nginx could bind it
             yield base
@@ -155,11 +159,13 @@ def running_nginx(tmp_path, gateway_ports):
 
 
 @contextlib.contextmanager
-def _nginx(prefix, port, gateway_ports):
-    """nginx on ``port``; yields its base URL, or None when the port was in use."""
+def _nginx(prefix, port, gateway_ports, error_level=None):
+    """nginx on ``port``; yields its base URL, or None when the port was in use. The site's
+    own error log is ``site-error.log`` in ``prefix``."""
     binary = required("nginx", "apt-get install nginx")
     (prefix / "sites-enabled").mkdir(parents=True)
-    (prefix / "sites-enabled" / "gateway").write_text(nginx_site(port, gateway_ports))
+    (prefix / "sites-enabled" / "gateway").write_text(nginx_site(
+        port, gateway_ports, prefix / "site-error.log", error_level))
     user = "user root;\n" if os.geteuid() == 0 else ""  # workers must reach the 0700 tmp_path
     (prefix / "nginx.conf").write_text(NGINX_MAIN.format(user=user, prefix=prefix))
     with open(prefix / "stderr.log", "wb") as log:
@@ -378,6 +384,69 @@ def test_nginx_answers_its_own_errors_in_the_anthropic_envelope(tmp_path):
     assert unavailable.headers["content-type"] == "application/json"
     assert unavailable.json()["type"] == "error"
     assert unavailable.json()["error"]["type"] == "api_error"
+    assert unavailable.json()["request_id"] == unavailable.headers["request-id"]
+
+
+SECRET = "sk-gw-never-in-a-log-0123456789"
+
+
+def raw_request(base, head, body=b""):
+    """Send ``head`` (request line and header lines, without the blank line) as it is and
+    return (status, headers, parsed JSON body): for requests no client library would send."""
+    url = urllib.parse.urlsplit(base)
+    with socket.create_connection((url.hostname, url.port), timeout=WAIT) as sock:
+        sock.sendall(head.encode("latin-1") + b"\r\n\r\n" + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        data = response.read()
+    return response.status, response.headers, json.loads(data)
+
+
+NGINX_REFUSALS = {
+    # a header that may appear once, twice (nginx: "client sent duplicate header line")
+    "duplicate Authorization": ("POST /v1/messages HTTP/1.1\r\nHost: %s\r\n"
+                                "Authorization: Bearer %s\r\nAuthorization: Bearer %s-2\r\n"
+                                "Content-Length: 2" % (SITE_NAME, SECRET, SECRET), b"{}", 400),
+    # over large_client_header_buffers (8k): nginx's 494, answered as 400
+    "oversized header": ("POST /v1/messages HTTP/1.1\r\nHost: %s\r\nx-api-key: %s\r\n"
+                         "x-padding: %s\r\nContent-Length: 2" % (SITE_NAME, SECRET, "a" * 9000),
+                         b"{}", 400),
+    # request smuggling's favourite: both framings at once
+    "Transfer-Encoding and Content-Length": (
+        "POST /v1/messages HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n"
+        "Content-Length: 7" % SITE_NAME, b"2\r\n{}\r\n0\r\n\r\n", 400),
+    # over the same buffers before the Host header: the default server answers
+    "URI too long": ("GET /v1/models?%s HTTP/1.1\r\nHost: %s" % ("a" * 9000, SITE_NAME), b"",
+                     414),
+    "malformed request line": ("G@T /v1/models HTTP/1.1\r\nHost: %s" % SITE_NAME, b"", 400),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NGINX_REFUSALS))
+def test_nginxs_own_refusals_are_the_anthropic_envelope_with_a_request_id(tmp_path, case):
+    head, body, status = NGINX_REFUSALS[case]
+    with refused_port() as port, running_nginx(tmp_path, [port]) as base:
+        got, headers, payload = raw_request(base, head, body)
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    assert payload["type"] == "error" and payload["error"]["type"] == "invalid_request_error"
+    assert payload["request_id"] == headers["request-id"]
+    assert re.fullmatch(r"req_nginx_[0-9a-f]{32}", payload["request_id"])
+
+
+def test_the_shipped_error_log_level_does_not_log_refused_header_lines(tmp_path):
+    """At info nginx logs the header line it refused, a client's key included: the control
+    run at info shows it does, so the shipped level (notice) is what keeps keys out."""
+    head, body, _ = NGINX_REFUSALS["duplicate Authorization"]
+    logs = {}
+    for level in (None, "info"):
+        with refused_port() as port, running_nginx(tmp_path / str(level), [port],
+                                                   error_level=level) as base:
+            assert raw_request(base, head, body)[0] == 400
+            [log] = (tmp_path / str(level)).glob("nginx-*/site-error.log")
+            logs[level] = log.read_text()
+    assert "duplicate header line" in logs["info"] and SECRET in logs["info"]
+    assert SECRET not in logs[None]
 
 
 def test_scale_out_two_hosts_behind_nginx_share_one_key_file(config_dir, upstream, tmp_path):
