@@ -12,7 +12,12 @@ One run starts, on 127.0.0.1 only:
 - a fast fake upstream (asyncio, this file's ``--upstream`` mode) that answers JSON and paced,
   chunked SSE, so that the upstream is never the bottleneck: the "direct" row proves it;
 - nginx ``proxy_pass`` to it with upstream keepalive (the practical floor of any proxy);
-- the gateway exactly as deployed: ``./gateway serve`` with ``deploy/gunicorn.conf.py``.
+- the gateway exactly as deployed: ``./gateway serve`` with ``deploy/gunicorn.conf.py``;
+- the same gateway with an https upstream ("gateway_https"): nginx terminates TLS in front of
+  the fake upstream with a certificate from a CA made here (``trustme``, in the test extra),
+  and the gateway trusts that CA (``upstream_ca_file``). Against the "gateway" row this is
+  what TLS to the upstream costs with the pool's connection reuse, plus one nginx hop (the
+  "nginx" row's own added latency).
 
 The proxy under test is pinned to core 0 and the load generator and upstream to core 1 (when
 the machine has two cores or more), so throughput and CPU per request are per core. wrk
@@ -342,11 +347,69 @@ def start_nginx(workdir, upstream_port, core):
     return process, port
 
 
+TLS_TERMINATOR_CONF = """\
+worker_processes 1;
+error_log %(dir)s/nginx-error.log warn;
+pid %(dir)s/nginx.pid;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path %(dir)s/body;
+    proxy_temp_path %(dir)s/proxy;
+    fastcgi_temp_path %(dir)s/fastcgi;
+    uwsgi_temp_path %(dir)s/uwsgi;
+    scgi_temp_path %(dir)s/scgi;
+    upstream fake { server 127.0.0.1:%(upstream)d; keepalive 256; }
+    server {
+        listen 127.0.0.1:%(port)d ssl;
+        ssl_certificate %(dir)s/upstream.pem;
+        ssl_certificate_key %(dir)s/upstream.key;
+        keepalive_requests 1000000;
+        keepalive_timeout 600s;
+        client_max_body_size 64m;
+        location / {
+            proxy_pass http://fake;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+        }
+    }
+}
+"""
+
+
+def start_tls_upstream(workdir, upstream_port, core):
+    """nginx terminating TLS in front of the fake upstream, on the upstream's core; returns
+    (process, port, path of the CA certificate that signed its certificate)."""
+    import trustme  # the test extra; only this target needs it
+    directory = os.path.join(workdir, "tls-upstream")
+    os.makedirs(directory, exist_ok=True)
+    authority = trustme.CA()
+    leaf = authority.issue_cert("127.0.0.1")
+    leaf.private_key_pem.write_to_path(os.path.join(directory, "upstream.key"))
+    leaf.cert_chain_pems[0].write_to_path(os.path.join(directory, "upstream.pem"))
+    ca_path = os.path.join(directory, "ca.pem")
+    authority.cert_pem.write_to_path(ca_path)
+    port = free_port()
+    conf = os.path.join(directory, "nginx.conf")
+    with open(conf, "w") as file:
+        file.write(TLS_TERMINATOR_CONF % {"dir": directory, "upstream": upstream_port,
+                                          "port": port})
+    process = subprocess.Popen(
+        pinned(core, [shutil.which("nginx") or "/usr/sbin/nginx", "-c", conf, "-p", directory,
+                      "-g", "daemon off;"]),
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(directory, "stderr"), "wb"))
+    wait_for_port(port, process)
+    return process, port, ca_path
+
+
 def start_gateway(workdir, upstream_port, core, gunicorn_config=None, keys=1, serve_args=(),
-                  settings="", key_lines=""):
+                  settings="", key_lines="", upstream_url=None):
     """``./gateway serve`` with the shipped gunicorn defaults (only --bind differs), and a key
     file of ``keys`` keys, the benchmark's own last (then ``key_lines``). ``settings`` are
-    more [gateway] lines."""
+    more [gateway] lines; ``upstream_url`` replaces http://127.0.0.1:``upstream_port``."""
     directory = os.path.join(workdir, "gateway")
     os.makedirs(directory, exist_ok=True)
     write_key_file(os.path.join(directory, "gateway.keys"), keys)
@@ -357,9 +420,10 @@ def start_gateway(workdir, upstream_port, core, gunicorn_config=None, keys=1, se
     os.chmod(os.path.join(directory, "upstream.key"), 0o600)
     ini = os.path.join(directory, "gateway.ini")
     with open(ini, "w") as file:
-        file.write("[gateway]\nupstream_url = http://127.0.0.1:%d\nkeys_file = gateway.keys\n"
+        file.write("[gateway]\nupstream_url = %s\nkeys_file = gateway.keys\n"
                    "upstream_key_file = upstream.key\n%s[models]\n%s = %s\n"
-                   % (upstream_port, settings, PUBLIC_MODEL, UPSTREAM_MODEL))
+                   % (upstream_url or "http://127.0.0.1:%d" % upstream_port, settings,
+                      PUBLIC_MODEL, UPSTREAM_MODEL))
     port = free_port()
     argv = [sys.executable, os.path.join(ROOT, "gateway"), "serve", "--config", ini,
             "--bind", "127.0.0.1:%d" % port]
@@ -992,7 +1056,7 @@ def check_targets(gateway):
 
 
 def report(results, targets_met):
-    names = [name for name in ("direct", "nginx", "gateway") if name in results]
+    names = [name for name in TARGET_NAMES if name in results]
     print()
     print("| figure | %s | gateway/direct | gateway/nginx |" % " | ".join(names))
     print("|---|%s---|---|" % ("---|" * len(names)))
@@ -1040,13 +1104,17 @@ PLANS = {
 }
 
 
+#: The rows of the table, in order: see the module docstring.
+TARGET_NAMES = ("direct", "nginx", "gateway", "gateway_https")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="FILE", help="write every figure here")
     parser.add_argument("--quick", action="store_true",
                         help="short runs (CI smoke test, under a minute)")
-    parser.add_argument("--only", action="append", choices=("direct", "nginx", "gateway"),
-                        help="measure only this target (repeatable; default all three)")
+    parser.add_argument("--only", action="append", choices=TARGET_NAMES,
+                        help="measure only this target (repeatable; default all four)")
     parser.add_argument("--gunicorn-config", metavar="FILE",
                         help="try another gunicorn config instead of the shipped one")
     parser.add_argument("--scenario", choices=sorted(SCENARIOS),
@@ -1108,12 +1176,22 @@ def main(argv=None):
                 with open(args.json, "w") as file:
                     json.dump({"machine": info, "results": results}, file, indent=2)
             return 0
-        for name in args.only or ("direct", "nginx", "gateway"):
+        for name in args.only or TARGET_NAMES:
             print("%s:" % name, flush=True)
             if name == "direct":
                 port, pid = upstream_port, upstream.pid
             elif name == "nginx":
                 process, port = start_nginx(workdir, upstream_port, proxy_core)
+                stack.callback(stop, process)
+                pid = process.pid
+            elif name == "gateway_https":
+                terminator, tls_port, ca_path = start_tls_upstream(workdir, upstream_port,
+                                                                   load_core)
+                stack.callback(stop, terminator)
+                process, port, _ = start_gateway(
+                    workdir, upstream_port, proxy_core, args.gunicorn_config,
+                    settings="upstream_ca_file = %s\n" % ca_path,
+                    upstream_url="https://127.0.0.1:%d" % tls_port)
                 stack.callback(stop, process)
                 pid = process.pid
             else:
@@ -1124,6 +1202,8 @@ def main(argv=None):
             results[name] = measure(name, port, pid, plan, load_core, workdir, bodies)
             if name != "direct":
                 stop(process)
+            if name == "gateway_https":
+                stop(terminator)
     derive(results)
     targets_met = check_targets(results["gateway"]) if "gateway" in results and \
         "direct" in results else None
