@@ -164,7 +164,9 @@ class _Server(ThreadingHTTPServer):
         return sock, address
 
     def handle_error(self, request, client_address):
-        if not isinstance(sys.exc_info()[1], ssl.SSLError):  # a refused certificate: expected
+        # Expected, not worth a traceback: a refused certificate, a gateway that hung up.
+        if not isinstance(sys.exc_info()[1], (ssl.SSLError, ConnectionResetError,
+                                               BrokenPipeError)):
             super().handle_error(request, client_address)
 
 
