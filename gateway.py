@@ -153,6 +153,9 @@ class APIError(Exception):
         self.model = model  # a configured public model the refusal is about (access log)
 
 
+#: Seconds a browser may reuse a CORS preflight's answer (Chromium caps it at 7200).
+CORS_MAX_AGE = 600
+
 #: Reason phrases that http.HTTPStatus lacks: nginx's 499 and the API's 529 (ERR).
 NONSTANDARD_REASONS = {499: "Client Closed Request", 529: "Overloaded"}
 
@@ -268,6 +271,10 @@ class Config:
         "to, in place of requests' bundle (certifi); re-read when it changes (docs/upstream.md).")
     trusted_proxies: frozenset = _setting(
         frozenset(), "Addresses whose X-Real-IP header names the client (nginx).")
+    cors_origins: frozenset = _setting(
+        frozenset(), "Browser origins (https://app.example, comma-separated; * for any) whose "
+        "pages may call the gateway with fetch (CORS); a key's origins= adds its own. Empty: "
+        "no CORS, as before.")
     metrics: bool = _setting(
         False, "Serve Prometheus metrics at GET /metrics (needs the 'metrics' extra). Turning "
         "it on takes a restart: 'gateway serve' prepares the workers' shared counters at start.",
@@ -442,6 +449,8 @@ def _parse_value(field, text):
         return value
     if field.type in ("bool", bool):
         return _parse_bool(text)
+    if field.name == "cors_origins":
+        return parse_origins(text, allow_any=True)
     if field.type in ("frozenset", frozenset):
         return frozenset(item.strip() for item in text.split(",") if item.strip())
     if field.name == "upstream_url":
@@ -453,6 +462,21 @@ def _parse_value(field, text):
     if field.name == "upstream_proxy":
         return parse_proxy_url(text)
     return text
+
+
+#: An origin as a browser sends it (RFC 6454 6.1): scheme://host[:port], nothing after.
+ORIGIN = re.compile(r"https?://[a-z0-9.\-\[\]:]+")
+
+
+def parse_origins(text, allow_any=False):
+    """'https://a.example, http://localhost:5173' -> frozenset; ValueError naming the first
+    entry that is not an origin. Lower case, as browsers send them; a trailing / dropped."""
+    origins = frozenset(item.strip().rstrip("/").lower() for item in text.split(",")
+                        if item.strip())
+    for origin in sorted(origins):
+        if not (ORIGIN.fullmatch(origin) or allow_any and origin == "*"):
+            raise ValueError("%r is not an origin like https://app.example" % origin[:80])
+    return origins
 
 
 def parse_proxy_url(text):
@@ -571,6 +595,7 @@ def _parse_bool(text):
 #     previous=sha256:…               the digest before 'gateway keys rotate', still accepted
 #     previous_until=…                until this time (the rotation's grace period)
 #     rpm=N  concurrency=N  tokens_per_day=N    limits (see HostState)
+#     origins=https://app.example,…   browser origins whose pages may use this key (CORS)
 
 LIMIT_OPTIONS = ("rpm", "concurrency", "tokens_per_day")
 #: Salted digests cost a SHA-256 each per request (KeyStore); 'gateway check' warns above this.
@@ -591,6 +616,7 @@ class KeyEntry:
     rpm: int = None
     concurrency: int = None
     tokens_per_day: int = None
+    origins: frozenset = frozenset()  # CORS, beside the config's cors_origins
 
     def matches(self, key, now):
         """Whether ``key`` is this entry's key, or its previous key within the grace period.
@@ -622,6 +648,8 @@ class KeyEntry:
         for name in LIMIT_OPTIONS:
             if getattr(self, name):
                 fields.append("%s=%d" % (name, getattr(self, name)))
+        if self.origins:
+            fields.append("origins=" + ",".join(sorted(self.origins)))
         return "\t".join(fields)
 
 
@@ -797,7 +825,9 @@ def _parse_key_option(field):
         if not value.isdigit() or int(value) <= 0:
             raise ValueError("%s must be a positive whole number" % name)
         return name, int(value)
-    raise ValueError("unknown option; known: previous, %s"
+    if name == "origins":
+        return name, parse_origins(value)
+    raise ValueError("unknown option; known: previous, %s, origins"
                      % ", ".join(TIME_OPTIONS + LIMIT_OPTIONS))
 
 
@@ -2395,6 +2425,7 @@ class Exchange:
         self.path = environ.get("PATH_INFO", "")
         self.client_ip = client_ip
         self.key_name = None
+        self.key_origins = frozenset()  # the authenticated key's own CORS origins
         self.public_model = None
         self.upstream_model = None
         self.upstream_request_id = None
@@ -2525,6 +2556,7 @@ class Gateway:
             status, headers, body = self._render_error(
                 APIError(500, "api_error", "Internal server error."), exchange)
         exchange.status = status
+        headers += self._cors_headers(environ, exchange, headers)
         if not any(name.lower() == "request-id" for name, _ in headers):
             # Every answer carries one, the gateway's own 200s too (the SDKs expose it as
             # _request_id); the upstream's own is relayed when it sent one.
@@ -2548,6 +2580,9 @@ class Gateway:
             raise APIError(404, "not_found_error", "Not found: %s" % path)
         if "GET" in methods:
             methods = dict({"HEAD": methods["GET"]}, **methods)  # RFC 9110 9.3.2
+        if (environ.get("REQUEST_METHOD") == "OPTIONS" and environ.get("HTTP_ORIGIN")
+                and environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD")):
+            return self.on_preflight(environ, methods)
         handler = methods.get(environ.get("REQUEST_METHOD", "GET"))
         if handler is None:
             raise APIError(405, "invalid_request_error",
@@ -2613,6 +2648,47 @@ class Gateway:
         body, content_type = self.metrics.render()
         return 200, [("Content-Type", content_type), ("Content-Length", str(len(body)))], body
 
+    def on_preflight(self, environ, methods):
+        """A browser's CORS preflight (Fetch standard, "CORS-preflight fetch"): it carries no
+        key, so an origin that the config or any key allows passes; the request that follows
+        is checked against its key (authenticate). The real API answers the browser apps of
+        the TypeScript SDK's ``dangerouslyAllowBrowser`` the same way; without CORS configured
+        every origin is refused here."""
+        origin = environ["HTTP_ORIGIN"]
+        if not (self._origin_allowed(origin, frozenset()) or origin in self._key_origins()):
+            raise APIError(403, "permission_error", "Origin %s may not call this gateway "
+                           "(cors_origins, or a key's origins=)." % origin[:200])
+        requested = [name.strip().lower() for name in
+                     environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "").split(",")]
+        headers = [("Access-Control-Allow-Origin", origin),
+                   ("Access-Control-Allow-Methods", ", ".join(sorted(methods))),
+                   ("Access-Control-Max-Age", str(CORS_MAX_AGE)),
+                   ("Vary", "Origin, Access-Control-Request-Headers")]
+        if all(FIELD_NAME.fullmatch(name) for name in requested if name):
+            allowed = ", ".join(name for name in requested if name)
+            if allowed:  # every header the SDK sends is the client's own business
+                headers.append(("Access-Control-Allow-Headers", allowed))
+        return 204, headers, b""
+
+    def _origin_allowed(self, origin, key_origins):
+        allowed = self.config.cors_origins
+        return "*" in allowed or origin in allowed or origin in key_origins
+
+    def _key_origins(self):
+        """Every origin some key names: what a preflight, which carries no key, may pass."""
+        return frozenset().union(*(entry.origins for entry in self.keys.get().entries))
+
+    def _cors_headers(self, environ, exchange, headers):
+        """CORS headers for a browser's request from an allowed origin (the config's, or the
+        authenticated key's), as the real API sends them for browser apps; nothing for any
+        other origin, so the browser keeps the answer from the page."""
+        origin = environ.get("HTTP_ORIGIN")
+        if (not origin or any(name == "Access-Control-Allow-Origin" for name, _ in headers)
+                or not self._origin_allowed(origin, exchange.key_origins)):
+            return []
+        return [("Access-Control-Allow-Origin", origin),
+                ("Access-Control-Expose-Headers", "*"), ("Vary", "Origin")]
+
     # -- stages -------------------------------------------------------------------------------
 
     def authenticate(self, environ, exchange):
@@ -2628,7 +2704,15 @@ class Gateway:
         if entry.expired(now):
             raise APIError(401, "authentication_error",
                            "This key expired at %s." % format_time(entry.expires))
+        origin = environ.get("HTTP_ORIGIN")
+        if (origin and not self._origin_allowed(origin, entry.origins)
+                and origin in self._key_origins()):
+            # Another key lets this origin past the preflight (which carries no key): this
+            # one does not, so a page there cannot spend it.
+            raise APIError(403, "permission_error", "This key may not be used from %s."
+                           % origin[:200])
         exchange.key_name = entry.name
+        exchange.key_origins = entry.origins
         self.limits.touch(entry.name, now)
         return entry
 
@@ -3293,6 +3377,12 @@ def key_settings(config, args):
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value or None  # 0 removes the limit
+    if getattr(args, "origins", None) is not None:
+        try:
+            settings["origins"] = (frozenset() if args.origins.strip() == "none"
+                                   else parse_origins(args.origins))
+        except ValueError as exc:
+            raise CommandError("--origins: %s" % exc, 2) from None
     return settings
 
 
@@ -3382,7 +3472,7 @@ def cmd_keys_rotate(config, args):
 def cmd_keys_set(config, args):
     settings = key_settings(config, args)
     if not settings:
-        raise CommandError("nothing to set: give --models, --expires or a limit", 2)
+        raise CommandError("nothing to set: give --models, --expires, --origins or a limit", 2)
     edit_key_file(config, lambda store: _existing(store, args.name) and store.replace(
         args.name, **settings))
     print("updated key %r" % args.name)
@@ -4202,6 +4292,9 @@ def _add_key_settings(command):
                          help="requests in progress at once (0: no limit)")
     command.add_argument("--tokens-per-day", dest="tokens_per_day", action=_Once, type=_limit,
                          metavar="N", help="input + output tokens per UTC day (0: no limit)")
+    command.add_argument("--origins", action=_Once, metavar="ORIGIN,ORIGIN",
+                         help="browser origins (https://app.example) whose pages may use it "
+                         "(CORS), beside the config's cors_origins; 'none' removes them")
 
 
 class _Once(argparse.Action):
