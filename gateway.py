@@ -255,7 +255,7 @@ class Config:
         600.0, "Idle seconds between upstream reads; long silent thinking is normal.",
         unit="seconds")
     pool_maxsize: int = _setting(
-        16, "Idle upstream connections each worker keeps for reuse. A burst opens as many as "
+        8, "Idle upstream connections each worker keeps for reuse. A burst opens as many as "
         "it needs; those beyond this number are closed as their requests end.",
         unit="connections")
     trust_env: bool = _setting(

@@ -12,8 +12,95 @@ wsgi_app = "gateway:make_app()"
 bind = ["127.0.0.1:8080"]
 
 # gthread needs nothing beyond the standard library. A stream holds a thread for its whole
-# length (thousands of streams: gunicorn-gevent.conf.py).
-worker_class = "gthread"
+# length (thousands of streams: gunicorn-gevent.conf.py). gunicorn calls this function for
+# the class: gthread whose idle threads exit (below).
+def _worker_class():
+    """gunicorn's gthread worker with a thread pool whose idle threads exit.
+
+    Facts -> decision: gthread's pool (concurrent.futures) keeps every thread it ever
+    started, so after a burst of 200 streams a worker held 200 idle threads, about 13 MB,
+    until it restarted (docs/performance.md). Recycling workers (max_requests) would give it
+    back too, but a worker that restarts must wait for its open streams or cut them; a
+    thread that exits after _IDLE_THREAD_SECONDS without work cuts nothing, and starting one
+    again costs about 0.1 ms."""
+    import concurrent.futures
+    import queue
+    import threading
+    import time
+
+    import gunicorn.workers.gthread
+
+    class ShrinkingThreadPool(concurrent.futures.Executor):
+        """At most ``max_workers`` threads, started as work arrives; each exits once it has
+        waited ``idle_seconds`` for work. The few calls gthread makes: submit, shutdown."""
+
+        def __init__(self, max_workers, idle_seconds, on_exit):
+            self._max_workers, self._idle_seconds = max_workers, idle_seconds
+            self._on_exit = on_exit  # called by a thread that leaves for want of work
+            self._work = queue.SimpleQueue()
+            self._lock = threading.Lock()
+            self._threads = 0
+            self._idle = 0  # threads waiting for work that no queued item has claimed
+            self._shut_down = False
+
+        def submit(self, fn, /, *args, **kwargs):
+            future = concurrent.futures.Future()
+            with self._lock:
+                if self._shut_down:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                self._work.put((future, fn, args, kwargs))
+                if self._idle:
+                    self._idle -= 1  # a waiting thread takes it
+                elif self._threads < self._max_workers:
+                    self._threads += 1
+                    threading.Thread(target=self._run, name="gthread-worker",
+                                     daemon=True).start()
+            return future
+
+        def shutdown(self, wait=True, *, cancel_futures=False):
+            with self._lock:
+                self._shut_down = True
+                for _ in range(self._threads):
+                    self._work.put(None)
+
+        def _run(self):
+            while True:
+                try:
+                    item = self._work.get(timeout=self._idle_seconds)
+                except queue.Empty:
+                    with self._lock:
+                        if self._work.empty():  # nothing queued meanwhile: leave
+                            # (a thread whose first item another took was never counted)
+                            self._idle = max(0, self._idle - 1)
+                            self._threads -= 1
+                            self._on_exit()
+                            return
+                    continue
+                if item is None:
+                    return
+                future, fn, args, kwargs = item
+                del item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args, **kwargs))
+                    except BaseException as exc:
+                        future.set_exception(exc)
+                del future, fn, args, kwargs  # the request and its connection: not kept
+                with self._lock:
+                    self._idle += 1
+
+    class ThreadWorker(gunicorn.workers.gthread.ThreadWorker):
+        def get_thread_pool(self):
+            return ShrinkingThreadPool(self.cfg.threads, _IDLE_THREAD_SECONDS, self._exited)
+
+        def _exited(self):
+            self.gateway_active_at = time.monotonic()  # its stack and state can be trimmed
+
+    return ThreadWorker
+
+
+worker_class = _worker_class
+_IDLE_THREAD_SECONDS = 2  # longer than a pause between a client's calls; short enough to return
 
 # One worker per core this process may run on: the GIL lets a worker use one core, and a
 # second worker on the same core added no throughput but 28 MB of RSS (tests/benchmark.py,
@@ -82,7 +169,7 @@ logger_class = _logger_class  # a function: gunicorn calls it to get the class
 
 
 def post_worker_init(worker):
-    """Give memory back once big request bodies stop, without paying for it on every one.
+    """Give memory back once the worker goes quiet, without paying for it on every request.
 
     Facts -> decision: glibc serves big blocks from mmap until one is freed, then raises its
     mmap threshold, so later big blocks come from heaps that seldom shrink, one heap ("arena")
@@ -90,37 +177,49 @@ def post_worker_init(worker):
     the threshold (mallopt) kept it at 77 MB but made every 5 MB body 8 ms slower (fresh pages
     each time). So each worker keeps one arena (threads take turns on the GIL anyway, so they
     hardly contend for it) and calls malloc_trim(3) once a second has passed since its last
-    big body or answer (post_request notes when): 75 MB after the benchmark, no slower.
+    request ended or idle thread exited (post_request and the thread pool note when): a
+    trim of a quiet heap costs well under a millisecond, and busy workers never pay it.
     glibc only; elsewhere nothing changes."""
     import ctypes
     import threading
     import time
+    worker.gateway_active_at = None
     try:
         libc = ctypes.CDLL(None)
         libc.mallopt(-8, 1)  # M_ARENA_MAX: before this worker's threads first allocate
         trim = libc.malloc_trim
     except (OSError, AttributeError):
         return
-    worker.gateway_big_request_at = None
 
     def trim_when_quiet():
         while True:
             time.sleep(1)
-            seen = worker.gateway_big_request_at
+            seen = worker.gateway_active_at
             if seen is not None and time.monotonic() - seen >= 1:
-                worker.gateway_big_request_at = None
+                worker.gateway_active_at = None
                 trim(0)
 
     threading.Thread(target=trim_when_quiet, name="malloc-trim", daemon=True).start()
 
 
 def post_request(worker, req, environ, resp):
-    """Note a request that moved a megabyte or more (see post_worker_init)."""
+    """Note that memory moved (see post_worker_init)."""
     import time
-    length = environ.get("CONTENT_LENGTH") or ""  # environ is {} when parsing failed
-    size = max(int(length) if length.isdigit() else 0, getattr(resp, "sent", 0) or 0)
-    if size >= 1 << 20:
-        worker.gateway_big_request_at = time.monotonic()
+    worker.gateway_active_at = time.monotonic()
+
+
+def when_ready(server):
+    """Fork the workers from a trimmed master: each worker starts with a copy of the master's
+    heap (the app that 'gateway serve' built for its check, the garbage of reading the
+    config), and RSS counts those pages in every process. Measured at boot: 1.4 MB less in
+    all with one worker."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def child_exit(server, worker):
@@ -158,3 +257,4 @@ logconfig_dict = {
         "gunicorn.error": {"level": "INFO", "handlers": ["errors"], "propagate": False},
     },
 }
+

@@ -277,6 +277,19 @@ def memory_mb(pid):
     return rss / 1024, pss / 1024
 
 
+def thread_count(pid):
+    """Threads of the tree: gthread starts one per concurrent request (up to 'threads')."""
+    count = 0
+    for member in process_tree(pid):
+        try:
+            with open("/proc/%d/status" % member) as file:
+                count += int(next(line for line in file if line.startswith("Threads:"))
+                             .split()[1])
+        except (OSError, StopIteration, ValueError):
+            pass
+    return count
+
+
 class PeakSampler:
     """Samples the tree's RSS every 50 ms in a thread; ``peak`` is the highest seen."""
 
@@ -629,6 +642,7 @@ def measure(name, port, pid, plan, load_core, workdir, bodies):
     streams(port, 2, 1, 4, 1, 30)
     time.sleep(plan["settle"])
     figures["rss_idle_mb"], figures["pss_idle_mb"] = memory_mb(pid)
+    figures["threads_idle"] = thread_count(pid)
 
     c1 = wrk(port, bodies["small"], 1, plan["seconds"], load_core, workdir)
     figures.update(c1_p50_ms=c1["p50_us"] / 1000, c1_p99_ms=c1["p99_us"] / 1000,
@@ -669,6 +683,7 @@ def measure(name, port, pid, plan, load_core, workdir, bodies):
     figures["late_first_events_200"] = slow["late_first_events"]
     figures["slow_ttfe_p99_ms"] = slow["ttfe_p99_ms"]
     figures["rss_peak_slow_mb"] = sampler.peak
+    figures["threads_slow"] = thread_count(pid)  # as the streams end: none retired yet
     say("%d slow streams: %d first events later than 1 s, peak RSS %.1f MB" % (
         plan["slow_streams"], slow["late_first_events"], sampler.peak))
 
@@ -680,8 +695,11 @@ def measure(name, port, pid, plan, load_core, workdir, bodies):
 
     time.sleep(plan["settle_after"])
     figures["rss_after_mb"], figures["pss_after_mb"] = memory_mb(pid)
+    figures["threads_after"] = thread_count(pid)
     say("RSS idle %.1f MB, under load %.1f MB, after %.1f MB" % (
         figures["rss_idle_mb"], figures["rss_load_mb"], figures["rss_after_mb"]))
+    say("threads idle %d, after the slow streams %d, after load %d" % (
+        figures["threads_idle"], figures["threads_slow"], figures["threads_after"]))
     return figures
 
 
@@ -1012,6 +1030,10 @@ ROWS = [  # (key, label, lower is better)
     ("pss_idle_mb", "PSS idle (MB)", True),
     ("rss_load_mb", "RSS under load, c64 peak (MB)", True),
     ("rss_after_mb", "RSS after load (MB)", True),
+    ("pss_after_mb", "PSS after load (MB)", True),
+    ("threads_idle", "threads idle", True),
+    ("threads_slow", "threads as the 200 slow streams end", True),
+    ("threads_after", "threads after load", True),
     ("big_p50_ms", "5 MB body p50 (ms)", True),
     ("added_5mb_p50_ms", "added 5 MB body p50 (ms)", True),
 ]

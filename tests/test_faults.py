@@ -1846,11 +1846,11 @@ def test_soak_nothing_piles_up(soak_rig, capsys):
     assert SOAK["gone"] == outcomes["abandoned"] and SOAK["finished"] == outcomes["complete"]
     # gthread starts pool threads as concurrency peaks, up to 'threads' per worker: bounded by
     # the config. A worker's threads share one upstream pool, which keeps pool_maxsize idle
-    # connections (16 by default), and one SQLite connection (the file, its WAL and shm).
+    # connections (8 by default), and one SQLite connection (the file, its WAL and shm).
     workers = shipped_workers()
     warm, last = rows[min(2, len(rows) - 1)], rows[-1]
     assert all(row[1] <= workers * (shipped("threads") + 8) for row in rows), rows
-    assert all(row[3] <= workers * 16 and row[4] <= workers * 3 for row in rows), rows
+    assert all(row[3] <= workers * 8 and row[4] <= workers * 3 for row in rows), rows
     assert last[0] - last[3] - last[4] <= warm[0] - warm[3] - warm[4], rows  # other fds
     # Once the load is over, open files and threads come back to the warm figures (+20).
     deadline = time.monotonic() + 10
