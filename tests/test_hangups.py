@@ -32,9 +32,11 @@ class SilentUpstream:
     each unanswered request whose connection the gateway closed. ``marker`` is the request's
     first user message. Answered connections serve the next request (keep-alive)."""
 
-    def __init__(self):
+    def __init__(self, tls=None):
+        self.tls = tls  # an ssl.SSLContext for an https upstream
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=256)
-        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        self.url = "%s://127.0.0.1:%d" % ("https" if tls else "http",
+                                          self.listener.getsockname()[1])
         self.lock = threading.Lock()
         self.waiting = {}  # marker -> the connection its request came on
         self.answered = set()
@@ -50,6 +52,8 @@ class SilentUpstream:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn):
+        if self.tls is not None:
+            conn = self.tls.wrap_socket(conn, server_side=True)
         with conn:
             data, marker = b"", None
             while True:
@@ -293,3 +297,39 @@ def test_after_a_burst_threads_and_open_files_come_back(silent_upstream, silent_
                 break
             assert time.monotonic() < deadline, ("not back within 10 s", warm, peak, back)
             time.sleep(0.1)
+
+
+def test_a_wait_on_an_https_upstream_ends_too(tmp_path):
+    """The same over TLS, in process: the app called with a gunicorn.socket whose client
+    closes; the upstream's TLS connection is closed and the exchange logged as 499."""
+    import ssl
+    import webtest
+    trustme = pytest.importorskip("trustme")
+    from conftest import auth
+    from test_tls import tls_app
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    fake = SilentUpstream(context)
+    try:
+        app = tls_app(tmp_path, fake.url, ca, read_timeout=600)
+        server_side, client_side = tcp_pair()
+        answers = []
+
+        def call():
+            answers.append(webtest.TestApp(app).post_json(
+                "/v1/messages", {"model": "claude-opus-4-8", "max_tokens": 10,
+                                 "messages": [{"role": "user", "content": "tls"}]},
+                headers=auth(), status="*",
+                extra_environ={"gunicorn.socket": server_side, "SERVER_PROTOCOL": "HTTP/1.1"}))
+        thread = threading.Thread(target=call, daemon=True)
+        thread.start()
+        wait_for(lambda: "tls" in fake.waiting, "the request to reach the upstream")
+        client_side.close()
+        left = time.monotonic()
+        wait_for(lambda: fake.closed == ["tls"], "the upstream connection to close")
+        assert time.monotonic() - left <= BOUND
+        thread.join(WAIT)
+        assert [answer.status_int for answer in answers] == [499]
+    finally:
+        fake.stop()
