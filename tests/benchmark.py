@@ -999,8 +999,85 @@ def scenario_streams(plan, workdir, upstream_port, proxy_core, load_core, bodies
     return figures
 
 
+UWSGI_APP = "import gateway\napplication = gateway.make_app()\n"
+
+
+def other_server(name, workdir, port):
+    """argv for the same app under another server, one process, or None when it is absent
+    (``pip install granian`` / ``pip install uwsgi``; PYTHONPATH and PATH are honoured)."""
+    import importlib.util
+    if name == "granian" and importlib.util.find_spec("granian"):
+        return [sys.executable, "-m", "granian", "--interface", "wsgi", "--factory", "--host",
+                "127.0.0.1", "--port", str(port), "--workers", "1", "gateway:make_app"]
+    if name == "uwsgi" and shutil.which("uwsgi"):
+        app = os.path.join(workdir, "uwsgi_app.py")
+        with open(app, "w") as file:
+            file.write(UWSGI_APP)
+        # http11-socket: keep-alive and chunked answers on uWSGI's own HTTP parser.
+        return ["uwsgi", "--http11-socket", "127.0.0.1:%d" % port, "--wsgi-file", app,
+                "--pythonpath", ROOT, "--master", "--processes", "1", "--threads", "256",
+                "--http-auto-chunked", "--die-on-term", "--need-app", "--disable-logging"]
+    return None
+
+
+def scenario_servers(plan, workdir, upstream_port, proxy_core, load_core, bodies):
+    """The same app, one process on one core, under gunicorn gthread and gevent (as
+    ``gateway serve`` runs them), granian and uWSGI: latency, throughput and CPU per request,
+    one stream's bytes and first event, 200 slow streams, and whether the gateway's access
+    lines reach the server's output."""
+    figures = {}
+    for name in ("gunicorn-gthread", "gunicorn-gevent", "granian", "uwsgi"):
+        if name.startswith("gunicorn"):
+            process, port, log_path = start_gateway(
+                workdir, upstream_port, proxy_core,
+                serve_args=["--worker", name.split("-")[1]])
+        else:
+            start_gateway(workdir, upstream_port, proxy_core)[0].kill()  # writes the config
+            port = free_port()
+            argv = other_server(name, workdir, port)
+            if argv is None:
+                print("  %-16s not installed: skipped" % name, flush=True)
+                continue
+            log_path = os.path.join(workdir, "%s.log" % name)
+            environment = dict(clean_environment(), GATEWAY_CONFIG=os.path.join(
+                workdir, "gateway", "gateway.ini"), PYTHONPATH=os.pathsep.join(
+                filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+            process = subprocess.Popen(pinned(proxy_core, argv), stdout=subprocess.DEVNULL,
+                                       stderr=open(log_path, "wb"), env=environment)
+            wait_for_port(port, process)
+            time.sleep(1)
+        try:
+            wrk(port, bodies["small"], 4, 1, load_core, workdir)  # warm-up
+            c1 = wrk(port, bodies["small"], 1, plan["seconds"], load_core, workdir)
+            before = cpu_seconds(process.pid)
+            c16 = wrk(port, bodies["small"], 16, plan["seconds"], load_core, workdir)
+            cpu = cpu_seconds(process.pid) - before
+            one = streams(port, 1, 3, 20, 20, 60, burst=False)
+            slow = streams(port, 200, 1, 8, 250, 120)
+            requests = c1["requests"] + c16["requests"]
+            with open(log_path, errors="replace") as file:
+                logged = sum(1 for line in file if '"request_id": "req_gw_' in line)
+            figures[name] = {
+                "c1_p50_ms": c1["p50_us"] / 1000, "c1_p99_ms": c1["p99_us"] / 1000,
+                "rps_c16": c16["rps"], "cpu_ms_per_req_c16": cpu * 1000 / max(1, c16[
+                    "requests"]), "errors": c1["errors"] + c1["non2xx"] + c16["errors"]
+                + c16["non2xx"], "ttfe_p50_ms_s1": one["ttfe_p50_ms"],
+                "sse_bytes_identical": one["_body"] == b"".join(sse_events(20)),
+                "late_first_events_200": slow["late_first_events"],
+                "access_log": logged >= requests}
+        finally:
+            stop(process)
+        print("  %-16s c1 p50 %.3f ms p99 %.3f ms; c16 %.0f req/s, %.3f ms CPU/req, %d errors; "
+              "1 stream TTFE %.2f ms, bytes %s; 200 slow streams: %d late; access log %s" % (name, *(figures[name][key] for key in (
+                  "c1_p50_ms", "c1_p99_ms", "rps_c16", "cpu_ms_per_req_c16", "errors",
+                  "ttfe_p50_ms_s1")), "identical" if figures[name]["sse_bytes_identical"]
+                  else "DIFFERENT", figures[name]["late_first_events_200"],
+                  "yes" if figures[name]["access_log"] else "LOST"), flush=True)
+    return figures
+
+
 SCENARIOS = {"keys": scenario_keys, "usage": scenario_usage, "limits": scenario_limits,
-             "streams": scenario_streams}
+             "streams": scenario_streams, "servers": scenario_servers}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1143,7 +1220,7 @@ def main(argv=None):
                         help="instead of the table, one scenario: keys (cost against the "
                         "number of keys), usage ('gateway usage' over a large log), limits "
                         "(what a limited key costs on SQLite and on Redis), streams (1,000 to "
-                        "10,000 slow streams)")
+                        "10,000 slow streams), servers (gunicorn's workers, granian, uWSGI)")
     parser.add_argument("--worker", choices=("gevent", "gthread"), default="gevent",
                         help="the worker for --scenario streams (default gevent)")
     parser.add_argument("--upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
