@@ -1511,7 +1511,8 @@ class RedisLimits:
                            "Retry shortly.", [("retry-after", str(self.BREAKER_SECONDS))])
         if self.down_policy == "local":
             self.local.admit(entry, holder, now)
-        self._away[holder] = self.down_policy
+        if entry.concurrency or entry.tokens_per_day:  # only these get a finish call
+            self._away[holder] = self.down_policy
         if self.metrics is not None:
             self.metrics.limits_admitted_away.labels(self.down_policy).inc()
 
