@@ -3349,6 +3349,8 @@ def edit_key_file(config, change):
     try:
         with exclusive_lock(config.keys_path + ".lock", owner_of=config.keys_path):
             text, store = load_key_file(config.keys_path)
+            if not text:
+                _refuse_to_start_over(config)
             new = change(store)
             new_text, written = render_key_file(text, store, new)
             verified_key_file(new_text, new, written)
@@ -3358,6 +3360,23 @@ def edit_key_file(config, change):
                            "the user that owns the key file)" % (
                                exc.filename or config.keys_path, describe(exc))) from None
     last_good_keys(config).save(new_text, os.stat(config.keys_path).st_ctime_ns)
+
+
+def _refuse_to_start_over(config):
+    """A missing or empty key file is broken to the workers, which serve its last good copy
+    meanwhile: an edit that started from nothing would replace every key they serve with the
+    new one alone. So the copy is restored first, or deleted to really start over."""
+    copy = last_good_keys(config)
+    try:
+        served = len(copy.load(parse_key_file)[0].entries)
+    except FILE_ERRORS:
+        return
+    if served:
+        raise CommandError(
+            "key file %s is missing or empty, but the workers serve %d key(s) from its last "
+            "good copy %s; nothing was changed. Restore the copy (tail -n +2 %s > %s), or "
+            "delete it to start again with no keys" % (
+                config.keys_path, served, copy.path, copy.path, config.keys_path))
 
 
 def _existing(store, name):

@@ -289,6 +289,32 @@ def test_a_worker_booting_on_a_broken_file_uses_the_copy_and_says_so(config_dir,
     assert gateway.make_app(config).keys.get().find(CLIENT_KEY).name == "alice"
 
 
+def test_an_edit_never_starts_over_from_a_missing_or_empty_file_the_workers_fall_back_from(
+        config_dir):
+    """Workers serve the last good copy while the file is missing or empty: 'keys add' must
+    not write a file holding only the new key, which they would load, refusing every other."""
+    from conftest import CLIENT_KEY
+    config = gateway.Config.from_file(str(config_dir / "gateway.ini"))
+    gateway.make_app(config)  # a worker loads the file: its last good copy is saved
+    path, copy = config_dir / "gateway.keys", config_dir / "gateway.keys.last-good"
+    for breakage in (lambda: path.write_text(""), path.unlink):
+        breakage()
+        before = path.read_bytes() if path.exists() else None
+        result = run(config_dir, "add", "dave")
+        assert result.returncode == 1, result.stdout
+        assert "missing or empty, but the workers serve 3 key(s) from its last good copy " \
+            "%s; nothing was changed" % copy in result.stderr
+        assert (path.read_bytes() if path.exists() else None) == before
+        assert gateway.make_app(config).keys.get().find(CLIENT_KEY).name == "alice"
+    subprocess.run("tail -n +2 %s > %s" % (copy, path), shell=True, check=True)  # as it says
+    assert run(config_dir, "add", "dave").returncode == 0
+    assert [e.name for e in parsed(config_dir).entries] == ["alice", "bob", "carol", "dave"]
+    path.unlink()
+    copy.unlink()  # starting over on purpose
+    assert run(config_dir, "add", "dave").returncode == 0
+    assert [e.name for e in parsed(config_dir).entries] == ["dave"]
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make files another user owns")
 def test_lock_files_root_made_do_not_lock_the_service_user_out():
     """'gateway check' or 'gateway keys' run once as root leaves root's lock files behind; the
