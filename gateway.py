@@ -3696,6 +3696,26 @@ def boot_problem(config):
     return None
 
 
+def credentials_problem(config):
+    """Why workers that boot now with ``config`` would refuse every request, or None: a client
+    key file that does not load with no last good copy to serve instead, or an upstream key
+    file that does not load. Both boot fine, so boot_problem passes them; 'gateway check'
+    fails on them, and the master on HUP keeps its previous config (a keys_file or
+    upstream_key_file edited to a wrong path must not turn every key into a 401 or a 502)."""
+    try:
+        parse_key_file(read_text(config.keys_path, empty_ok=True))  # as 'gateway check' reads
+    except FILE_ERRORS as exc:
+        if _last_good_keys_note(config) is None:
+            return "key file %s: %s, and no last good copy of it to serve instead" % (
+                config.keys_path, describe(exc))
+    if config.upstream_key_path is not None:
+        try:
+            read_parsed(config.upstream_key_path, parse_secret_lines)
+        except FILE_ERRORS as exc:
+            return "upstream key file %s: %s" % (config.upstream_key_path, describe(exc))
+    return None
+
+
 def check_online(app):
     """Connect to the upstream as a worker would (same pool, trust and proxy), send one
     ``HEAD /`` without any key (nothing billed, nothing to refuse) and say what was found:
@@ -4152,6 +4172,7 @@ def cmd_serve(config, args):
                 if problem is not None:
                     problem = "a worker cannot start with %s: %s" % (
                         os.environ.get("GATEWAY_CONFIG") or "the defaults", problem)
+                problem = problem or credentials_problem(new)
             except ValueError as exc:
                 new, problem = None, exc
             if problem is None:

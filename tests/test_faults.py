@@ -1611,6 +1611,21 @@ def test_hup_with_a_config_no_worker_can_build_keeps_serving(tmp_path, upstream)
     assert "Worker failed to boot" not in log
 
 
+@pytest.mark.parametrize("setting, problem", [
+    ("keys_file", "key file %s: No such file or directory, and no last good copy of it to "
+                  "serve instead"),
+    ("upstream_key_file", "upstream key file %s: No such file or directory"),
+])
+def test_hup_with_a_key_file_path_that_does_not_load_keeps_serving(tmp_path, upstream, setting,
+                                                                   problem):
+    """A worker boots with such a config, but refuses every request (401, or 502 without an
+    upstream key): the master must keep the previous config as for one that cannot boot."""
+    log = hup_with_broken_config_keeps_serving(
+        tmp_path, upstream, lambda: write_ini(tmp_path, upstream.url, **{setting: "typo"}))
+    assert "reload: %s; keeping the previous gateway config" % (problem % (tmp_path / "typo")) \
+        in log
+
+
 def systemctl_reload(ini, pid):
     """What 'systemctl reload gateway' runs: the unit's ExecReload lines in order, stopping at
     the first that fails (as systemd does), with the unit's paths made this checkout's and
