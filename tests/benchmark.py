@@ -171,9 +171,11 @@ class UpstreamProtocol(asyncio.Protocol):
 
 
 def run_upstream(port):
+    """Serve on ``port`` (0: one the kernel picks), and say which on stdout."""
     async def serve():
         server = await asyncio.get_running_loop().create_server(
             UpstreamProtocol, "127.0.0.1", port, backlog=4096, reuse_address=True)
+        print("listening on %d" % server.sockets[0].getsockname()[1], flush=True)
         async with server:
             await server.serve_forever()
     with contextlib.suppress(KeyboardInterrupt):
@@ -184,10 +186,17 @@ def run_upstream(port):
 # Processes: pinning, starting, stopping, CPU and memory from /proc
 # ---------------------------------------------------------------------------------------------
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def logged_port(path, pattern, process, timeout=30.0):
+    """The port a server we started logged it listens on (it bound port 0)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(pattern, open(path, errors="replace").read())
+        if match:
+            return int(match.group(1))
+        if process.poll() is not None:
+            raise RuntimeError("%s exited with %s" % (process.args, process.returncode))
+        time.sleep(0.05)
+    raise RuntimeError("no listening port in %s after %.0f s" % (path, timeout))
 
 
 def cores():
@@ -203,18 +212,6 @@ def cores():
 
 def pinned(core, argv):
     return ["taskset", "-c", core] + argv if core is not None else argv
-
-
-def wait_for_port(port, process, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError("%s exited with %s" % (process.args, process.returncode))
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError("nothing listens on %d after %.0f s" % (port, timeout))
 
 
 def stop(process, timeout=15.0):
@@ -317,7 +314,7 @@ class PeakSampler:
 
 NGINX_CONF = """\
 worker_processes 1;
-error_log %(dir)s/nginx-error.log warn;
+error_log %(dir)s/nginx-error.log notice;
 pid %(dir)s/nginx.pid;
 events { worker_connections 4096; }
 http {
@@ -346,23 +343,49 @@ http {
 
 
 def start_nginx(workdir, upstream_port, core):
-    port = free_port()
-    directory = os.path.join(workdir, "nginx")
+    return run_nginx(os.path.join(workdir, "nginx"), NGINX_CONF, upstream_port, core)
+
+
+def run_nginx(directory, template, upstream_port, core, attempts=5):
+    """nginx with ``template`` in ``directory``; returns (process, port). nginx cannot listen
+    on port 0 and say which port it got, so it gets one the kernel just handed out and, when
+    another server took that port first ('Address already in use'), starts again on another.
+    It is ready once it logs its worker's start, which it does only after binding."""
     os.makedirs(directory, exist_ok=True)
-    conf = os.path.join(directory, "nginx.conf")
-    with open(conf, "w") as file:
-        file.write(NGINX_CONF % {"dir": directory, "upstream": upstream_port, "port": port})
-    process = subprocess.Popen(
-        pinned(core, [shutil.which("nginx") or "/usr/sbin/nginx", "-c", conf, "-p", directory,
-                      "-g", "daemon off;"]),
-        stdout=subprocess.DEVNULL, stderr=open(os.path.join(directory, "stderr"), "wb"))
-    wait_for_port(port, process)
-    return process, port
+    errors = os.path.join(directory, "nginx-error.log")
+    for _ in range(attempts):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        conf = os.path.join(directory, "nginx.conf")
+        with open(conf, "w") as file:
+            file.write(template % {"dir": directory, "upstream": upstream_port, "port": port})
+        if os.path.exists(errors):
+            os.unlink(errors)
+        process = subprocess.Popen(
+            pinned(core, [shutil.which("nginx") or "/usr/sbin/nginx", "-c", conf, "-p",
+                          directory, "-g", "daemon off;"]),
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(directory, "stderr"), "wb"))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            text = open(errors, errors="replace").read() if os.path.exists(errors) else ""
+            if "Address already in use" in text:
+                stop(process)
+                break
+            if "start worker process" in text:
+                return process, port
+            if process.poll() is not None:
+                raise RuntimeError("nginx exited: %s" % text[-2000:])
+            time.sleep(0.05)
+        else:
+            stop(process)
+            raise RuntimeError("nginx did not start in 30 s")
+    raise RuntimeError("nginx found no free port in %d attempts" % attempts)
 
 
 TLS_TERMINATOR_CONF = """\
 worker_processes 1;
-error_log %(dir)s/nginx-error.log warn;
+error_log %(dir)s/nginx-error.log notice;
 pid %(dir)s/nginx.pid;
 events { worker_connections 4096; }
 http {
@@ -405,16 +428,7 @@ def start_tls_upstream(workdir, upstream_port, core):
     leaf.cert_chain_pems[0].write_to_path(os.path.join(directory, "upstream.pem"))
     ca_path = os.path.join(directory, "ca.pem")
     authority.cert_pem.write_to_path(ca_path)
-    port = free_port()
-    conf = os.path.join(directory, "nginx.conf")
-    with open(conf, "w") as file:
-        file.write(TLS_TERMINATOR_CONF % {"dir": directory, "upstream": upstream_port,
-                                          "port": port})
-    process = subprocess.Popen(
-        pinned(core, [shutil.which("nginx") or "/usr/sbin/nginx", "-c", conf, "-p", directory,
-                      "-g", "daemon off;"]),
-        stdout=subprocess.DEVNULL, stderr=open(os.path.join(directory, "stderr"), "wb"))
-    wait_for_port(port, process)
+    process, port = run_nginx(directory, TLS_TERMINATOR_CONF, upstream_port, core)
     return process, port, ca_path
 
 
@@ -437,16 +451,15 @@ def start_gateway(workdir, upstream_port, core, gunicorn_config=None, keys=1, se
                    "upstream_key_file = upstream.key\n%s[models]\n%s = %s\n"
                    % (upstream_url or "http://127.0.0.1:%d" % upstream_port, settings,
                       PUBLIC_MODEL, UPSTREAM_MODEL))
-    port = free_port()
     argv = [sys.executable, os.path.join(ROOT, "gateway"), "serve", "--config", ini,
-            "--bind", "127.0.0.1:%d" % port]
+            "--bind", "127.0.0.1:0"]  # the kernel picks the port; gunicorn logs it
     if gunicorn_config:
         argv += ["--gunicorn-config", gunicorn_config]
     argv += list(serve_args)
     log_path = os.path.join(directory, "serve.log")
     process = subprocess.Popen(pinned(core, argv), stdout=subprocess.DEVNULL,
                                stderr=open(log_path, "wb"), env=clean_environment())
-    wait_for_port(port, process)
+    port = logged_port(log_path, r"Listening at: http://127\.0\.0\.1:(\d+)", process)
     # gunicorn listens before its workers have booted: wait until every worker answers.
     deadline, stable = time.monotonic() + 30, 0
     while time.monotonic() < deadline and stable < 5:  # the same count for 0.5 s
@@ -1225,7 +1238,7 @@ def main(argv=None):
                         help="the worker for --scenario streams (default gevent)")
     parser.add_argument("--upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.upstream:
+    if args.upstream is not None:
         run_upstream(args.upstream)
         return 0
     for tool in ("wrk",) + (("nginx",) if not args.only or "nginx" in args.only else ()):
@@ -1259,11 +1272,12 @@ def main(argv=None):
             file.write(small_body())
         with open(bodies["big"], "wb") as file:
             file.write(image_body(5 * 1024 * 1024))
-        upstream_port = free_port()
+        upstream_log = os.path.join(workdir, "upstream.log")
         upstream = subprocess.Popen(pinned(load_core, [
-            sys.executable, os.path.abspath(__file__), "--upstream", str(upstream_port)]))
+            sys.executable, os.path.abspath(__file__), "--upstream", "0"]),
+            stdout=open(upstream_log, "wb"))
         stack.callback(stop, upstream)
-        wait_for_port(upstream_port, upstream)
+        upstream_port = logged_port(upstream_log, r"listening on (\d+)", upstream)
         if args.scenario:
             print("%s:" % args.scenario, flush=True)
             results = SCENARIOS[args.scenario](plan, workdir, upstream_port, proxy_core,
