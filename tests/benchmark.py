@@ -5,7 +5,7 @@ Run it from a checkout (wrk and nginx from the Debian packages; nothing else bey
 tests use)::
 
     python3 tests/benchmark.py --json bench.json      # about 4 minutes
-    python3 tests/benchmark.py --quick                # CI smoke run, under a minute
+    python3 tests/benchmark.py --quick                # CI smoke run, about a minute
 
 One run starts, on 127.0.0.1 only:
 
@@ -185,6 +185,27 @@ def run_upstream(port):
 # ---------------------------------------------------------------------------------------------
 # Processes: pinning, starting, stopping, CPU and memory from /proc
 # ---------------------------------------------------------------------------------------------
+
+def picked_port():
+    """A port the kernel just handed out, for a server that cannot bind port 0 and say which
+    it got (granian, uWSGI in --scenario servers, run by hand): another server could take it
+    first; everything CI starts binds 0 (logged_port) or retries (run_nginx)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port, process, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError("%s exited with %s" % (process.args, process.returncode))
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError("nothing listens on %d after %.0f s" % (port, timeout))
+
 
 def logged_port(path, pattern, process, timeout=30.0):
     """The port a server we started logged it listens on (it bound port 0)."""
@@ -1046,7 +1067,7 @@ def scenario_servers(plan, workdir, upstream_port, proxy_core, load_core, bodies
                 serve_args=["--worker", name.split("-")[1]])
         else:
             start_gateway(workdir, upstream_port, proxy_core)[0].kill()  # writes the config
-            port = free_port()
+            port = picked_port()
             argv = other_server(name, workdir, port)
             if argv is None:
                 print("  %-16s not installed: skipped" % name, flush=True)
@@ -1224,7 +1245,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="FILE", help="write every figure here")
     parser.add_argument("--quick", action="store_true",
-                        help="short runs (CI smoke test, under a minute)")
+                        help="short runs (CI smoke test, about a minute)")
     parser.add_argument("--only", action="append", choices=TARGET_NAMES,
                         help="measure only this target (repeatable; default all four)")
     parser.add_argument("--gunicorn-config", metavar="FILE",
