@@ -236,7 +236,8 @@ class Config:
     limits_backend: str = _setting(
         None, "One Redis that every host shares for per-key limits and last use: "
         "redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix://PATH?db=N (the 'redis' "
-        "extra). None: per host, in state_file.")
+        "extra). None: per host, in state_file. Never logged: it may hold Redis's password.",
+        secret=True)
     limits_lease: float = _setting(
         60.0, "A concurrency slot held by a host that died is free again after this long "
         "(limits_backend); live requests renew theirs every third of it.", unit="seconds")
@@ -1583,18 +1584,16 @@ class RedisLimits:
             by_name = {}
             for holder, name in live.items():
                 by_name.setdefault(name, []).append(holder)
-            renew = self._scripts.renew
             pipe = client.pipeline(transaction=False)
             for name, holders in by_name.items():
-                pipe.evalsha(renew.sha, 1, self.key(name, "slots"), self.lease_ms, *holders)
+                # Through the Script, so that the pipeline loads it first where a Redis
+                # restarted empty no longer has it (redis-py's Pipeline.load_scripts).
+                self._scripts.renew(keys=[self.key(name, "slots")],
+                                    args=[self.lease_ms] + holders, client=pipe)
             for name, when in touched.items():
                 pipe.set(self.key(name, "last"), "%.3f" % when, ex=self.LAST_USE_TTL)
             try:
-                try:
-                    pipe.execute()
-                except self._redis_module.exceptions.NoScriptError:  # Redis restarted
-                    renew.sha = client.script_load(renew.script)
-                    pipe.execute()
+                pipe.execute()
             except self.errors as exc:
                 self._failed(exc)
             else:

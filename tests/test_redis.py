@@ -281,6 +281,22 @@ def test_a_redis_restarted_empty_gets_the_live_slots_back_within_a_lease(redis_s
     eventually(lambda: _admits(other, entry, "y", time.time()), timeout=LEASE)
 
 
+def test_the_first_renewal_after_redis_lost_its_scripts_renews(redis_server, tmp_path):
+    # A Redis restarted empty has no scripts; SCRIPT FLUSH is the same for this purpose. A
+    # redis-py pipeline empties itself when it runs, so a renewal that met NOSCRIPT and only
+    # then loaded the script would renew nothing in that round.
+    holder = limits(redis_server, tmp_path)
+    entry = limited("flushed", concurrency=1)
+    holder.admit(entry, "stream", time.time())
+    holder.touch("flushed", time.time())
+    server = redis_server.client()
+    server.script_flush()
+    server.delete("gateway:{flushed}:slots")
+    holder.renew()
+    assert server.zscore("gateway:{flushed}:slots", "stream") is not None
+    assert server.get("gateway:{flushed}:last") is not None
+
+
 @pytest.mark.parametrize("policy", ["local", "open", "closed"])
 def test_while_redis_is_down_the_policy_decides_and_says_so_once(redis_server, tmp_path,
                                                                  caplog, policy):
