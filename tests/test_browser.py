@@ -171,7 +171,8 @@ def test_a_page_on_a_named_origin_streams_from_the_gateway(chromium, pages, gate
     assert "event: message_stop" in seen["stream"] and '"text":"lo"' in seen["stream"]
     assert seen["json"]["content"][0]["text"] == "Hello!"
     assert not upstream.gate_timed_out.is_set(), "the gateway held event 1 back"
-    # the preflights were answered (the browser sent them: the page's headers need one)
+    # both requests reached the upstream (after their preflights), with our key, not the page's
+    assert len(upstream.received) == 2
     assert all(r.headers.get("x-api-key") != CLIENT_KEY for r in upstream.received)
 
 
