@@ -22,7 +22,7 @@ def _worker_class():
     until it restarted (docs/performance.md). Recycling workers (max_requests) would give it
     back too, but a worker that restarts must wait for its open streams or cut them; a
     thread that exits after _IDLE_THREAD_SECONDS without work cuts nothing, and starting one
-    again costs about 0.1 ms."""
+    again costs about 26 us of CPU (a thread started and ended, measured on this machine)."""
     import concurrent.futures
     import queue
     import threading
