@@ -126,6 +126,9 @@ RETRY_HORIZON = 60
 NO_RETRY = ("x-should-retry", "false")
 
 KEY_PREFIX = "sk-gw-"
+#: What an Anthropic API key (and Claude Code's Anthropic login token) starts with: never one of
+#: ours, so when it comes beside a gateway key it is the one to ignore.
+ANTHROPIC_KEY_PREFIX = "sk-ant-"
 #: The access log's ``error`` for a stream the client abandoned (not counted as an error).
 CLIENT_WENT_AWAY = "client went away"
 JSON_CONTENT_TYPE = "application/json"
@@ -420,6 +423,11 @@ SECRET_SETTINGS = ("limits_backend", "upstream_proxy")
 def _parse_setting(field, text):
     """A setting's value from its text, or ValueError 'name = text: what is wrong'."""
     text = text.strip()
+    if text.startswith((ANTHROPIC_KEY_PREFIX, KEY_PREFIX)):
+        # A key pasted where its file's name goes (upstream_key_file = sk-ant-…) would be
+        # repeated by every error and log line that names the setting's value or the path.
+        raise ValueError("%s = sk-…: that is a key, not a setting (the upstream key goes in "
+                         "the file that upstream_key_file names)" % field.name)
     try:
         return _parse_value(field, text)
     except ValueError as exc:
@@ -1646,9 +1654,6 @@ class RedisLimits:
 # Request shaping: pure functions from what the client sent to what the upstream gets
 # ---------------------------------------------------------------------------------------------
 
-#: What an Anthropic API key (and Claude Code's Anthropic login token) starts with: never one of
-#: ours, so when it comes beside a gateway key it is the one to ignore.
-ANTHROPIC_KEY_PREFIX = "sk-ant-"
 API_KEY_HEADER = "x-api-key"
 BEARER_HEADER = "Authorization: Bearer"
 

@@ -371,6 +371,10 @@ def test_config_errors_say_what_is_wrong(tmp_path, text, complaint):
     (b"\xef\xbb\xbf[gateway]\nread_timeout = 5\n\xff\n", "line 3: not UTF-8 (byte 0xff)"),
     (b"[gateway]\nread_timeout = 5\nread_timeout = 6\n", "line 3: read_timeout is set twice"),
     (b"[gateway]\nsk-ant-pasted-here\n", "line 2: not a setting (expected name = value)"),
+    (b"[gateway]\nupstream_key_file = sk-ant-pasted-here\n", "line 2: upstream_key_file = "
+     "sk-\u2026: that is a key, not a setting (the upstream key goes in the file that "
+     "upstream_key_file names)"),
+    (b"[gateway]\nupstream_url = sk-ant-pasted-here\n", "line 2: upstream_url = sk-\u2026: "),
     (b"[gateway]\nmax_body_byte = 5\n", "line 2: unknown setting max_body_byte in [gateway]"),
     (b"[models]\nclaude-x = a\nclaude-y =\n", "line 3: model claude-y maps to nothing"),
     (b"[gateway]\r\n# a \x0c form feed\r\nread_timeout = ten\r\n", "line 3: read_timeout = ten"),
@@ -383,7 +387,7 @@ def test_config_errors_name_the_file_the_line_and_the_setting(tmp_path, data, er
     with pytest.raises(ValueError) as raised:
         gateway.Config.from_file(str(ini), environ={})
     assert str(raised.value).startswith("config %s, %s" % (ini, error))
-    assert "sk-ant-pasted-here" not in str(raised.value)  # a line that is no setting: not shown
+    assert "pasted-here" not in str(raised.value)  # a key pasted in the config: never shown
 
 
 def test_config_with_a_byte_order_mark_reads_as_without():
