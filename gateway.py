@@ -4376,10 +4376,18 @@ def main(argv=None):
         print("error: %s" % exc, file=sys.stderr)
         return 2
     try:
-        return args.run(config, args)
+        code = args.run(config, args)
+        sys.stdout.flush()  # here, where a reader that left early is caught below
+        return code
     except CommandError as exc:
         print("error: %s" % exc, file=sys.stderr)
         return exc.code
+    except BrokenPipeError:
+        # The reader left early ('gateway keys list | head -1'): stop quietly, as Unix tools
+        # do. stdout goes to /dev/null so that the flush at exit cannot fail again (Python
+        # docs, signal module, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -131,6 +131,27 @@ def test_a_file_that_would_not_read_back_is_never_written(config_dir, monkeypatc
     assert not [name for name in os.listdir(config_dir) if name.startswith(".keys-")]
 
 
+@pytest.mark.parametrize("buffered", [False, True])
+@pytest.mark.parametrize("args", [["list"], ["add", "dave"]])
+def test_a_reader_that_leaves_early_gets_no_traceback(config_dir, args, buffered):
+    """'gateway keys list | head -1': the pipe is closed before the command writes (its read
+    end closed first), with stdout written at once or at exit."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    try:
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "gateway"), "keys"] + args
+                                + ["--config", str(config_dir / "gateway.ini")],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, env=env,
+                                timeout=30)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (1, "")
+    parsed(config_dir)
+
+
 # -- 5. edits keep comments, blank lines and symlinks --------------------------------------------
 
 def test_edits_keep_comments_blank_lines_and_untouched_lines(config_dir):
