@@ -8,6 +8,7 @@ check on those bytes, not on the proxy's log. Without tinyproxy the tests skip l
 fail in CI.
 """
 import contextlib
+import logging
 import re
 import socket
 import threading
@@ -221,8 +222,11 @@ def test_a_proxy_that_refuses_is_a_502_naming_no_secret(tmp_path, ca, tls_upstre
     listener.close()
     app = tls_app(tmp_path, tls_upstream.url, ca,
                   upstream_proxy="http://user:proxy-password@127.0.0.1:%d" % port)
-    response = post(app)
+    with caplog.at_level(logging.ERROR, logger="gateway"):
+        response = post(app)
     assert response.status_int == 502 and response.json["error"]["type"] == "api_error"
+    assert "upstream request to 127.0.0.1:%d failed [%s]: through the proxy: connection " \
+        "refused" % (tls_upstream.port, response.headers["request-id"]) in caplog.text
     assert "proxy-password" not in caplog.text and "proxy-password" not in response.text
     assert "proxy-password" not in repr(app.config)
 

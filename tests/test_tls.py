@@ -158,10 +158,12 @@ def test_a_new_ca_file_is_taken_up_and_a_broken_one_ignored(tmp_path, caplog, ca
     path = tmp_path / "upstream-ca.pem"
     replace(path, ca.cert_pem.bytes())
     assert post(app).status_int == 200
+    connections = tls_upstream.connections
     replace(path, b"-----BEGIN CERTIFICATE-----\nnot base64\n")  # a botched edit
     with caplog.at_level(logging.ERROR, logger="gateway"):
-        assert post(app).status_int == 200  # the last good CA file still holds
+        assert post(app).status_int == 200  # the last good CA file still holds...
     assert "cannot load %s" % path in caplog.text
+    assert tls_upstream.connections == connections  # ...and so does its pool's connection
 
 
 def replace(path, data):
