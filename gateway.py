@@ -3480,15 +3480,28 @@ def cmd_keys_rotate(config, args):
     args.grace = args.grace or "24h"
     grace = parse_duration(args.grace)
     key = generate_key()
+    now = time.time()
+    dropped = []  # the key an earlier rotation gave, when this one comes within its grace
 
     def rotate(store):
         old = _existing(store, args.name)
+        previous, until = (old.salt, old.digest), now + grace
+        if old.previous is not None and now < (old.previous_until or 0):
+            # Rotated again within the grace period (the new key was lost, or leaked): the
+            # key before the first rotation is the one clients still use, and it was
+            # promised until then; the key the last rotation printed goes instead.
+            previous, until = old.previous, min(old.previous_until, until)
+            dropped.append(until)
         return store.replace(args.name, digest=digest_key(key), salt=b"",
-                             previous=(old.salt, old.digest),
-                             previous_until=time.time() + grace)
+                             previous=previous, previous_until=until)
     edit_key_file(config, rotate)
-    print("rotated key %r; the old key works for %s more. The new key, shown only once:"
-          % (args.name, args.grace))
+    if dropped:
+        print("rotated key %r again within its grace period: the key the last rotation gave "
+              "works no more; the key before it works until %s. The new key, shown only once:"
+              % (args.name, format_time(dropped[0])))
+    else:
+        print("rotated key %r; the old key works for %s more. The new key, shown only once:"
+              % (args.name, args.grace))
     print(key)
     return 0
 

@@ -209,6 +209,24 @@ def test_list_shows_expired_keys_and_a_rotation_grace_period(config_dir):
     assert "works until" not in alice  # the grace period is over at once
 
 
+def test_a_second_rotation_within_the_grace_period_keeps_the_key_clients_still_use(config_dir):
+    """The first rotation promised the old key until its grace period ends; a second one (the
+    new key lost, or leaked) keeps that promise and drops the key the first one printed."""
+    from conftest import CLIENT_KEY
+    first = run(config_dir, "rotate", "alice", "--grace", "2h")
+    promised = parsed(config_dir).get("alice").previous_until
+    second = run(config_dir, "rotate", "alice", "--grace", "24h")
+    assert second.returncode == 0, second.stderr
+    assert "the key the last rotation gave works no more; the key before it works until %s" \
+        % gateway.format_time(promised) in second.stdout
+    alice, now = parsed(config_dir).get("alice"), time.time()
+    assert alice.matches(CLIENT_KEY, now) and alice.previous_until == promised
+    assert not alice.matches(first.stdout.splitlines()[-1], now)
+    assert alice.matches(second.stdout.splitlines()[-1], now)
+    assert run(config_dir, "rotate", "alice", "--grace", "0s").returncode == 0  # end it now
+    assert not parsed(config_dir).get("alice").matches(CLIENT_KEY, time.time())
+
+
 # -- 2. a broken key file never locks a valid key out: HUP, restart, boot ---------------------
 
 def _served(url, key):
