@@ -3763,7 +3763,7 @@ def check_online(app):
             version, _x509_name(certificate.get("subject", ())),
             _x509_name(certificate.get("issuer", ())), format_time(expires),
             (expires - time.time()) // 86400))
-    print("online: HEAD / answered %d; round trip %.0f ms with connect%s, %.0f ms reusing "
+    print("online: HEAD / answered %d; round trip %.1f ms with connect%s, %.1f ms reusing "
           "the connection" % (answer.status, timings[0] * 1000,
                               " and TLS handshake" if certificate is not None else "",
                               timings[1] * 1000))
