@@ -961,18 +961,21 @@ async def paced_stream(port, events, gap_ms):
         writer.close()
 
 
-def open_streams(port, count, pid, burst=STREAM_BURST, gap_ms=STREAM_GAP_MS):
-    """``count`` slow streams (an event every ``gap_ms``), opened ``burst`` at a time every
-    ``gap_ms``, each long enough that all are open together for a while; the tree's RSS is
-    sampled once they all are. Returns the figures."""
-    events = count // burst + 5
+def open_streams(port, count, pid, step=STREAM_BURST, burst=STREAM_BURST,
+                 gap_ms=STREAM_GAP_MS):
+    """``count`` slow streams (an event every ``gap_ms``): ``burst`` at once, then ``step``
+    more every ``gap_ms``, each long enough that all are open together for a while; the
+    tree's RSS is sampled once they all are. Returns the figures."""
+    starts = [min(burst, count)] + [step] * (-(-max(0, count - burst) // step))
+    starts[-1] -= sum(starts) - count
+    events = len(starts) + 5
     rss = {}
 
     async def run():
         tasks = []
-        for start in range(0, count, burst):
+        for started in starts:
             tasks += [asyncio.ensure_future(paced_stream(port, events, gap_ms))
-                      for _ in range(min(burst, count - start))]
+                      for _ in range(started)]
             await asyncio.sleep(gap_ms / 1000)
         await asyncio.sleep(gap_ms / 1000)
         rss["open"] = memory_mb(pid)[0]
@@ -1015,7 +1018,7 @@ def scenario_streams(plan, workdir, upstream_port, proxy_core, load_core, bodies
         time.sleep(1)
         for count in plan["stream_counts"]:
             idle = memory_mb(process.pid)[0]
-            result = open_streams(port, count, process.pid)
+            result = open_streams(port, count, process.pid, plan["stream_step"])
             result["rss_idle_mb"] = idle
             result["rss_per_stream_kb"] = (result["rss_open_mb"] - idle) * 1024 / count
             figures["streams_%d" % count] = result
@@ -1257,6 +1260,15 @@ def main(argv=None):
                         "10,000 slow streams), servers (gunicorn's workers, granian, uWSGI)")
     parser.add_argument("--worker", choices=("gevent", "gthread"), default="gevent",
                         help="the worker for --scenario streams (default gevent)")
+    parser.add_argument("--streams", type=int, action="append", metavar="N",
+                        help="--scenario streams: hold N streams (repeatable; default 1,000, "
+                        "5,000 and 10,000)")
+    parser.add_argument("--stream-step", type=int, default=STREAM_BURST, metavar="N",
+                        help="--scenario streams: after the first 1,000, open N more every 2 s "
+                        "(default 1,000)")
+    parser.add_argument("--unpinned", action="store_true",
+                        help="pin nothing: the proxy may use every core (and shares them with "
+                        "the client and the upstream)")
     parser.add_argument("--upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.upstream is not None:
@@ -1270,8 +1282,11 @@ def main(argv=None):
     # A TERM (CI's timeout, a supervisor) unwinds like Ctrl-C, so the ExitStack below stops
     # the upstream, nginx and the gateway instead of leaving them running.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    plan = dict(PLANS["quick" if args.quick else "full"], worker=args.worker)
-    proxy_core, load_core = cores()
+    plan = dict(PLANS["quick" if args.quick else "full"], worker=args.worker,
+                stream_step=args.stream_step)
+    if args.streams:
+        plan["stream_counts"] = tuple(args.streams)
+    proxy_core, load_core = cores() if not args.unpinned else (None, None)
     info = dict(machine(), plan="quick" if args.quick else "full",
                 pinning="proxy on core %s, wrk/client/upstream on core %s" % (
                     proxy_core, load_core) if proxy_core else "none (one core)",
