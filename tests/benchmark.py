@@ -1289,7 +1289,7 @@ def main(argv=None):
     proxy_core, load_core = cores() if not args.unpinned else (None, None)
     info = dict(machine(), plan="quick" if args.quick else "full",
                 pinning="proxy on core %s, wrk/client/upstream on core %s" % (
-                    proxy_core, load_core) if proxy_core else "none (one core)",
+                    proxy_core, load_core) if proxy_core else "none",
                 command=" ".join(["python3", "tests/benchmark.py"] + (argv or sys.argv[1:])))
     print("machine: %(nproc)s cores, %(cpu)s, Python %(python)s; %(pinning)s" % info)
     # Other work on the machine moves the figures (p99s most): say how busy it was.
