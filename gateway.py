@@ -1380,6 +1380,12 @@ end
 return 0
 """
 
+#: Release slots whose release may not have reached Redis. KEYS: slots. ARGV: holders.
+REDIS_RELEASE = """
+for i = 1, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+return 0
+"""
+
 #: Renew this process's live slots of one key. KEYS: slots. ARGV: lease in ms, holders. A
 #: plain ZADD, not ZADD XX: it puts back a live slot that a Redis restarted empty forgot, so
 #: the limit is exact again within one renewal. It cannot resurrect a finished request's slot:
@@ -1440,6 +1446,12 @@ class RedisLimits:
         self._live = {}  # holder -> key name: this process's slots in Redis
         self._away = {}  # holder -> policy: admitted while Redis was away
         self._touched = {}  # key name -> last use not yet written
+        # holder -> key name: a slot Redis may hold that no request of ours holds any more,
+        # released with the next renewal that reaches Redis. An admit call that timed out
+        # may still run in Redis (queued behind a slow command) and take a slot; a finish
+        # call that failed or was skipped by the breaker may not have freed one. Without
+        # this, such a slot would refuse the key on every host for a whole lease.
+        self._loose = {}
 
     # -- the client, per process ----------------------------------------------------------
 
@@ -1464,9 +1476,10 @@ class RedisLimits:
         self._scripts = types.SimpleNamespace(
             admit=client.register_script(REDIS_ADMIT),
             finish=client.register_script(REDIS_FINISH),
-            renew=client.register_script(REDIS_RENEW))
+            renew=client.register_script(REDIS_RENEW),
+            release=client.register_script(REDIS_RELEASE))
         self._outbox = None
-        self._live, self._away, self._touched = {}, {}, {}
+        self._live, self._away, self._touched, self._loose = {}, {}, {}, {}
         self._client = client
         self._pid = os.getpid()
 
@@ -1503,6 +1516,10 @@ class RedisLimits:
                           holder, self.lease_ms], client=client)
             except self.errors as exc:
                 self._failed(exc)
+                if entry.concurrency:  # Redis may still run it: release what it takes
+                    self._loose[holder] = entry.name
+                    if self._outbox is None:
+                        self._start_background()
             else:
                 self._answered()
                 if refused:
@@ -1562,14 +1579,18 @@ class RedisLimits:
         outbox = self._outbox
         while True:
             name, holder, tokens = outbox.get()
-            if not self._should_try():
-                continue  # the slot lapses within the lease; the tokens are not counted
+            if not self._should_try():  # the tokens are not counted; the slot, later
+                if holder:
+                    self._loose[holder] = name
+                continue
             try:
                 with self._lease_lock:
                     self._scripts.finish(keys=[self.key(name, "slots"), self.key(name, "tokens")],
                                          args=[holder, tokens], client=self._client)
             except self.errors as exc:
                 self._failed(exc)
+                if holder:
+                    self._loose[holder] = name
             else:
                 self._answered()
 
@@ -1580,12 +1601,13 @@ class RedisLimits:
             self._deadlines.add(self.lease_ms / 3000, self._renew_periodically)
 
     def renew(self):
-        """Renew every live slot of this process and write the last uses noted since the
-        previous call: one pipelined round trip (nothing when there is nothing to write)."""
+        """Renew every live slot of this process, release its loose ones and write the last
+        uses noted since the previous call: one pipelined round trip (nothing when there is
+        nothing to write)."""
         client = self.client()
         with self._lease_lock:
-            live = self._live.copy()
-            if not (live or self._touched) or not self._should_try():
+            live, loose = self._live.copy(), self._loose.copy()
+            if not (live or loose or self._touched) or not self._should_try():
                 return
             touched, self._touched = self._touched, {}
             touched = touched.copy()  # a request thread may still be noting a use in it
@@ -1598,6 +1620,11 @@ class RedisLimits:
                 # restarted empty no longer has it (redis-py's Pipeline.load_scripts).
                 self._scripts.renew(keys=[self.key(name, "slots")],
                                     args=[self.lease_ms] + holders, client=pipe)
+            loose_by_name = {}
+            for holder, name in loose.items():
+                loose_by_name.setdefault(name, []).append(holder)
+            for name, holders in loose_by_name.items():
+                self._scripts.release(keys=[self.key(name, "slots")], args=holders, client=pipe)
             for name, when in touched.items():
                 pipe.set(self.key(name, "last"), "%.3f" % when, ex=self.LAST_USE_TTL)
             try:
@@ -1606,6 +1633,8 @@ class RedisLimits:
                 self._failed(exc)
             else:
                 self._answered()
+                for holder in loose:
+                    self._loose.pop(holder, None)
 
     # -- the breaker --------------------------------------------------------------------------
 

@@ -118,8 +118,9 @@ def redis_server():
 
 
 def redis_config(server, tmp_path, **settings):
-    return gateway.Config(limits_backend=server.url, limits_lease=LEASE,
-                          state_file=str(tmp_path / "host.state"), **settings)
+    settings = dict({"limits_lease": LEASE}, **settings)
+    return gateway.Config(limits_backend=server.url, state_file=str(tmp_path / "host.state"),
+                          **settings)
 
 
 def limits(server, tmp_path, **settings):
@@ -689,3 +690,25 @@ def test_unlimited_keys_never_wait_on_redis(redis_server, config_dir, caplog):
         assert "unreachable (TimeoutError)" in caplog.text
     finally:
         redis_server.thaw()
+
+
+def test_a_slot_written_by_an_admit_that_timed_out_is_released(redis_server, tmp_path):
+    """Redis runs an admit script only after the client gave up (another client's slow
+    script held Redis longer than the 0.25 s timeout): the request was admitted on this
+    host, and the slot Redis wrote late is released once Redis answers again, not left to
+    block the key on every host for a whole lease."""
+    backend = limits(redis_server, tmp_path, limits_lease=60)
+    backend.BREAKER_SECONDS = 0.5  # this instance only: the test need not wait 5 s
+    busy = ("local t = redis.call('TIME') local stop = t[1] * 1e6 + t[2] + 1000000 "
+            "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] > stop return 0")
+    backend.admit(limited("warm", concurrency=1), "warm", time.time())  # connected, loaded
+    join = in_background(lambda: redis_server.client().eval(busy, 0))
+    number, deadline = 0, time.monotonic() + 5
+    while backend._down_until is None:  # until an admit call times out behind the script
+        assert time.monotonic() < deadline, "no admit call timed out"
+        number += 1
+        backend.admit(limited("slow-%d" % number, concurrency=1), "late", time.time())
+    join()
+    server, slots = redis_server.client(), "gateway:{slow-%d}:slots" % number
+    assert server.zscore(slots, "late") is not None  # Redis ran it after the timeout
+    eventually(lambda: backend.renew() or server.zscore(slots, "late") is None, timeout=5)
