@@ -1446,6 +1446,10 @@ class RedisLimits:
         self._live = {}  # holder -> key name: this process's slots in Redis
         self._away = {}  # holder -> policy: admitted while Redis was away
         self._touched = {}  # key name -> last use not yet written
+        try:  # no socket yet; a bad option fails 'gateway check' here, not every request
+            self._new_pool().make_connection()
+        except (TypeError, ValueError) as exc:  # redis-py's words never repeat the URL
+            raise ValueError("setting limits_backend: %s" % exc) from None
         # holder -> key name: a slot Redis may hold that no request of ours holds any more,
         # released with the next renewal that reaches Redis. An admit call that timed out
         # may still run in Redis (queued behind a slow command) and take a slot; a finish
@@ -1463,15 +1467,16 @@ class RedisLimits:
                     self._connect()
         return self._client
 
-    def _connect(self):
+    def _new_pool(self):
         from redis.backoff import NoBackoff
         from redis.retry import Retry
-        redis = self._redis_module
-        pool = redis.BlockingConnectionPool.from_url(
+        return self._redis_module.BlockingConnectionPool.from_url(
             self.url, max_connections=self.POOL_SIZE, timeout=self.TIMEOUT,
             socket_timeout=self.TIMEOUT, socket_connect_timeout=self.TIMEOUT,
             retry=Retry(NoBackoff(), 0))
-        client = redis.Redis(connection_pool=pool)
+
+    def _connect(self):
+        client = self._redis_module.Redis(connection_pool=self._new_pool())
         # Script: EVALSHA, and SCRIPT LOAD again when a restarted Redis answers NOSCRIPT.
         self._scripts = types.SimpleNamespace(
             admit=client.register_script(REDIS_ADMIT),

@@ -384,6 +384,20 @@ def test_config_checks_the_url_and_never_repeats_a_password():
         gateway.Config._with_environ({"limits_lease": "0.5"}, {}, "/", {})
 
 
+
+@pytest.mark.parametrize("url", ["unix://:s3cret@/run/redis.sock?db=abc",
+                                 "redis://:s3cret@localhost:6379/0?socket_timeout=soon",
+                                 "rediss://:s3cret@localhost:6379/0?colour=blue"])
+def test_an_option_redis_py_refuses_fails_the_check_not_every_request(url):
+    """redis-py reads these only when it connects: a worker would answer every request (each
+    notes its key's last use) with a 500. make_app refuses the config instead, so 'gateway
+    check' and a HUP say so first; the message never repeats the password."""
+    pytest.importorskip("redis")
+    config = gateway.Config._with_environ({"limits_backend": url}, {}, "/", {})
+    problem = gateway.boot_problem(config)
+    assert problem and problem.startswith("setting limits_backend: ")
+    assert "s3cret" not in problem
+
 # -- whole hosts: 'gateway serve' (gthread) and plain gunicorn (gevent), several workers ----------
 
 STREAM = {"model": "claude-opus-4-8", "max_tokens": 16, "stream": True,
