@@ -1419,6 +1419,7 @@ class RedisLimits:
     TIMEOUT = 0.25  # seconds to connect, to read, and to wait for a pooled connection
     POOL_SIZE = 32  # connections per worker process; calls take 0.1 ms, so few are in use
     BREAKER_SECONDS = 5
+    OWN_OPTIONS = {"socket_timeout", "socket_connect_timeout", "timeout"}  # not in the URL
     LAST_USE_TTL = 400 * 86400  # 'gateway keys list' shows 'never' after a year unused
 
     def __init__(self, config, local, deadlines, metrics=None):
@@ -1450,6 +1451,13 @@ class RedisLimits:
             self._new_pool().make_connection()
         except (TypeError, ValueError) as exc:  # redis-py's words never repeat the URL
             raise ValueError("setting limits_backend: %s" % exc) from None
+        # redis-py lets the URL's options replace the arguments of from_url: a URL copied
+        # with ?socket_timeout=5 would make every limited request wait 5 s on a frozen Redis.
+        timeouts = self.OWN_OPTIONS & set(urllib.parse.parse_qs(urllib.parse.urlsplit(
+            self.url).query))
+        if timeouts:
+            raise ValueError("setting limits_backend: remove %s from the URL: the gateway "
+                             "sets its own (%g s)" % (", ".join(sorted(timeouts)), self.TIMEOUT))
         # holder -> key name: a slot Redis may hold that no request of ours holds any more,
         # released with the next renewal that reaches Redis. An admit call that timed out
         # may still run in Redis (queued behind a slow command) and take a slot; a finish

@@ -398,6 +398,17 @@ def test_an_option_redis_py_refuses_fails_the_check_not_every_request(url):
     assert problem and problem.startswith("setting limits_backend: ")
     assert "s3cret" not in problem
 
+
+@pytest.mark.parametrize("option", ["socket_timeout=5", "socket_connect_timeout=5", "timeout=5"])
+def test_the_url_cannot_lengthen_the_quarter_second_timeouts(option):
+    """redis-py lets a URL's options override the client's arguments: these would make a
+    request wait seconds on a frozen Redis. The config is refused, saying which one."""
+    pytest.importorskip("redis")
+    config = gateway.Config._with_environ(
+        {"limits_backend": "redis://:s3cret@localhost:6379/0?" + option}, {}, "/", {})
+    problem = gateway.boot_problem(config)
+    assert problem and option.split("=")[0] in problem and "s3cret" not in problem
+
 # -- whole hosts: 'gateway serve' (gthread) and plain gunicorn (gevent), several workers ----------
 
 STREAM = {"model": "claude-opus-4-8", "max_tokens": 16, "stream": True,
