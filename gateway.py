@@ -3620,8 +3620,10 @@ def _last_use(config, names):
 
 
 def _check_limits(config):
-    """Say where the limits are kept and whether that answers; only a missing redis-py is a
-    problem (a Redis that is down is what limits_backend_down is for)."""
+    """Say where the limits are kept and whether that answers. A Redis that is down is what
+    limits_backend_down is for, so only a warning; one that answers and refuses the
+    credentials or the commands is a config to fix: a problem (a reload would put every host
+    on limits_backend_down until the next one)."""
     if not config.limits_backend:
         print("limits: per host, in %s" % config.state_path)
         return []
@@ -3634,6 +3636,12 @@ def _check_limits(config):
         version, elapsed = limits.check()
     except limits.errors as exc:
         limits.close()
+        exceptions = limits._redis_module.exceptions
+        if isinstance(exc, (exceptions.AuthenticationError, exceptions.AuthorizationError,
+                            exceptions.NoPermissionError)):
+            return ["limits backend %s refuses the gateway (%s): check the user name and "
+                    "password in limits_backend, and the user's ACL" % (where,
+                                                                        type(exc).__name__)]
         print("warning: limits backend %s does not answer (%s): until it does, %s" % (
             where, type(exc).__name__, LIMITS_DOWN_POLICIES[config.limits_backend_down]))
         return []

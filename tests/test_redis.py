@@ -409,6 +409,32 @@ def test_the_url_cannot_lengthen_the_quarter_second_timeouts(option):
     problem = gateway.boot_problem(config)
     assert problem and option.split("=")[0] in problem and "s3cret" not in problem
 
+
+def test_check_fails_on_a_wrong_password_and_only_warns_while_redis_is_down(redis_server,
+                                                                          config_dir):
+    """A Redis that answers and refuses the password will not come round by itself: 'gateway
+    check' (systemd's ExecReload) fails, so a reload keeps the config that works."""
+    redis_server.client().config_set("requirepass", "right-one")
+    ini = (config_dir / "gateway.ini").read_text()
+
+    def check(url):
+        (config_dir / "check.ini").write_text(ini.replace(
+            "[gateway]\n", "[gateway]\nlimits_backend = %s\n" % url, 1))
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "gateway"), "check",
+                               "--config", str(config_dir / "check.ini")],
+                              capture_output=True, text=True, timeout=30)
+        assert "Traceback" not in done.stderr
+        return done.returncode, done.stdout
+    socket = redis_server.socket
+    status, out = check("unix://:wrong-one@%s?db=0" % socket)
+    assert status == 1 and "refuses the gateway (AuthenticationError)" in out
+    assert "wrong-one" not in out
+    status, out = check("unix://:right-one@%s?db=0" % socket)
+    assert status == 0 and "limits: shared by every host" in out
+    redis_server.kill()
+    status, out = check("unix://:right-one@%s?db=0" % socket)
+    assert status == 0 and "does not answer" in out
+
 # -- whole hosts: 'gateway serve' (gthread) and plain gunicorn (gevent), several workers ----------
 
 STREAM = {"model": "claude-opus-4-8", "max_tokens": 16, "stream": True,
