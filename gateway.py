@@ -428,6 +428,13 @@ def _parse_setting(field, text):
         # repeated by every error and log line that names the setting's value or the path.
         raise ValueError("%s = sk-…: that is a key, not a setting (the upstream key goes in "
                          "the file that upstream_key_file names)" % field.name)
+    first, _, more = text.partition("\n")
+    if more and field.type not in ("frozenset", frozenset):  # a list may go on over lines
+        # An INI line that is indented continues the value above it, so an indented
+        # 'read_timeout = ten' under upstream_url read as part of the URL ('the port must…').
+        raise ValueError("%s = %s: the line after it is indented, which makes it part of this "
+                         "value: unindent it" % (
+                             field.name, "…" if field.name in SECRET_SETTINGS else first))
     try:
         return _parse_value(field, text)
     except ValueError as exc:

@@ -375,6 +375,11 @@ def test_config_errors_say_what_is_wrong(tmp_path, text, complaint):
      "sk-\u2026: that is a key, not a setting (the upstream key goes in the file that "
      "upstream_key_file names)"),
     (b"[gateway]\nupstream_url = sk-ant-pasted-here\n", "line 2: upstream_url = sk-\u2026: "),
+    (b"[gateway]\nupstream_url = http://127.0.0.1:8080\n  read_timeout = ten\n", "line 2: "
+     "upstream_url = http://127.0.0.1:8080: the line after it is indented, which makes it part "
+     "of this value: unindent it"),
+    (b"[gateway]\nupstream_proxy = http://u:pasted-here@proxy:3128\n\tread_timeout = 5\n", "line 2: "
+     "upstream_proxy = \u2026: the line after it is indented"),
     (b"[gateway]\nmax_body_byte = 5\n", "line 2: unknown setting max_body_byte in [gateway]"),
     (b"[models]\nclaude-x = a\nclaude-y =\n", "line 3: model claude-y maps to nothing"),
     (b"[gateway]\r\n# a \x0c form feed\r\nread_timeout = ten\r\n", "line 3: read_timeout = ten"),
@@ -388,6 +393,13 @@ def test_config_errors_name_the_file_the_line_and_the_setting(tmp_path, data, er
         gateway.Config.from_file(str(ini), environ={})
     assert str(raised.value).startswith("config %s, %s" % (ini, error))
     assert "pasted-here" not in str(raised.value)  # a key pasted in the config: never shown
+
+
+def test_a_list_setting_may_go_on_over_indented_lines(tmp_path):
+    ini = tmp_path / "gateway.ini"
+    ini.write_text("[gateway]\ntrusted_proxies = 10.0.0.1,\n    10.0.0.2\n")
+    config = gateway.Config.from_file(str(ini), environ={})
+    assert config.trusted_proxies == {"10.0.0.1", "10.0.0.2"}
 
 
 def test_config_with_a_byte_order_mark_reads_as_without():
