@@ -3581,7 +3581,11 @@ def cmd_keys_revoke(config, args):
 
 
 def cmd_keys_list(config, args):
-    _, store = load_key_file(config.keys_path)
+    text, store = load_key_file(config.keys_path)
+    fallback = _last_good_keys_note(config) if not text else None
+    if fallback:  # an empty list here is not what the workers serve
+        print("warning: key file %s is missing or empty: %s" % (config.keys_path, fallback),
+              file=sys.stderr)
     last_use = _last_use(config, [e.name for e in store.entries])
     now = time.time()
     rows = [("NAME", "MODELS", "ENABLED", "EXPIRES", "LIMITS", "LAST USE", "OLD KEY")]

@@ -344,6 +344,9 @@ def test_an_edit_never_starts_over_from_a_missing_or_empty_file_the_workers_fall
         assert "missing or empty, but the workers serve 3 key(s) from its last good copy " \
             "%s; nothing was changed" % copy in result.stderr
         assert (path.read_bytes() if path.exists() else None) == before
+        listed = run(config_dir, "list")
+        assert "warning: key file %s is missing or empty: the workers serve %s, the last " \
+            "version that parsed (3 key(s)" % (path, copy) in listed.stderr
         assert gateway.make_app(config).keys.get().find(CLIENT_KEY).name == "alice"
     subprocess.run("tail -n +2 %s > %s" % (copy, path), shell=True, check=True)  # as it says
     assert run(config_dir, "add", "dave").returncode == 0
