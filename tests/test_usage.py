@@ -234,13 +234,13 @@ def logged_line(caplog, **fields):
 def test_the_gateways_own_lines_take_the_fast_path(caplog):
     # If this fails, Exchange.log's record changed: update _access_line_pattern to match it
     # ('gateway usage' stays right without it, only slower).
-    find = gateway._access_line_pattern()
-    for fields in ({"key_name": "alice", "public_model": OPUS_8, "status": 200,
-                    "usage": {"input_tokens": 3, "output_tokens": 4}},
-                   {"key_name": "bob", "status": 529, "error": "upstream stream failed"},
-                   {"status": 401}):
-        line = logged_line(caplog, **fields)
-        assert len(find(line.encode())) == 1, line
+    for find in gateway._access_line_pattern(), gateway._access_line_pattern(backslashes=False):
+        for fields in ({"key_name": "alice", "public_model": OPUS_8, "status": 200,
+                        "usage": {"input_tokens": 3, "output_tokens": 4}},
+                       {"key_name": "bob", "status": 529, "error": "upstream stream failed"},
+                       {"status": 401}):
+            line = logged_line(caplog, **fields)
+            assert len(find(line.encode())) == 1, line
 
 
 @pytest.mark.parametrize("names", [
@@ -275,6 +275,24 @@ def test_fast_reader_agrees_with_json_on_every_kind_of_line(caplog, names):
         for start in range(0, len(lines), 700):  # chunks of whole lines
             tally.add_chunk(("\n".join(lines[start:start + 700]) + "\n").encode())
         assert tally.rows() == expected, options
+
+
+def test_a_cut_off_line_is_not_read_into_the_next(caplog):
+    # Without a backslash in the data, the fast expression reads a string up to the next
+    # quote, wherever it is: here past the end of a line cut off inside its error (a full
+    # disk, a copy taken mid-write) and into a line that ends in a quote and a brace.
+    line = logged_line(caplog, key_name="alice", public_model=OPUS_8, status=200,
+                       usage={"input_tokens": 3}, error="upstream stream failed")
+    cut = line[:line.index("stream failed")]
+    line = logged_line(caplog, key_name="alice", public_model=OPUS_8, status=200,
+                       usage={"input_tokens": 3})  # another request, whole
+    assert gateway._access_line_pattern(backslashes=False)(
+        ("%s\nfailed: see the upstream's status page\"}\n" % cut).encode())  # the trap
+    text = "%s\nfailed: see the upstream's status page\"}\n%s\n" % (cut, line)
+    tally = gateway.UsageTally()
+    tally.add_chunk(text.encode())
+    assert tally.rows() == gateway.usage_report(gateway.access_records(text.splitlines()))
+    assert tally.rows()[0]["requests"] == 1
 
 
 def test_duplicates_are_found_within_a_bounded_window():
