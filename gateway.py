@@ -1394,6 +1394,15 @@ for i = 1, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
 return 0
 """
 
+#: Last use of one key, kept if later than the stored one (hosts write theirs up to a renewal
+#: apart, in any order), as HostState does. KEYS: last. ARGV: epoch seconds, TTL in seconds.
+REDIS_LAST_USE = """
+local stored = tonumber(redis.call('GET', KEYS[1]) or 0)
+if tonumber(ARGV[1]) > stored then stored = tonumber(ARGV[1]) end
+redis.call('SET', KEYS[1], string.format('%.3f', stored), 'EX', ARGV[2])
+return 0
+"""
+
 #: Renew this process's live slots of one key. KEYS: slots. ARGV: lease in ms, holders. A
 #: plain ZADD, not ZADD XX: it puts back a live slot that a Redis restarted empty forgot, so
 #: the limit is exact again within one renewal. It cannot resurrect a finished request's slot:
@@ -1498,7 +1507,8 @@ class RedisLimits:
             admit=client.register_script(REDIS_ADMIT),
             finish=client.register_script(REDIS_FINISH),
             renew=client.register_script(REDIS_RENEW),
-            release=client.register_script(REDIS_RELEASE))
+            release=client.register_script(REDIS_RELEASE),
+            last_use=client.register_script(REDIS_LAST_USE))
         self._outbox = None
         self._live, self._away, self._touched, self._loose = {}, {}, {}, {}
         self._client = client
@@ -1647,7 +1657,8 @@ class RedisLimits:
             for name, holders in loose_by_name.items():
                 self._scripts.release(keys=[self.key(name, "slots")], args=holders, client=pipe)
             for name, when in touched.items():
-                pipe.set(self.key(name, "last"), "%.3f" % when, ex=self.LAST_USE_TTL)
+                self._scripts.last_use(keys=[self.key(name, "last")],
+                                       args=["%.3f" % when, self.LAST_USE_TTL], client=pipe)
             try:
                 pipe.execute()
             except self.errors as exc:

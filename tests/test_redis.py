@@ -300,6 +300,18 @@ def test_the_first_renewal_after_redis_lost_its_scripts_renews(redis_server, tmp
     assert server.get("gateway:{flushed}:last") is not None
 
 
+
+def test_last_use_is_the_latest_whichever_host_writes_last(redis_server, tmp_path):
+    """Each process writes the last uses it noted with its next renewal: a host that noted
+    an older use may write after one that noted a later use. The later use stays."""
+    early, late = limits(redis_server, tmp_path), limits(redis_server, tmp_path)
+    late.touch("k", 2000000000.0)
+    late.renew()
+    early.touch("k", 1900000000.0)
+    early.renew()
+    assert late.last_use(["k"]) == {"k": 2000000000.0}
+    assert 0 < redis_server.client().ttl("gateway:{k}:last") <= RedisLimits.LAST_USE_TTL
+
 @pytest.mark.parametrize("policy", ["local", "open", "closed"])
 def test_while_redis_is_down_the_policy_decides_and_says_so_once(redis_server, tmp_path,
                                                                  caplog, policy):
