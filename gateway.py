@@ -922,7 +922,7 @@ class WatchedFile:
                       self._last_good.path, describe(exc))
             return
         log.warning("%s is broken; serving %s, the last version of it that parsed (saved "
-                    "%s), until it is fixed", self.path, self._last_good.path,
+                    "%s), until it is fixed", self.path, self._last_good.readable_path(),
                     format_time(saved))
 
 
@@ -942,17 +942,27 @@ class LastGoodCopy:
     HEADER = "# gateway: the last version of %s that parsed (version %d). Do not edit.\n"
     _HEADER = re.compile(r"# gateway: the last version of (.*) that parsed \(version (\d+)\)")
 
-    def __init__(self, path, source):
+    def __init__(self, path, source, legacy=None):
+        """``legacy``: where an older release saved the copy; read while ``path`` does not
+        exist (an upgrade), never written."""
         self.path = path
         self.source = source
+        self.legacy = legacy
+
+    def readable_path(self):
+        """The copy that ``load`` reads: ``path``, else a copy under the legacy name."""
+        if self.legacy and not os.path.lexists(self.path) and os.path.lexists(self.legacy):
+            return self.legacy
+        return self.path
 
     def load(self, parse):
         """(value, epoch seconds it was saved) of the copy; FILE_ERRORS when there is none
         (or it is the copy of another file)."""
-        text = read_text(self.path)
+        path = self.readable_path()
+        text = read_text(path)
         if self._header(text.partition("\n")[0])[0] != self.source:
             raise ValueError("it is not a copy of %s" % self.source)
-        return parse(text), os.stat(self.path).st_mtime
+        return parse(text), os.stat(path).st_mtime
 
     def _header(self, line):
         """(source, version) that a copy's first line names, or (None, -1)."""
@@ -991,11 +1001,24 @@ class LastGoodCopy:
 
 
 def last_good_keys(config):
-    """Where the last client key file that parsed is kept: ``<key file's name>.last-good``
+    """Where the last client key file that parsed is kept: ``<key file's name>.<tag>.last-good``
     in the state file's directory, the one place the service itself may write (beside the
-    key file in the default layout, where the state file is)."""
-    return LastGoodCopy(os.path.join(os.path.dirname(config.state_path), os.path.basename(
-        config.keys_path) + ".last-good"), config.keys_path)
+    key file in the default layout, where the state file is).
+
+    The tag (8 hex digits of the SHA-256 of the key file's path, its directory's symlinks
+    resolved) is there because two gateways may share a state directory and a key file name
+    (/etc/gw-a/gateway.keys and /etc/gw-b/gateway.keys, state in /var/lib/gateway): under one
+    name each would overwrite the other's copy, and a worker booting on a broken key file
+    would find the other's ("not a copy of") and serve no key. The key file itself is not
+    resolved: swapping what a symlinked key file points to keeps it the same file, and its
+    copy. The name before the tag (``<key file's name>.last-good``) is still read while the
+    tagged copy does not exist, if its first line names this key file."""
+    directory = os.path.dirname(config.state_path)
+    name = os.path.basename(config.keys_path)
+    where = os.path.join(os.path.realpath(os.path.dirname(config.keys_path)), name)
+    tag = hashlib.sha256(os.fsencode(where)).hexdigest()[:8]
+    return LastGoodCopy(os.path.join(directory, "%s.%s.last-good" % (name, tag)),
+                        config.keys_path, legacy=os.path.join(directory, name + ".last-good"))
 
 
 @contextlib.contextmanager
@@ -3441,7 +3464,8 @@ def _refuse_to_start_over(config):
             "key file %s is missing or empty, but the workers serve %d key(s) from its last "
             "good copy %s; nothing was changed. Restore the copy (tail -n +2 %s > %s), or "
             "delete it to start again with no keys" % (
-                config.keys_path, served, copy.path, copy.path, config.keys_path))
+                config.keys_path, served, copy.readable_path(), copy.readable_path(),
+                config.keys_path))
 
 
 def _existing(store, name):
@@ -3753,7 +3777,8 @@ def _last_good_keys_note(config):
     except FILE_ERRORS:
         return None
     return ("the workers serve %s, the last version that parsed (%d key(s), saved %s), until "
-            "the key file is fixed" % (copy.path, len(store.entries), format_time(saved)))
+            "the key file is fixed" % (copy.readable_path(), len(store.entries),
+                                       format_time(saved)))
 
 
 def _warn_if_readable_by_others(path):

@@ -96,6 +96,13 @@ def key_line(name, key, models="*", enabled="enabled"):
     return "%s sha256:%s %s %s\n" % (name, gateway.digest_key(key).hex(), models, enabled)
 
 
+def last_good_copy(ini):
+    """Where the workers save the last good copy of the key file that config file ``ini``
+    names (its name carries a tag of the key file's path)."""
+    import pathlib
+    return pathlib.Path(gateway.last_good_keys(gateway.Config.from_file(str(ini))).path)
+
+
 @pytest.fixture
 def config_dir(tmp_path, upstream):
     """A config directory as an operator would lay it out: gateway.ini, keys, upstream.key."""

@@ -40,7 +40,7 @@ import pytest
 import requests
 
 from conftest import ANY_PORT, CLIENT_KEY, DISABLED_KEY, LIMITED_KEY, ROOT, gateway_process, \
-    in_background, key_line, missing
+    in_background, key_line, last_good_copy, missing
 from upstream import UPSTREAM_KEY, FakeUpstream, default_handler, message, refused_port, sse, \
     text_stream
 
@@ -1529,7 +1529,7 @@ def test_check_reports_key_files_as_the_workers_read_them(tmp_path, upstream):
     assert re.search(r"warning: %s is empty: the workers serve \S+last-good, the last version "
                      r"that parsed \(4 key\(s\)" % re.escape(str(tmp_path / "gateway.keys")),
                      check.stdout), check.stdout
-    os.unlink(tmp_path / "gateway.keys.last-good")
+    os.unlink(last_good_copy(ini))
     for text in ("", "# every key revoked\n", key_line("carol", DISABLED_KEY, "*", "disabled")):
         replace_atomically(tmp_path / "gateway.keys", text)
         check = run_gateway("check", "--config", str(ini))

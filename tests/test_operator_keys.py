@@ -12,7 +12,7 @@ import time
 import pytest
 
 import gateway
-from conftest import ROOT, key_line
+from conftest import ROOT, key_line, last_good_copy
 
 
 def run(config_dir, *args):
@@ -250,7 +250,7 @@ def test_a_broken_key_file_survives_hup_and_restart_on_the_last_good_copy(config
     import signal
     from conftest import ANY_PORT, CLIENT_KEY, gateway_process
     path = config_dir / "gateway.keys"
-    copy = config_dir / "gateway.keys.last-good"
+    copy = last_good_copy(config_dir / "gateway.ini")
     serve = ["serve", "--config", str(config_dir / "gateway.ini"), "--bind",
              ANY_PORT]
     hand_added = "sk-gw-test-hand-added-0123456789abcdefghij"
@@ -316,6 +316,51 @@ def test_the_last_good_copy_only_moves_forward(tmp_path):
         other.load(gateway.parse_key_file)
 
 
+def _instance(directory, state_dir, name, key):
+    """A gateway config in ``directory`` whose key file holds ``name``, state in state_dir."""
+    directory.mkdir()
+    (directory / "gateway.keys").write_text(key_line(name, key))
+    (directory / "gateway.ini").write_text("[gateway]\nstate_file = %s\n"
+                                           % (state_dir / "gateway.state"))
+    return gateway.Config.from_file(str(directory / "gateway.ini"))
+
+
+def test_two_gateways_sharing_a_state_directory_keep_their_own_copies(tmp_path):
+    """/etc/gw-a/gateway.keys and /etc/gw-b/gateway.keys, both with state in one directory:
+    each keeps its own last good copy, and a worker booting on a broken key file serves
+    its own instance's keys (one shared name: the other's copy, 'not a copy of', no keys)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    a = _instance(tmp_path / "gw-a", state, "alice", "sk-alice")
+    b = _instance(tmp_path / "gw-b", state, "bob", "sk-bob")
+    gateway.make_app(a)  # each saves its copy as it loads its key file
+    gateway.make_app(b)
+    for config, name, key in ((a, "alice", "sk-alice"), (b, "bob", "sk-bob")):
+        with open(config.keys_path, "w") as file:
+            file.write("broken\n")
+        served = gateway.make_app(config).keys.get().find(key)
+        assert served is not None and served.name == name, "%s serves no key" % config.keys_path
+
+
+def test_a_copy_under_the_name_before_the_tag_is_still_served(config_dir, caplog):
+    """An upgrade: the copy an older release saved as gateway.keys.last-good is served while
+    there is no tagged one, if it is a copy of this key file."""
+    from conftest import CLIENT_KEY
+    config = gateway.Config.from_file(str(config_dir / "gateway.ini"))
+    old = config_dir / "gateway.keys.last-good"
+    text = (config_dir / "gateway.keys").read_text()
+    old.write_text(gateway.LastGoodCopy.HEADER % (config.keys_path, 1) + text)
+    (config_dir / "gateway.keys").write_text("broken\n")
+    assert gateway.make_app(config).keys.get().find(CLIENT_KEY).name == "alice"
+    assert "is broken; serving %s" % old in caplog.text
+    assert not last_good_copy(config_dir / "gateway.ini").exists()
+    old.write_text(gateway.LastGoodCopy.HEADER % ("/etc/gw-b/gateway.keys", 1) + text)
+    assert gateway.make_app(config).keys.get().find(CLIENT_KEY) is None  # another file's
+    (config_dir / "gateway.keys").write_text(text)  # fixed: saved under the tagged name
+    gateway.make_app(config)
+    assert last_good_copy(config_dir / "gateway.ini").read_text().endswith(text)
+
+
 def test_a_worker_booting_on_a_broken_file_uses_the_copy_and_says_so(config_dir, caplog):
     config = gateway.Config.from_file(str(config_dir / "gateway.ini"))
     gateway.make_app(config)  # loads the key file, so saves its copy
@@ -323,7 +368,7 @@ def test_a_worker_booting_on_a_broken_file_uses_the_copy_and_says_so(config_dir,
     app = gateway.make_app(config)
     from conftest import CLIENT_KEY
     assert app.keys.get().find(CLIENT_KEY).name == "alice"
-    assert "is broken; serving %s" % (config_dir / "gateway.keys.last-good") in caplog.text
+    assert "is broken; serving %s" % last_good_copy(config_dir / "gateway.ini") in caplog.text
     os.unlink(config_dir / "gateway.keys")  # missing at boot: the same
     assert gateway.make_app(config).keys.get().find(CLIENT_KEY).name == "alice"
 
@@ -335,7 +380,7 @@ def test_an_edit_never_starts_over_from_a_missing_or_empty_file_the_workers_fall
     from conftest import CLIENT_KEY
     config = gateway.Config.from_file(str(config_dir / "gateway.ini"))
     gateway.make_app(config)  # a worker loads the file: its last good copy is saved
-    path, copy = config_dir / "gateway.keys", config_dir / "gateway.keys.last-good"
+    path, copy = config_dir / "gateway.keys", last_good_copy(config_dir / "gateway.ini")
     for breakage in (lambda: path.write_text(""), path.unlink):
         breakage()
         before = path.read_bytes() if path.exists() else None
@@ -377,11 +422,11 @@ def _as_the_service_user(directory, nobody):
     (directory / "gateway.keys").write_text(key_line("alice", "sk-a"))
     for path in (directory, directory / "gateway.ini", directory / "gateway.keys"):
         os.chown(path, nobody, nobody)
-    for lock in ("gateway.keys.lock", "gateway.keys.last-good.lock"):
-        (directory / lock).write_text("")  # root's, mode 0644
+    copy = last_good_copy(directory / "gateway.ini")
+    for lock in (directory / "gateway.keys.lock", copy.with_name(copy.name + ".lock")):
+        lock.write_text("")  # root's, mode 0644
     os.chmod(directory, 0o755)
     config = gateway.Config.from_file(str(directory / "gateway.ini"))
-    copy = directory / "gateway.keys.last-good"
 
     def add(name):
         gateway.edit_key_file(config, lambda store: store.replace(
