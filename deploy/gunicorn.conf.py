@@ -179,8 +179,14 @@ def post_worker_init(worker):
     hardly contend for it) and calls malloc_trim(3) once a second has passed since its last
     request ended or idle thread exited (post_request and the thread pool note when): a
     trim of a quiet heap costs well under a millisecond, and busy workers never pay it.
+    Before the trim, a full garbage collection: what a request leaves in reference cycles
+    (the 5 MB bodies' memory among it) is otherwise freed only by a later collection, which a
+    quiet worker seldom reaches, so the trim found nothing to give back. Measured with
+    tests/worker_memory.py: after the benchmark's load the worker kept 7.7 MB more than idle
+    without it, 4.2-4.9 MB with it; a full collection of a worker's heap takes about 4 ms.
     glibc only; elsewhere nothing changes."""
     import ctypes
+    import gc
     import threading
     import time
     worker.gateway_active_at = None
@@ -197,6 +203,7 @@ def post_worker_init(worker):
             seen = worker.gateway_active_at
             if seen is not None and time.monotonic() - seen >= 1:
                 worker.gateway_active_at = None
+                gc.collect()  # cycles first, or their memory is not free to trim
                 trim(0)
 
     threading.Thread(target=trim_when_quiet, name="malloc-trim", daemon=True).start()
