@@ -3699,6 +3699,94 @@ def _check_limits(config):
     return []
 
 
+def state_file_problems(config):
+    """(directory problem, file problem) the workers would meet with ``state_file``, each None
+    when there is none. Its directory must take new files: the state file and SQLite's -wal
+    and -shm beside it, the key file's last good copy and its lock. The file, when it exists,
+    must be a SQLite database (or empty) that they may read and write.
+
+    Nothing is written to find out. 'gateway check' also runs as root (by hand, from an
+    install script) while the workers run as the service user, and a probe file, state file
+    or -shm file that root made would stay root's, mode 0600 under the unit's UMask: the
+    workers could not open it, the very failure looked for here. So the kernel is asked
+    instead (``os.access`` with the effective ids: no file made), and an existing state file
+    is only opened read-only for its first bytes. Run as the service user (as the unit's
+    ExecReload runs it) the answers are the workers'; root may write almost anywhere, so as
+    root only a missing directory, a read-only mount or a file of the wrong kind shows."""
+    path = config.state_path
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        return ("directory %s %s" % (directory, "is not a directory" if os.path.lexists(
+            directory) else "does not exist"), None)
+    if not _may(directory, os.W_OK | os.X_OK):
+        return "directory %s is not writable by %s" % (directory, _user()), None
+    if not os.path.basename(path):
+        return None, "%r names no file" % config.state_file
+    if not os.path.lexists(path):
+        return None, None  # the first worker to count a request makes it
+    if os.path.isdir(path):
+        return None, "%s is a directory" % path
+    if not os.path.isfile(path):
+        return None, "%s is not a regular file" % path
+    for name in (path, path + "-wal", path + "-shm"):
+        if os.path.lexists(name) and not _may(name, os.R_OK | os.W_OK):
+            return None, "%s is not readable and writable by %s" % (name, _user())
+    try:
+        with open(path, "rb") as file:
+            head = file.read(16)
+    except OSError as exc:
+        return None, "%s: %s" % (path, describe(exc))
+    if head and head != b"SQLite format 3\x00":  # an empty file becomes a new database
+        return None, "%s is not a SQLite database" % path
+    return None, None
+
+
+def _may(path, mode):
+    return os.access(path, mode, effective_ids=os.access in os.supports_effective_ids)
+
+
+def _user():
+    import pwd  # here, not at the top: POSIX only, like fcntl
+    try:
+        return "user %s" % pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return "uid %d" % os.geteuid()
+
+
+def _check_state_file(config, store, serving):
+    """Report ``state_file`` as the workers would meet it. A directory they cannot write is a
+    problem whatever the keys: the key file's last good copy is saved there, and without it
+    a worker that starts while the key file is broken refuses every key. A state file they
+    cannot use (the directory being fine) costs limits and last use; it is a problem when
+    keys have limits that this host enforces (the workers serve them unlimited, logging
+    'limits not enforced' on each request), else a warning. 'gateway serve' starts anyway,
+    loudly, as the workers serve every valid key: a restart must not take the service down
+    for what a reload's check would have refused."""
+    directory_problem, file_problem = state_file_problems(config)
+    limited = sum(1 for entry in store.entries if entry.limited) if store else 0
+    away = " while limits_backend is away" if config.limits_backend else ""
+    if directory_problem:
+        problem = ("state_file %s: %s: the workers cannot save the key file's last good copy "
+                   "there (a worker that starts while the key file is broken will refuse "
+                   "every key), nor keep per-key limits%s" % (config.state_path,
+                                                              directory_problem, away))
+    elif file_problem and limited and (not config.limits_backend
+                                       or config.limits_backend_down == "local"):
+        problem = ("state_file: %s: the workers serve the %d key(s) with limits without "
+                   "enforcing them%s (they log 'limits not enforced')" % (file_problem,
+                                                                          limited, away))
+    elif file_problem:
+        print("warning: state_file: %s: the workers cannot record last use%s ('gateway keys "
+              "list' shows 'never')" % (file_problem, away))
+        return []
+    else:
+        return []
+    if serving:
+        print("WARNING: %s\nWARNING: starting anyway: every valid key is served" % problem)
+        return []
+    return [problem]
+
+
 def cmd_check(config, args):
     """Validate what the gateway will run with and say what was found; exit 1 on a problem."""
     problems = []
@@ -3708,6 +3796,7 @@ def cmd_check(config, args):
     problem = boot_problem(config)
     if problem:
         problems.append("a worker cannot start with this config: %s" % problem)
+    store = None
     try:
         store = parse_key_file(read_text(config.keys_path, empty_ok=True))  # as for 'keys'
         enabled = sum(1 for e in store.entries if e.enabled)
@@ -3759,6 +3848,7 @@ def cmd_check(config, args):
         except FILE_ERRORS as exc:
             problems.append("upstream_ca_file %s: %s" % (path, describe(exc)))
     problems += _check_limits(config)
+    problems += _check_state_file(config, store, getattr(args, "command", None) == "serve")
     if config.metrics:
         problems += _check_metrics(config)
     if getattr(args, "online", False) and not problems:

@@ -30,6 +30,7 @@ import select
 import shlex
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -38,6 +39,8 @@ import time
 
 import pytest
 import requests
+
+import gateway
 
 from conftest import ANY_PORT, CLIENT_KEY, DISABLED_KEY, LIMITED_KEY, ROOT, gateway_process, \
     in_background, key_line, last_good_copy, missing
@@ -1539,6 +1542,99 @@ def test_check_reports_key_files_as_the_workers_read_them(tmp_path, upstream):
         assert "readable by group" not in check.stdout
     replace_atomically(tmp_path / "gateway.keys", key_line("alice", CLIENT_KEY))
     assert "will be refused" not in run_gateway("check", "--config", str(ini)).stdout
+
+
+@pytest.mark.parametrize("state_file, complaint", [
+    ("missing/gateway.state", "directory {dir}/missing does not exist"),
+    ("upstream.key/gateway.state", "directory {dir}/upstream.key is not a directory"),
+])
+def test_check_fails_on_a_state_directory_the_workers_cannot_write(tmp_path, upstream,
+                                                                   state_file, complaint):
+    """The key file's last good copy is saved in state_file's directory: without it, a worker
+    that boots on a broken key file refuses every key, whatever the limits."""
+    ini = write_config(tmp_path, upstream.url, state_file=state_file)
+    check = run_gateway("check", "--config", str(ini))
+    assert check.returncode == 1, check.stdout
+    assert "problem: state_file %s: %s: the workers cannot save the key file's last good " \
+        "copy there" % (tmp_path / state_file, complaint.format(dir=tmp_path)) in check.stdout
+    # 'gateway serve' starts anyway, loudly: the workers serve every valid key meanwhile.
+    serve = ["serve", "--config", str(ini), "--bind", ANY_PORT]
+    with gateway_process(serve, tmp_path / "serve.log") as (process, url):
+        log = (tmp_path / "serve.log").read_text()
+        assert "WARNING: state_file %s: %s" % (tmp_path / state_file, complaint.format(
+            dir=tmp_path)) in log
+        assert "WARNING: starting anyway: every valid key is served" in log
+        assert status_of(collections.namedtuple("Rig", "url")(url), CLIENT_KEY) == 200
+
+
+@pytest.mark.parametrize("state_file, complaint", [
+    ("", "state_file: '' names no file"),
+    ("states", "state_file: {dir}/states is a directory"),
+    ("upstream.key", "state_file: {dir}/upstream.key is not a SQLite database"),
+])
+def test_check_reports_a_state_file_the_workers_cannot_use(tmp_path, upstream, state_file,
+                                                           complaint):
+    """Workers serve on without it, logging 'limits not enforced' for each limited request:
+    a problem when keys have limits, else a warning (last use goes unrecorded)."""
+    (tmp_path / "states").mkdir()
+    ini = write_config(tmp_path, upstream.url, state_file=state_file)
+    complaint = complaint.format(dir=tmp_path)
+    check = run_gateway("check", "--config", str(ini))
+    assert check.returncode == 0, check.stdout
+    assert "warning: %s: the workers cannot record last use" % complaint in check.stdout
+    with open(tmp_path / "gateway.keys", "a") as file:
+        file.write(key_line("frank", FRANK_KEY).replace("\n", " rpm=2\n"))
+    check = run_gateway("check", "--config", str(ini))
+    assert check.returncode == 1, check.stdout
+    assert "problem: %s: the workers serve the 1 key(s) with limits without enforcing them " \
+        "(they log 'limits not enforced')" % complaint in check.stdout
+    state = gateway.HostState(gateway.Config.from_file(str(ini)).state_path)
+    with pytest.raises((sqlite3.Error, OSError)):  # what the workers meet
+        state._connect()
+
+
+def test_check_creates_no_state_file(tmp_path, upstream):
+    """Root runs 'gateway check' too: a state file (or -wal, -shm) it made would be root's,
+    and lock the service user's workers out of it. Check only looks."""
+    (tmp_path / "state").mkdir()
+    ini = write_config(tmp_path, upstream.url, state_file="state/gateway.state")
+    assert run_gateway("check", "--config", str(ini)).returncode == 0
+    assert not [name for name in os.listdir(tmp_path / "state") if "gateway.state" in name]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make files another user owns")
+def test_check_judges_the_state_file_as_the_user_running_it():
+    """Under the unit's ExecReload, check runs as the service user: a directory or state
+    file that user may not write is reported as the workers meet it. (In process, with the
+    effective uid switched, like the lock-file test in test_operator_keys.py.)"""
+    import pathlib
+    import shutil
+    import tempfile
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="gateway-state-"))
+    nobody = 65534
+    try:
+        os.chmod(directory, 0o755)  # root's: others may enter, not write
+        (directory / "writable").mkdir()
+        os.chown(directory / "writable", nobody, nobody)
+        (directory / "writable" / "gateway.state").write_bytes(b"")  # root's, mode 0644
+        unwritable = {"": "directory %s is not writable by " % directory,
+                      "writable": "%s is not readable and writable by " % (
+                          directory / "writable" / "gateway.state")}
+        for where, complaint in unwritable.items():
+            config = gateway.Config(state_file=str(directory / where / "gateway.state"))
+            assert gateway.state_file_problems(config) == (None, None)  # root may
+            os.setegid(nobody)
+            os.seteuid(nobody)
+            try:
+                problems = gateway.state_file_problems(config)
+                with pytest.raises((sqlite3.Error, OSError)):  # what the workers meet
+                    gateway.HostState(config.state_path)._connect()
+            finally:
+                os.seteuid(0)
+                os.setegid(0)
+            assert complaint in " ".join(p for p in problems if p), problems
+    finally:
+        shutil.rmtree(directory)
 
 
 def hup_and_wait(process, log_path, text, count=1):
