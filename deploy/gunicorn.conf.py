@@ -183,7 +183,7 @@ def post_worker_init(worker):
     (the 5 MB bodies' memory among it) is otherwise freed only by a later collection, which a
     quiet worker seldom reaches, so the trim found nothing to give back. Measured with
     tests/worker_memory.py: after the benchmark's load the worker kept 7.7 MB more than idle
-    without it, 4.2-4.9 MB with it; a full collection of a worker's heap takes about 4 ms.
+    without it, 4.2-5.1 MB with it; a full collection of a worker's heap takes about 4 ms.
     glibc only; elsewhere nothing changes."""
     import ctypes
     import gc

@@ -9,9 +9,10 @@ the worker writes a snapshot ("idle"); then come the 200 slow streams and 3 s of
 8 s of settling (RSS sampled every 0.5 s; the benchmark reads its "after load" row at 3 s),
 and a second snapshot. Printed: the worker's RSS at both points and as it settles, its RSS by
 kind of mapping, what Python objects still hold that they did not hold idle (the largest
-growths by traceback). RSS growth that no Python object holds is memory Python freed but the
-allocator kept: CPython's 1 MB object arenas, each kept while any object in it lives, and
-glibc's heap. docs/performance.md quotes its output.
+growths by traceback). RSS growth that no Python object holds is memory Python freed but an
+allocator kept: CPython's 1 MB object arenas (anonymous mappings), each kept while any object
+in it lives, and glibc's heap. (sys._debugmallocstats() would count the arenas, but it
+reports nothing while tracemalloc is on.) docs/performance.md quotes its output.
 """
 import argparse
 import contextlib
@@ -63,20 +64,16 @@ def rss_mb(pid):
 
 
 def mappings_mb(pid):
-    """The process's RSS by kind of mapping (/proc/<pid>/smaps): glibc's main heap, anonymous
-    mappings by size (8 MB + 4 KB: a thread's stack; 1 MB: CPython's object arenas; 64 MB:
-    a glibc arena of another thread), and files (code, shared libraries)."""
+    """The process's RSS by kind of mapping (/proc/<pid>/smaps): glibc's main heap
+    ("[heap]"), anonymous mappings (CPython's arenas, thread stacks, big blocks; the kernel
+    merges neighbouring ones, so their sizes do not tell them apart), files (code, libraries)."""
     kinds, kind = {}, None
     with open("/proc/%d/smaps" % pid) as file:
         for line in file:
             fields = line.split()
             if "-" in fields[0] and not fields[0].endswith(":"):
-                start, end = (int(part, 16) for part in fields[0].split("-"))
-                size = (end - start) // 1024
                 name = fields[5] if len(fields) > 5 else ""
-                kind = (name if name.startswith("[") else "files" if name
-                        else "anonymous %d KB" % size if size in (1024, 8196, 8192, 65536)
-                        else "anonymous, other sizes")
+                kind = name if name.startswith("[") else "files" if name else "anonymous"
             elif fields[0] == "Rss:":
                 kinds[kind] = kinds.get(kind, 0) + int(fields[1]) / 1024
     return kinds
