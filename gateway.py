@@ -4146,10 +4146,12 @@ class UsageTally:
         # chunk, and only the columns the report needs are read.
         for group, members in self._pending.items():
             group = group if isinstance(group, tuple) else (group,)
-            failed = _failures(members)
-            self._add(tuple(part.decode("utf-8") or "-" for part in group), len(members),
-                      failed, [sum(map(int, filter(None, map(column, members))))
-                               for column in self._token_columns])
+            # "replace", as access_records reads a line: a byte that is not UTF-8 (a damaged
+            # log) names the same row either way, and is no reason to stop the report.
+            names = tuple(part.decode("utf-8", "replace") or "-" for part in group)
+            self._add(names, len(members), _failures(members),
+                      [sum(map(int, filter(None, map(column, members))))
+                       for column in self._token_columns])
         self._pending, self._pending_count = collections.defaultdict(list), 0
 
     def _seen(self, request_id):

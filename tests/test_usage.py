@@ -295,6 +295,16 @@ def test_a_cut_off_line_is_not_read_into_the_next(caplog):
     assert tally.rows()[0]["requests"] == 1
 
 
+def test_a_name_that_is_not_utf8_is_read_as_json_reads_it(caplog):
+    line = logged_line(caplog, key_name="alice", public_model=OPUS_8, status=200,
+                       usage={"input_tokens": 3}).encode()
+    line = line.replace(b'"alice"', b'"al\xffice"')  # a damaged byte
+    tally = gateway.UsageTally()
+    tally.add_chunk(line + b"\n")
+    expected = gateway.usage_report(gateway.access_records([line.decode("utf-8", "replace")]))
+    assert tally.rows() == expected and expected[0]["key"] == "al\ufffdice"
+
+
 def test_duplicates_are_found_within_a_bounded_window():
     def report(ids):
         tally = gateway.UsageTally(window=4)
