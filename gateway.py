@@ -37,7 +37,6 @@ import logging
 import math
 import operator
 import os
-import queue
 import re
 import secrets
 import select
@@ -1445,9 +1444,10 @@ class RedisLimits:
 
     Same calls, order and messages as ``HostState``; exact across any number of hosts and
     workers. A limited request costs one round trip before it is forwarded (the admit
-    script) and one after it completes, sent by a background thread so that the client does
-    not wait for it. Unlimited keys' requests never wait on Redis: last use is noted in memory
-    and written with the lease renewal, every ``limits_lease / 3`` seconds per process.
+    script) and, when it holds a slot or counts tokens, one once its response is complete
+    (the finish script, made when the server closes the response: the client has its answer
+    already). Unlimited keys' requests never wait on Redis: last use is noted in memory and
+    written with the lease renewal, every ``limits_lease / 3`` seconds per process.
 
     While Redis cannot be reached (an error or a 0.25 s timeout, then nothing for
     BREAKER_SECONDS), ``limits_backend_down`` decides: ``local`` applies the limits per host in
@@ -1481,8 +1481,9 @@ class RedisLimits:
         # Held from a renewal's look at the live slots until its call is done, and around
         # each release's call: a release is never overtaken by a renewal that re-adds it.
         self._lease_lock = threading.Lock()
-        self._pid = None  # the process the client, the outbox and the renewal belong to
-        self._client = self._scripts = self._outbox = None
+        self._pid = None  # the process the client and the renewal belong to
+        self._client = self._scripts = None
+        self._renewing = False  # the periodic renewal is scheduled in this process
         self._down_until = None  # time.monotonic() before which Redis is not tried
         self._live = {}  # holder -> key name: this process's slots in Redis
         self._away = {}  # holder -> policy: admitted while Redis was away
@@ -1532,19 +1533,17 @@ class RedisLimits:
             renew=client.register_script(REDIS_RENEW),
             release=client.register_script(REDIS_RELEASE),
             last_use=client.register_script(REDIS_LAST_USE))
-        self._outbox = None
+        self._renewing = False
         self._live, self._away, self._touched, self._loose = {}, {}, {}, {}
         self._client = client
         self._pid = os.getpid()
 
-    def _start_background(self):
-        """The thread that sends finish calls and the periodic renewal, on first need in
-        this process (never in a command that only asks Redis a question)."""
+    def _start_renewing(self):
+        """Schedule the periodic renewal, on first need in this process (never in a command
+        that only asks Redis a question)."""
         with self._lock:
-            if self._outbox is None:
-                self._outbox = queue.Queue()
-                threading.Thread(target=self._send_finishes, name="gateway-limits",
-                                 daemon=True).start()
+            if not self._renewing:
+                self._renewing = True
                 self._deadlines.add(self.lease_ms / 3000, self._renew_periodically)
 
     def close(self):
@@ -1572,16 +1571,16 @@ class RedisLimits:
                 self._failed(exc)
                 if entry.concurrency:  # Redis may still run it: release what it takes
                     self._loose[holder] = entry.name
-                    if self._outbox is None:
-                        self._start_background()
+                    if not self._renewing:
+                        self._start_renewing()
             else:
                 self._answered()
                 if refused:
                     raise limit_refusal(entry, LIMIT_REFUSALS[refused - 1][0], wait_ms / 1000)
                 if entry.concurrency:
                     self._live[holder] = entry.name
-                    if self._outbox is None:
-                        self._start_background()
+                    if not self._renewing:
+                        self._start_renewing()
                 return
         self._admit_away(entry, holder, now)
 
@@ -1597,8 +1596,11 @@ class RedisLimits:
             self.metrics.limits_admitted_away.labels(self.down_policy).inc()
 
     def finish(self, entry, holder, tokens, now):
-        """Free the slot and count the tokens: one call, sent by this process's background
-        thread (the client has its answer already, or gets it without waiting for Redis)."""
+        """Free the slot and count the tokens: one call, made as the response is closed.
+
+        Not handed to a background thread: a client that sends its next request as soon as
+        it has read the answer (a script, an agent's loop) must find the slot free, or a key
+        with ``concurrency = 1`` would be refused for a request it no longer has in flight."""
         policy = self._away.pop(holder, None)
         if policy == "local":
             self.local.finish(entry, holder, tokens, now)
@@ -1606,16 +1608,13 @@ class RedisLimits:
         tokens = tokens if entry.tokens_per_day else 0
         held = self._live.pop(holder, None) is not None
         if policy is None and (held or tokens):
-            self.client()
-            if self._outbox is None:
-                self._start_background()
-            self._outbox.put((entry.name, holder if held else "", tokens))
+            self._send_finish(entry.name, holder if held else "", tokens)
 
     def touch(self, name, now):
         """Note that ``name`` was used; written with the next renewal, not on this request."""
         self.client()
-        if self._outbox is None:
-            self._start_background()
+        if not self._renewing:
+            self._start_renewing()
         self._touched[name] = now
 
     def last_use(self, names):
@@ -1626,27 +1625,23 @@ class RedisLimits:
         return {name: float(value) for name, value in zip(names, pipe.execute())
                 if value is not None}
 
-    # -- background work: releases, renewals, last use ----------------------------------------
+    def _send_finish(self, name, holder, tokens):
+        if not self._should_try():  # the tokens are not counted; the slot, later
+            if holder:
+                self._loose[holder] = name
+            return
+        try:
+            with self._lease_lock:
+                self._scripts.finish(keys=[self.key(name, "slots"), self.key(name, "tokens")],
+                                     args=[holder, tokens], client=self.client())
+        except self.errors as exc:
+            self._failed(exc)
+            if holder:
+                self._loose[holder] = name
+        else:
+            self._answered()
 
-    def _send_finishes(self):
-        """The background thread that sends finish calls, in order, one at a time."""
-        outbox = self._outbox
-        while True:
-            name, holder, tokens = outbox.get()
-            if not self._should_try():  # the tokens are not counted; the slot, later
-                if holder:
-                    self._loose[holder] = name
-                continue
-            try:
-                with self._lease_lock:
-                    self._scripts.finish(keys=[self.key(name, "slots"), self.key(name, "tokens")],
-                                         args=[holder, tokens], client=self._client)
-            except self.errors as exc:
-                self._failed(exc)
-                if holder:
-                    self._loose[holder] = name
-            else:
-                self._answered()
+    # -- periodic work: renewals, loose slots, last use -----------------------------------------
 
     def _renew_periodically(self):
         try:
