@@ -241,3 +241,17 @@ def test_api_reference_names_the_headers_and_fields_the_code_passes():
                 + gateway.RELAYED_PREFIXES])
     missing = sorted(name for name in named if name not in text)
     assert not missing, "docs/api.md does not name " + ", ".join(missing)
+
+
+def test_installation_names_every_test_requirement():
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(ROOT, "setup.cfg"))
+    names = {re.split(r"[<>=\[]", line.strip())[0]
+             for line in parser["options.extras_require"]["test"].split("\n") if line.strip()}
+    row = re.search(r"^\| `test` \|.*$", read("docs/installation.md"), re.M).group(0)
+    others = {name for extra in parser["options.extras_require"] if extra != "test"
+              for name in [re.split(r"[<>=\[]", line.strip())[0] for line in
+                           parser["options.extras_require"][extra].split("\n") if line.strip()]}
+    others |= set(parser["options.extras_require"])  # 'gevent' is the gevent extra's
+    unnamed = sorted(name for name in names - others if "`%s`" % name not in row)
+    assert not unnamed, "docs/installation.md's test row does not name " + ", ".join(unnamed)
