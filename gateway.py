@@ -1485,6 +1485,7 @@ class RedisLimits:
         self._client = self._scripts = None
         self._renewing = False  # the periodic renewal is scheduled in this process
         self._down_until = None  # time.monotonic() before which Redis is not tried
+        self._opened_at = 0.0  # time.monotonic() when the breaker last opened
         self._live = {}  # holder -> key name: this process's slots in Redis
         self._away = {}  # holder -> policy: admitted while Redis was away
         self._touched = {}  # key name -> last use not yet written
@@ -1561,6 +1562,7 @@ class RedisLimits:
         Redis is away, ``limits_backend_down`` decides."""
         client = self.client()
         if self._should_try():
+            started = time.monotonic()
             try:
                 refused, wait_ms = self._scripts.admit(
                     keys=[self.key(entry.name, "tokens"), self.key(entry.name, "slots"),
@@ -1574,7 +1576,7 @@ class RedisLimits:
                     if not self._renewing:
                         self._start_renewing()
             else:
-                self._answered()
+                self._answered(started)
                 if refused:
                     raise limit_refusal(entry, LIMIT_REFUSALS[refused - 1][0], wait_ms / 1000)
                 if entry.concurrency:
@@ -1630,6 +1632,7 @@ class RedisLimits:
             if holder:
                 self._loose[holder] = name
             return
+        started = time.monotonic()
         try:
             with self._lease_lock:
                 self._scripts.finish(keys=[self.key(name, "slots"), self.key(name, "tokens")],
@@ -1639,7 +1642,7 @@ class RedisLimits:
             if holder:
                 self._loose[holder] = name
         else:
-            self._answered()
+            self._answered(started)
 
     # -- periodic work: renewals, loose slots, last use -----------------------------------------
 
@@ -1677,12 +1680,13 @@ class RedisLimits:
             for name, when in touched.items():
                 self._scripts.last_use(keys=[self.key(name, "last")],
                                        args=["%.3f" % when, self.LAST_USE_TTL], client=pipe)
+            started = time.monotonic()
             try:
                 pipe.execute()
             except self.errors as exc:
                 self._failed(exc)
             else:
-                self._answered()
+                self._answered(started)
                 for holder in loose:
                     self._loose.pop(holder, None)
 
@@ -1706,17 +1710,24 @@ class RedisLimits:
         with self._lock:
             was_up = self._down_until is None
             self._down_until = time.monotonic() + self.BREAKER_SECONDS
+            if was_up:
+                self._opened_at = time.monotonic()
         if was_up:
             log.error("limits backend %s unreachable (%s): until it answers, %s", self.where,
                       type(exc).__name__, LIMITS_DOWN_POLICIES[self.down_policy])
 
-    def _answered(self):
+    def _answered(self, started):
+        """A call begun at ``started`` (time.monotonic()) was answered. One begun before the
+        breaker opened says nothing about Redis now: a request that got its answer just
+        before an outage must not close the breaker (and log 'answers again') behind the
+        call that found Redis gone."""
         if self._down_until is None:
             return
         with self._lock:
-            was_down = self._down_until is not None
-            self._down_until = None
-        if was_down:
+            recovered = self._down_until is not None and started >= self._opened_at
+            if recovered:
+                self._down_until = None
+        if recovered:
             log.warning("limits backend %s answers again: limits are shared by every host "
                         "again", self.where)
 

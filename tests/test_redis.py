@@ -341,6 +341,18 @@ def test_while_redis_is_down_the_policy_decides_and_says_so_once(redis_server, t
     assert "answers again" in caplog.text
 
 
+def test_an_answer_to_a_call_begun_before_an_outage_keeps_the_breaker_open(redis_server,
+                                                                          tmp_path, caplog):
+    backend = limits(redis_server, tmp_path)
+    before = time.monotonic()
+    backend._failed(ConnectionError("gone"))  # another thread's call found Redis gone
+    backend._answered(before)  # this thread's call, sent earlier, had its answer
+    assert not backend._should_try()
+    assert "answers again" not in caplog.text
+    backend._answered(time.monotonic())  # a call begun since: Redis is back
+    assert backend._should_try() and "answers again" in caplog.text
+
+
 def test_a_frozen_redis_costs_a_request_at_most_a_quarter_second(redis_server, tmp_path):
     backend = limits(redis_server, tmp_path)
     entry = limited("frozen", rpm=100, concurrency=100)
