@@ -29,7 +29,7 @@ import requests
 import gateway
 from conftest import ANY_PORT, CLIENT_KEY, ROOT, auth, gateway_process, listening_url, \
     missing, required, server_process
-from upstream import UPSTREAM_KEY, refused_port, text_stream
+from upstream import refused_port, text_stream
 
 DEPLOY = os.path.join(ROOT, "deploy")
 SITE_NAME = "gateway.example.com"  # deploy/nginx.conf's server_name

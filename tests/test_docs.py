@@ -17,7 +17,7 @@ import webtest
 
 import gateway
 import docs_config
-from conftest import LISTENING, ROOT, auth, missing, server_process
+from conftest import ROOT, auth, missing
 from upstream import UPSTREAM_KEY
 
 BODY = {"model": "claude-opus-4-8", "max_tokens": 16,

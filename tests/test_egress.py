@@ -20,7 +20,7 @@ trustme = pytest.importorskip("trustme")
 import gateway  # noqa: E402
 from conftest import CLIENT_KEY, required, server_process  # noqa: E402
 from test_streaming import STREAM, call  # noqa: E402
-from test_tls import BODY, post, tls_app  # noqa: E402
+from test_tls import post, tls_app  # noqa: E402
 from upstream import UPSTREAM_KEY, FakeUpstream, text_stream, tls_server  # noqa: E402
 
 WAIT = 10
