@@ -3970,10 +3970,14 @@ def _x509_name(name):
 
 
 def _without_password(url):
+    # Rebuilt from its parts: replacing the password's text wherever it first occurs
+    # masked the user name or the scheme instead when the password is a part of them.
     parts = urllib.parse.urlsplit(url)
     if parts.password is None:
         return url
-    return url.replace(parts.password, "***", 1)
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    user = userinfo.partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc="%s:***@%s" % (user, hostport)))
 
 
 def _check_metrics(config):

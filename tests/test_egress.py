@@ -231,6 +231,19 @@ def test_a_proxy_that_refuses_is_a_502_naming_no_secret(tmp_path, ca, tls_upstre
     assert "proxy-password" not in repr(app.config)
 
 
+def test_check_online_masks_a_proxy_password_that_is_part_of_the_user_name(tmp_path, ca,
+                                                                             tls_upstream, capsys):
+    listener = socket.create_server(("127.0.0.1", 0))  # closed at once: connections refused
+    port = listener.getsockname()[1]
+    listener.close()
+    tls_app(tmp_path, tls_upstream.url, ca,
+            upstream_proxy="http://s3cr3t-user:s3cr3t@127.0.0.1:%d" % port)
+    assert gateway.main(["check", "--config", str(tmp_path / "gateway.ini"), "--online"]) == 1
+    out, err = capsys.readouterr()
+    assert "through proxy http://s3cr3t-user:***@127.0.0.1:%d" % port in out
+    assert "s3cr3t@" not in out + err and "connection refused" in out + err
+
+
 def test_check_online_goes_through_the_proxy(tmp_path, ca, tls_upstream, proxy, capsys):
     tls_app(tmp_path, tls_upstream.url, ca, upstream_proxy=proxy.url)  # writes the files
     assert gateway.main(["check", "--config", str(tmp_path / "gateway.ini"), "--online"]) == 0
