@@ -3293,6 +3293,10 @@ def upstream_failure(exc, config):
                 cause = "connection refused"
             elif isinstance(error, ConnectionResetError):
                 cause = "connection reset"
+            elif isinstance(error, OSError) and str(error).startswith("Tunnel connection failed"):
+                # The proxy's answer to CONNECT (http.client's _tunnel): a 407 (tinyproxy: 401) means the
+                # upstream_proxy credentials, not the upstream, were refused.
+                cause = "CONNECT answered %s" % str(error).split(": ", 1)[-1][:80]
             elif isinstance(error, OSError) and error.strerror:
                 cause = error.strerror
             else:

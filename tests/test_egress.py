@@ -11,6 +11,7 @@ import contextlib
 import logging
 import re
 import socket
+import sys
 import threading
 
 import pytest
@@ -229,6 +230,27 @@ def test_a_proxy_that_refuses_is_a_502_naming_no_secret(tmp_path, ca, tls_upstre
         "refused" % (tls_upstream.port, response.headers["request-id"]) in caplog.text
     assert "proxy-password" not in caplog.text and "proxy-password" not in response.text
     assert "proxy-password" not in repr(app.config)
+
+
+def test_a_proxy_refusing_its_credentials_is_named_in_the_log_and_check(tmp_path, ca,
+                                                                         tls_upstream, caplog,
+                                                                         capsys, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "TINYPROXY_CONFIG",
+                        TINYPROXY_CONFIG + "BasicAuth proxy-user right-password\n")
+    with tinyproxy(tmp_path) as (_, port):
+        for password, status in (("right-password", 200), ("wrong-password", 502)):
+            app = tls_app(tmp_path, tls_upstream.url, ca,
+                          upstream_proxy="http://proxy-user:%s@127.0.0.1:%d" % (password, port))
+            with caplog.at_level(logging.ERROR, logger="gateway"):
+                assert post(app).status_int == status
+        logged = caplog.text
+        assert gateway.main(["check", "--config", str(tmp_path / "gateway.ini"),
+                             "--online"]) == 1
+    out, err = capsys.readouterr()
+    for text in (logged, out + err):
+        # tinyproxy answers 401 Unauthorized where RFC 9110 15.5.8 says 407
+        assert re.search(r"through the proxy: CONNECT answered 40[17] \w", text), text
+        assert "wrong-password" not in text and "right-password" not in text
 
 
 def test_check_online_masks_a_proxy_password_that_is_part_of_the_user_name(tmp_path, ca,
