@@ -235,7 +235,9 @@ class Config:
         "gateway.keys", "The client key file: name, digest, models, enabled (gateway keys).")
     state_file: str = _setting(
         "gateway.state", "SQLite file the workers share for per-key limits and last use; with "
-        "limits_backend, only while Redis is away and limits_backend_down = local.")
+        "limits_backend, only while Redis is away and limits_backend_down = local. Its "
+        "directory, which the workers must be able to write, also holds the client key "
+        "file's last good copy.")
     limits_backend: str = _setting(
         None, "One Redis that every host shares for per-key limits and last use: "
         "redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix://PATH?db=N (the 'redis' "
