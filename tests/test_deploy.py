@@ -419,6 +419,12 @@ NGINX_REFUSALS = {
     "URI too long": ("GET /v1/models?%s HTTP/1.1\r\nHost: %s" % ("a" * 9000, SITE_NAME), b"",
                      414),
     "malformed request line": ("G@T /v1/models HTTP/1.1\r\nHost: %s" % SITE_NAME, b"", 400),
+    # nginx refuses TRACE itself (405), and answers these with a 5xx that SDKs would retry
+    "TRACE": ("TRACE /v1/models HTTP/1.1\r\nHost: %s" % SITE_NAME, b"", 405),
+    "TRACE to another host": ("TRACE / HTTP/1.1\r\nHost: scanner.invalid", b"", 405),
+    "unknown Transfer-Encoding": ("POST /v1/messages HTTP/1.1\r\nHost: %s\r\n"
+                                  "Transfer-Encoding: gzip" % SITE_NAME, b"", 501),
+    "unknown HTTP version": ("GET /v1/models HTTP/2.0\r\nHost: %s" % SITE_NAME, b"", 505),
 }
 
 
@@ -432,6 +438,8 @@ def test_nginxs_own_refusals_are_the_anthropic_envelope_with_a_request_id(tmp_pa
     assert payload["type"] == "error" and payload["error"]["type"] == "invalid_request_error"
     assert payload["request_id"] == headers["request-id"]
     assert re.fullmatch(r"req_nginx_[0-9a-f]{32}", payload["request_id"])
+    if status >= 500:  # the same bytes get the same answer: SDKs must not retry it
+        assert headers["x-should-retry"] == "false"
 
 
 def test_the_shipped_error_log_level_does_not_log_refused_header_lines(tmp_path):
