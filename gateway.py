@@ -1815,7 +1815,8 @@ def route_models(body, models, key_entry):
     routed["model"] = _upstream_model(public, models, key_entry)
     fallbacks = body.get("fallbacks")
     if isinstance(fallbacks, list):
-        routed["fallbacks"] = [_route_nested(item, models, key_entry) for item in fallbacks]
+        routed["fallbacks"] = [_route_nested(item, models, key_entry, "fallbacks")
+                               for item in fallbacks]
     elif fallbacks is not None:
         # "default" (anthropic types/beta/beta_fallbacks_param.py) asks for the upstream's own
         # fallback set: models we cannot see, map or check against the key.
@@ -1826,18 +1827,19 @@ def route_models(body, models, key_entry):
     tools = body.get("tools")
     if isinstance(tools, list):
         routed["tools"] = [
-            _route_nested(tool, models, key_entry)
+            _route_nested(tool, models, key_entry, "tools")
             if isinstance(tool, dict) and str(tool.get("type", "")).startswith("advisor_")
             else tool
             for tool in tools]
     return routed, public, routed["model"]
 
 
-def _route_nested(item, models, key_entry):
-    if not isinstance(item, dict) or "model" not in item:
-        return item
-    if not isinstance(item["model"], str):
-        raise APIError(400, "invalid_request_error", "model: must be a string")
+def _route_nested(item, models, key_entry, field):
+    # An entry without a model of ours is refused, not passed on: a bare string or a missing
+    # model is one the gateway cannot map or check against the key (fail closed).
+    if not isinstance(item, dict) or not isinstance(item.get("model"), str):
+        raise APIError(400, "invalid_request_error", '%s: each entry needs "model", a string '
+                       '(a model id from this gateway\'s map).' % field)
     return dict(item, model=_upstream_model(item["model"], models, key_entry))
 
 

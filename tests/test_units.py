@@ -220,6 +220,12 @@ def test_route_models_rewrites_every_model_id():
     ({"model": 7}, 400, "model"), ({}, 400, "model"),
     ({"model": "claude-opus-4-7", "fallbacks": "default"}, 400, 'fallbacks: '),
     ({"model": "claude-opus-4-7", "fallbacks": {"model": "claude-opus-4-7"}}, 400, "fallbacks"),
+    # entries the gateway cannot map or check are refused, not passed on as they are
+    ({"model": "claude-opus-4-7", "fallbacks": ["claude-opus-4-8"]}, 400, "fallbacks: each"),
+    ({"model": "claude-opus-4-7", "fallbacks": [{"max_tokens": 3}]}, 400, "fallbacks: each"),
+    ({"model": "claude-opus-4-7", "fallbacks": [{"model": 7}]}, 400, "fallbacks: each"),
+    ({"model": "claude-opus-4-7", "tools": [{"type": "advisor_20260301", "name": "advisor"}]},
+     400, "tools: each"),
 ])
 def test_route_models_refuses_what_is_outside_the_map_or_the_key(body, status, message):
     with pytest.raises(APIError) as error:
