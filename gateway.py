@@ -3943,32 +3943,42 @@ def check_online(app):
     print("online: %s%s" % (app.config.upstream_url, " through proxy %s" % _without_password(
         app._proxy) if app._proxy else ""))
     target = (app._upstream_origin if app._absolute_form else "") + "/"
-    timings = []
+    headers = {"user-agent": "gateway-check"}
+    if app._absolute_form:  # an http upstream asked through the proxy, as send() asks it
+        headers.update(app.session().get_adapter(target).proxy_headers(app._proxy))
+    rounds = []  # (seconds, socket): the first pays for connect and handshake
     try:
-        for _ in range(2):  # the first pays for connect and handshake; the second reuses
+        for _ in range(2):
             started = time.monotonic()
             answer = app.upstream_pool().urlopen(
-                "HEAD", target, headers={"user-agent": "gateway-check"}, retries=False,
-                redirect=False, timeout=app._timeout, preload_content=False)
-            timings.append(time.monotonic() - started)
+                "HEAD", target, headers=headers, retries=False, redirect=False,
+                assert_same_host=False, timeout=app._timeout, preload_content=False)
+            rounds.append((time.monotonic() - started, answer.connection.sock))
             certificate = answer.connection.sock.getpeercert() \
                 if app._default_tls or app._ca_file else None
             version = answer.connection.sock.version() if certificate is not None else None
             answer.drain_conn()
             answer.release_conn()
     except (urllib3.exceptions.HTTPError, OSError) as exc:
-        return ["upstream: cannot reach %s: %s" % (upstream_host(app.config.upstream_url),
-                                                   upstream_failure(exc, app.config))]
+        failure = upstream_failure(exc, app.config)
+        if not rounds:
+            return ["upstream: cannot reach %s: %s" % (upstream_host(app.config.upstream_url),
+                                                       failure)]
+        # The upstream answered: the connection it answered on was closed while idle (a
+        # plain-http proxy such as tinyproxy closes each one after its answer).
+        print("warning: the connection was not kept alive: reusing it failed (%s)" % failure)
     if certificate is not None:
         expires = ssl.cert_time_to_seconds(certificate["notAfter"])
         print("online: %s, certificate subject %s, issuer %s, expires %s (%d days)" % (
             version, _x509_name(certificate.get("subject", ())),
             _x509_name(certificate.get("issuer", ())), format_time(expires),
             (expires - time.time()) // 86400))
-    print("online: HEAD / answered %d; round trip %.1f ms with connect%s, %.1f ms reusing "
-          "the connection" % (answer.status, timings[0] * 1000,
-                              " and TLS handshake" if certificate is not None else "",
-                              timings[1] * 1000))
+    print("online: HEAD / answered %d; round trip %.1f ms with connect%s%s" % (
+        answer.status, rounds[0][0] * 1000,
+        " and TLS handshake" if certificate is not None else "",
+        "" if len(rounds) < 2 else ", %.1f ms %s" % (rounds[1][0] * 1000, (
+            "reusing the connection" if rounds[1][1] is rounds[0][1]
+            else "on a new connection (the first was closed)"))))
     return []
 
 

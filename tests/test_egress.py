@@ -253,6 +253,22 @@ def test_a_proxy_refusing_its_credentials_is_named_in_the_log_and_check(tmp_path
         assert "wrong-password" not in text and "right-password" not in text
 
 
+def test_check_online_asks_an_http_upstream_through_a_proxy_with_its_credentials(
+        tmp_path, plain_upstream, capsys, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "TINYPROXY_CONFIG",
+                        TINYPROXY_CONFIG + "BasicAuth proxy-user right-password\n")
+    with tinyproxy(tmp_path) as (log_path, port):
+        tls_app(tmp_path, plain_upstream.url,
+                upstream_proxy="http://proxy-user:right-password@127.0.0.1:%d" % port)
+        code = gateway.main(["check", "--config", str(tmp_path / "gateway.ini"), "--online"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "HEAD / answered 404" in out, out + err
+    # tinyproxy closes each plain-http connection after its answer: not called reuse
+    assert "reusing the connection" not in out
+    assert "on a new connection (the first was closed)" in out or "not kept alive" in out
+    assert "HEAD %s/ HTTP/1.1" % plain_upstream.url in log_path.read_text()
+
+
 def test_check_online_masks_a_proxy_password_that_is_part_of_the_user_name(tmp_path, ca,
                                                                              tls_upstream, capsys):
     listener = socket.create_server(("127.0.0.1", 0))  # closed at once: connections refused
