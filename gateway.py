@@ -2255,6 +2255,19 @@ def default_ca_bundle(config, environ):
     return requests.utils.DEFAULT_CA_BUNDLE_PATH
 
 
+def default_tls(config, environ):
+    """The TLS context over ``default_ca_bundle``; ValueError naming the bundle if it does
+    not load (a REQUESTS_CA_BUNDLE that names no file said only 'No such file or directory')."""
+    bundle = default_ca_bundle(config, environ)
+    try:
+        return tls_context(bundle)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        named = "" if bundle == requests.utils.DEFAULT_CA_BUNDLE_PATH else \
+            " (REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE, read with trust_env)"
+        raise ValueError("CA bundle %s%s: %s" % (
+            bundle, named, getattr(exc, "reason", None) or describe(exc))) from None
+
+
 def proxy_for(config, environ):
     """The forward proxy for upstream calls, or None: ``upstream_proxy``, else with
     ``trust_env`` the one requests would pick from ``environ`` (``NO_PROXY`` honoured)."""
@@ -2614,7 +2627,7 @@ class Gateway:
         if self._ca_file is not None:
             self._ca_file.get()  # loaded at boot, as the key files are
         elif config.upstream_url.startswith("https://"):
-            self._default_tls = tls_context(default_ca_bundle(config, os.environ))
+            self._default_tls = default_tls(config, os.environ)
         # Worked out once, not per call: the upstream's path prefix and urllib3's timeout.
         self._upstream_path = upstream.path or ""
         self._timeout = urllib3.Timeout(connect=config.connect_timeout,

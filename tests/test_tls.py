@@ -145,6 +145,21 @@ def test_default_trust_is_requests_bundle_not_the_system_store(tmp_path, caplog,
     assert post(app).status_int == 200
 
 
+@pytest.mark.parametrize("content, reason", [(None, "No such file or directory"),
+                                             (b"not a certificate\n", "NO_CERTIFICATE")])
+def test_a_requests_ca_bundle_that_does_not_load_is_named_by_check(tmp_path, monkeypatch,
+                                                                    capsys, content, reason):
+    bundle = tmp_path / "bundle.pem"
+    if content is not None:
+        bundle.write_bytes(content)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(bundle))
+    write_ini(tmp_path, "https://127.0.0.1:9", trust_env="true")
+    assert gateway.main(["check", "--config", str(tmp_path / "gateway.ini")]) == 1
+    out = capsys.readouterr().out
+    assert "a worker cannot start with this config: CA bundle %s (REQUESTS_CA_BUNDLE" % bundle \
+        in out and reason in out, out
+
+
 def test_the_default_bundle_is_requests_own():
     config = gateway.Config(upstream_url="https://api.anthropic.com")
     assert gateway.default_ca_bundle(config, {"REQUESTS_CA_BUNDLE": "/x"}) == \
