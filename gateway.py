@@ -2278,7 +2278,10 @@ def proxy_for(config, environ):
         return config.upstream_proxy
     if config.trust_env:
         proxies = requests.utils.get_environ_proxies(config.upstream_url)
-        return requests.utils.select_proxy(config.upstream_url, proxies) or None
+        proxy = requests.utils.select_proxy(config.upstream_url, proxies)
+        # 'HTTPS_PROXY=proxy:3128' works with requests, which adds the scheme as it connects
+        # (HTTPAdapter.get_connection_with_tls_context): so it does here.
+        return requests.utils.prepend_scheme_if_needed(proxy, "http") if proxy else None
     return None
 
 
@@ -2617,8 +2620,14 @@ class Gateway:
         self._upstream_host = upstream.host
         self._upstream_origin = "%s://%s" % (upstream.scheme, upstream.netloc)
         self._proxy = proxy_for(config, os.environ)
-        if self._proxy:
-            parse_proxy_url(self._proxy)  # HTTPS_PROXY skipped the INI parser
+        if self._proxy and not config.upstream_proxy:
+            try:
+                parse_proxy_url(self._proxy)  # HTTPS_PROXY skipped the INI parser
+            except ValueError:  # named as the operator set it, not as upstream_proxy
+                raise ValueError("trust_env: the proxy in HTTPS_PROXY, HTTP_PROXY or ALL_PROXY: "
+                                 "expected http://[user:password@]host:port") from None
+        elif self._proxy:
+            parse_proxy_url(self._proxy)  # an embedder's Config skipped the INI parser
         # An http upstream behind a proxy is asked in absolute form, through a pool connected
         # to the proxy (urllib3's ProxyManager does the same); https tunnels with CONNECT.
         self._absolute_form = (self._proxy is not None

@@ -217,6 +217,18 @@ def test_trust_env_takes_the_proxy_from_the_environment(tmp_path, ca, tls_upstre
     assert len(tls_upstream.received) == 3
 
 
+def test_trust_env_takes_a_proxy_without_a_scheme_as_requests_does(tmp_path, ca, tls_upstream,
+                                                                   proxy, monkeypatch, capsys):
+    monkeypatch.setenv("HTTPS_PROXY", proxy.url.replace("http://", ""))
+    assert post(tls_app(tmp_path, tls_upstream.url, ca, trust_env="true")).status_int == 200
+    assert proxy.connections == 1
+    # One it cannot use is named as the operator set it, and its password is not shown.
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://user:env-secret@127.0.0.1:1080")
+    assert gateway.main(["check", "--config", str(tmp_path / "gateway.ini")]) == 1
+    out, err = capsys.readouterr()
+    assert "trust_env: the proxy in HTTPS_PROXY" in out + err and "env-secret" not in out + err
+
+
 def test_a_proxy_that_refuses_is_a_502_naming_no_secret(tmp_path, ca, tls_upstream, caplog):
     listener = socket.create_server(("127.0.0.1", 0))  # closed at once: connections refused
     port = listener.getsockname()[1]
