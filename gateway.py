@@ -2953,6 +2953,11 @@ class Gateway:
         usable = [key for key in keys if key not in self._refused_upstream_keys] or keys
         for key in usable:
             response = self._send(environ, exchange, path, body, key)
+            if response.status_code == 407:  # an http upstream asked through upstream_proxy
+                response.close()
+                log.error("the proxy refused the gateway's proxy credentials (407) [%s]: check "
+                          "upstream_proxy", exchange.request_id)
+                raise APIError(502, "api_error", "The upstream could not be reached.")
             if response.status_code != 401:
                 return response
             response.close()
@@ -3323,8 +3328,8 @@ def upstream_failure(exc, config):
             elif isinstance(error, ConnectionResetError):
                 cause = "connection reset"
             elif isinstance(error, OSError) and str(error).startswith("Tunnel connection failed"):
-                # The proxy's answer to CONNECT (http.client's _tunnel): a 407 (tinyproxy: 401) means the
-                # upstream_proxy credentials, not the upstream, were refused.
+                # The proxy's answer to CONNECT (http.client's _tunnel): a 407 (tinyproxy:
+                # 401) means the upstream_proxy credentials, not the upstream's, were refused.
                 cause = "CONNECT answered %s" % str(error).split(": ", 1)[-1][:80]
             elif isinstance(error, OSError) and error.strerror:
                 cause = error.strerror

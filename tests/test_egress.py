@@ -229,6 +229,27 @@ def test_trust_env_takes_a_proxy_without_a_scheme_as_requests_does(tmp_path, ca,
     assert "trust_env: the proxy in HTTPS_PROXY" in out + err and "env-secret" not in out + err
 
 
+def test_a_407_from_the_proxy_is_a_502_not_relayed_to_the_client(tmp_path, caplog):
+    # A real server on loopback as the proxy, answering 407 as RFC 9110 15.5.8 says a proxy
+    # refusing credentials does (tinyproxy answers 401 instead).
+    refusing = FakeUpstream()
+    refusing.handler = lambda handler, received: handler.send_json(
+        407, b"proxy authentication required", {"Proxy-Authenticate": 'Basic realm="corp"'})
+    refusing.start()
+    try:
+        app = tls_app(tmp_path, "http://api.example",
+                      upstream_proxy=refusing.url.replace("//", "//user:proxy-pw@"))
+        with caplog.at_level(logging.ERROR, logger="gateway"):
+            response = post(app)
+    finally:
+        refusing.stop()
+    assert response.status_int == 502 and response.json["error"]["type"] == "api_error"
+    assert "the proxy refused the gateway's proxy credentials (407) [%s]" % \
+        response.headers["request-id"] in caplog.text
+    assert "replace it in the upstream key file" not in caplog.text
+    assert "proxy-pw" not in caplog.text + response.text
+
+
 def test_a_proxy_that_refuses_is_a_502_naming_no_secret(tmp_path, ca, tls_upstream, caplog):
     listener = socket.create_server(("127.0.0.1", 0))  # closed at once: connections refused
     port = listener.getsockname()[1]
