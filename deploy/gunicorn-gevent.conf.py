@@ -16,9 +16,9 @@ first (``gateway.GEVENT_BOOT``); plain gunicorn imports the gateway only in each
 the worker has patched. This file refuses to load in a process that imported urllib3 unpatched
 (``gateway serve --gunicorn-config <this file>`` without ``--worker gevent``).
 
-Limits: on reload or stop a gevent worker also waits for its idle keep-alive connections
-(gthread closes them after 2 s), so old workers linger until nginx drops them (60 s) or
-``keepalive`` (75 s) runs out.
+On reload or stop, the worker below closes its idle keep-alive connections after 2 s, as
+gthread does (gunicorn's own gevent worker waits for each until nginx drops it, 60 s, or
+``keepalive``, 75 s, runs out), so old workers leave once their streams end.
 """
 
 import os
