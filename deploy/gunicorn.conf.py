@@ -124,7 +124,7 @@ workers = int(os.environ.get("WEB_CONCURRENCY") or _cores())
 
 # Each open stream holds a thread. gthread does not balance connections between workers, and
 # a worker whose threads are all busy queues the next request: 2 workers x 128 threads let
-# first events of 200 slow streams wait over 1 s (performance-facts.md; seen again here: 130
+# first events of 200 slow streams wait over 1 s (docs/deployment.md, "Capacity": 130
 # of a burst of 200 on one worker, 60 first events 4.9 s late). So each worker alone
 # holds 256 streams; the benchmark's one pinned worker serves its 200 with none late. A thread
 # costs memory only once it has run (about 60 KB of stack and state each, measured).
