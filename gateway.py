@@ -2302,7 +2302,7 @@ def send_pooled(pool, url, body, headers, timeout):
     """POST ``body`` through ``pool`` and return a streaming ``requests.Response``.
 
     Facts -> decision: ``Session.post`` cost 378 us of CPU per call against a local upstream
-    and ``pool.urlopen`` 163 us (docs/performance.md, CHANGELOG.md 0.1.0 Performance): the
+    and ``pool.urlopen`` 163 us (CHANGELOG.md, 0.1.0, Performance): the
     difference is ``Session.request`` merging settings, hooks, cookies and environment
     look-ups, and ``HTTPAdapter.send`` preparing and wrapping, none of which changes anything
     for a session with no cookies and no default headers whose proxy and TLS trust are
