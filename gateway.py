@@ -3450,9 +3450,9 @@ def render_key_file(text, old, new):
     return "".join(lines), written
 
 
-def verified_key_file(text, new, written):
-    """``text`` parsed by the workers' own parser, which must find exactly ``new``: a file that
-    a worker would refuse (or read differently) is never written."""
+def verify_key_file(text, new, written):
+    """Raise CommandError unless ``text``, parsed by the workers' own parser, holds exactly
+    ``new``: a file that a worker would refuse (or read differently) is never written."""
     try:
         parsed = parse_key_file(text)
     except ValueError as exc:
@@ -3464,7 +3464,6 @@ def verified_key_file(text, new, written):
             found[name].to_line() != wanted[name].to_line() for name in written):
         raise CommandError("refusing to write the key file: the new version would not read "
                            "back as written; nothing was changed")
-    return parsed
 
 
 def write_key_file(path, text):
@@ -3485,7 +3484,7 @@ def edit_key_file(config, change):
                 _refuse_to_start_over(config)
             new = change(store)
             new_text, written = render_key_file(text, store, new)
-            verified_key_file(new_text, new, written)
+            verify_key_file(new_text, new, written)
             write_key_file(config.keys_path, new_text)  # its rename is the last thing it does
     except OSError as exc:  # a lock file or directory we may not write, a full disk
         raise CommandError("cannot update %s: %s; nothing was changed (run 'gateway keys' as "
