@@ -2648,6 +2648,10 @@ class Gateway:
         # in 'gateway check' and in the master's trial on HUP, which build the app this same
         # way (make_app), never on every request.
         self.upstream_pool()
+        # What an absolute-form request tells the proxy (its credentials): the same for every
+        # request, so worked out once here rather than on each send.
+        self._proxy_headers = (self.session().get_adapter(self._upstream_origin + "/")
+                               .proxy_headers(self._proxy) if self._absolute_form else {})
         self.routes = {
             "/v1/messages": {"POST": self.on_messages},
             "/v1/messages/count_tokens": {"POST": self.on_count_tokens},
@@ -2978,7 +2982,7 @@ class Gateway:
                                             + ("?" + query if query else ""))
         if self._absolute_form:
             target = self._upstream_origin + target
-            headers.update(self.session().get_adapter(target).proxy_headers(self._proxy))
+            headers.update(self._proxy_headers)
         try:
             return send_pooled(self.upstream_pool(), target, body, headers, self._timeout)
         except requests.RequestException as exc:
@@ -3974,7 +3978,7 @@ def check_online(app):
     target = (app._upstream_origin if app._absolute_form else "") + "/"
     headers = {"user-agent": "gateway-check"}
     if app._absolute_form:  # an http upstream asked through the proxy, as send() asks it
-        headers.update(app.session().get_adapter(target).proxy_headers(app._proxy))
+        headers.update(app._proxy_headers)
     rounds = []  # (seconds, socket): the first pays for connect and handshake
     try:
         for _ in range(2):
