@@ -2826,7 +2826,8 @@ class Gateway:
                            "Missing API key: send it as 'x-api-key' or "
                            "'Authorization: Bearer'.")
         now = time.time()
-        entry = self.keys.get().find(key, now)
+        store = self.keys.get()  # one stat of the key file per request, the origins' too
+        entry = store.find(key, now)
         if entry is None or not entry.enabled:
             raise APIError(401, "authentication_error", _refused_key_message(key, header))
         if entry.expired(now):
@@ -2834,7 +2835,7 @@ class Gateway:
                            "This key expired at %s." % format_time(entry.expires))
         origin = environ.get("HTTP_ORIGIN")
         if (origin and not self._origin_allowed(origin, entry.origins)
-                and origin in self._key_origins()):
+                and origin in store.origins):
             # Another key lets this origin past the preflight (which carries no key): this
             # one does not, so a page there cannot spend it.
             raise APIError(403, "permission_error", "This key may not be used from %s."
