@@ -333,7 +333,14 @@ class PeakSampler:
 # The three targets: direct, nginx, gateway
 # ---------------------------------------------------------------------------------------------
 
-NGINX_CONF = """\
+def nginx_proxy_conf(server_head):
+    """An nginx config that proxies everything to the fake upstream (one worker, kept-alive
+    connections, nothing buffered); ``server_head`` opens its server block (listen and the
+    like). The %(dir)s, %(upstream)d and %(port)d in it are for run_nginx to fill in."""
+    return _PROXY_CONF_HEAD + server_head + _PROXY_CONF_TAIL
+
+
+_PROXY_CONF_HEAD = """\
 worker_processes 1;
 error_log %(dir)s/nginx-error.log notice;
 pid %(dir)s/nginx.pid;
@@ -347,7 +354,8 @@ http {
     scgi_temp_path %(dir)s/scgi;
     upstream fake { server 127.0.0.1:%(upstream)d; keepalive 256; }
     server {
-        listen 127.0.0.1:%(port)d;
+"""
+_PROXY_CONF_TAIL = """\
         keepalive_requests 1000000;
         client_max_body_size 64m;
         location / {
@@ -361,6 +369,9 @@ http {
     }
 }
 """
+
+
+NGINX_CONF = nginx_proxy_conf("        listen 127.0.0.1:%(port)d;\n")
 
 
 def start_nginx(workdir, upstream_port, core):
@@ -404,37 +415,12 @@ def run_nginx(directory, template, upstream_port, core, attempts=5):
     raise RuntimeError("nginx found no free port in %d attempts" % attempts)
 
 
-TLS_TERMINATOR_CONF = """\
-worker_processes 1;
-error_log %(dir)s/nginx-error.log notice;
-pid %(dir)s/nginx.pid;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path %(dir)s/body;
-    proxy_temp_path %(dir)s/proxy;
-    fastcgi_temp_path %(dir)s/fastcgi;
-    uwsgi_temp_path %(dir)s/uwsgi;
-    scgi_temp_path %(dir)s/scgi;
-    upstream fake { server 127.0.0.1:%(upstream)d; keepalive 256; }
-    server {
+TLS_TERMINATOR_CONF = nginx_proxy_conf("""\
         listen 127.0.0.1:%(port)d ssl;
         ssl_certificate %(dir)s/upstream.pem;
         ssl_certificate_key %(dir)s/upstream.key;
-        keepalive_requests 1000000;
         keepalive_timeout 600s;
-        client_max_body_size 64m;
-        location / {
-            proxy_pass http://fake;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_request_buffering off;
-            proxy_read_timeout 600s;
-        }
-    }
-}
-"""
+""")
 
 
 def start_tls_upstream(workdir, upstream_port, core):
