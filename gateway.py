@@ -1031,7 +1031,6 @@ def exclusive_lock(path, owner_of):
     read-only and made readable by all, so a lock file that root made (running 'gateway
     check' or 'gateway keys') never locks the service user out; as root, it is also given to
     the owner of ``owner_of``."""
-    import fcntl  # here, not at the top: POSIX only, like gunicorn
     fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         if os.geteuid() == 0:
