@@ -309,13 +309,10 @@ class Config:
         the setting that is wrong (``config gateway.ini, line 7: read_timeout = ten: not a
         number``)."""
         try:
-            with open(path, "rb") as file:
-                data = file.read()
+            text = read_text(path, empty_ok=True)
+            sections, lines = _read_ini(text, path)
         except OSError as exc:
             raise ValueError("cannot read config %s: %s" % (path, describe(exc))) from None
-        try:
-            text = decode_utf8(data)
-            sections, lines = _read_ini(text, path)
         except ValueError as exc:
             raise ValueError("config %s, %s" % (path, exc)) from None
         base_dir = os.path.dirname(os.path.abspath(path))
