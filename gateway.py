@@ -197,9 +197,9 @@ def _setting(default, doc, unit="", restart=False, secret=False):
     """A ``[gateway]`` setting. docs/configuration.md is generated from these (run
     ``python tests/docs_config.py --write``): ``doc`` says what it does, ``unit`` what its
     number counts, and ``restart`` that a reload (HUP) is not enough for a change to apply.
-    A ``secret`` one is left out of the Config's repr."""
+    A ``secret`` one is left out of the Config's repr and of its errors (SECRET_SETTINGS)."""
     return dataclasses.field(default=default, repr=not secret, metadata={
-        "doc": doc, "unit": unit, "restart": restart})
+        "doc": doc, "unit": unit, "restart": restart, "secret": secret})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -415,8 +415,9 @@ def _read_ini(text, path):
     return {name: dict(parser[name]) for name in parser.sections()}, lines
 
 
-#: Settings whose value may carry a password: their errors never repeat it.
-SECRET_SETTINGS = ("limits_backend", "upstream_proxy")
+#: Settings whose value may carry a password (``secret``): their errors never repeat it.
+SECRET_SETTINGS = frozenset(field.name for field in dataclasses.fields(Config)
+                            if field.metadata.get("secret"))
 
 
 def _parse_setting(field, text):
