@@ -1412,12 +1412,6 @@ end
 return 0
 """
 
-#: Release slots whose release may not have reached Redis. KEYS: slots. ARGV: holders.
-REDIS_RELEASE = """
-for i = 1, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
-return 0
-"""
-
 #: Last use of one key, kept if later than the stored one (hosts write theirs up to a renewal
 #: apart, in any order), as HostState does. KEYS: last. ARGV: epoch seconds, TTL in seconds.
 REDIS_LAST_USE = """
@@ -1534,7 +1528,6 @@ class RedisLimits:
             admit=client.register_script(REDIS_ADMIT),
             finish=client.register_script(REDIS_FINISH),
             renew=client.register_script(REDIS_RENEW),
-            release=client.register_script(REDIS_RELEASE),
             last_use=client.register_script(REDIS_LAST_USE))
         self._renewing = False
         self._live, self._away, self._touched, self._loose = {}, {}, {}, {}
@@ -1665,20 +1658,14 @@ class RedisLimits:
                 return
             touched, self._touched = self._touched, {}
             touched = touched.copy()  # a request thread may still be noting a use in it
-            by_name = {}
-            for holder, name in live.items():
-                by_name.setdefault(name, []).append(holder)
             pipe = client.pipeline(transaction=False)
-            for name, holders in by_name.items():
+            for name, holders in _holders_by_name(live).items():
                 # Through the Script, so that the pipeline loads it first where a Redis
                 # restarted empty no longer has it (redis-py's Pipeline.load_scripts).
                 self._scripts.renew(keys=[self.key(name, "slots")],
                                     args=[self.lease_ms] + holders, client=pipe)
-            loose_by_name = {}
-            for holder, name in loose.items():
-                loose_by_name.setdefault(name, []).append(holder)
-            for name, holders in loose_by_name.items():
-                self._scripts.release(keys=[self.key(name, "slots")], args=holders, client=pipe)
+            for name, holders in _holders_by_name(loose).items():
+                pipe.zrem(self.key(name, "slots"), *holders)  # slots whose release may be lost
             for name, when in touched.items():
                 self._scripts.last_use(keys=[self.key(name, "last")],
                                        args=["%.3f" % when, self.LAST_USE_TTL], client=pipe)
@@ -1740,6 +1727,14 @@ class RedisLimits:
         client.ping()
         elapsed = (time.perf_counter() - started) * 1000
         return client.info("server")["redis_version"], elapsed
+
+
+def _holders_by_name(holders):
+    """{key name: [holder, ...]} from {holder: key name}: one Redis call per key."""
+    by_name = {}
+    for holder, name in holders.items():
+        by_name.setdefault(name, []).append(holder)
+    return by_name
 
 
 # ---------------------------------------------------------------------------------------------
