@@ -172,12 +172,18 @@ def server_process(command, log_path, ready, env=None, timeout=30, stop_timeout=
             time.sleep(0.05)
         yield process
     finally:
-        process.terminate()
-        try:
-            process.wait(stop_timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, stop_timeout)
+
+
+def stop_process(process, timeout):
+    """Stop ``process`` with SIGTERM, and with SIGKILL when it has not exited ``timeout``
+    seconds later."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 LISTENING = re.compile(r"Listening at: http://([\d.]+:\d+)")

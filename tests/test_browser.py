@@ -16,7 +16,7 @@ from wsgiref.simple_server import make_server
 import pytest
 
 import gateway
-from conftest import CLIENT_KEY, _QuietHandler, _ThreadingWSGIServer, required
+from conftest import CLIENT_KEY, _QuietHandler, _ThreadingWSGIServer, required, stop_process
 
 WAIT = 30  # seconds; a browser on a busy 2-core machine starts slowly
 
@@ -142,15 +142,6 @@ def open_in_chromium(chromium, url, profile):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def close(browser):
-    browser.terminate()
-    try:
-        browser.wait(WAIT)
-    except subprocess.TimeoutExpired:
-        browser.kill()
-        browser.wait()
-
-
 def test_a_page_on_a_named_origin_streams_from_the_gateway(chromium, pages, gateway_for,
                                                            upstream, tmp_path):
     page = pages()
@@ -165,7 +156,7 @@ def test_a_page_on_a_named_origin_streams_from_the_gateway(chromium, pages, gate
         upstream.gate.set()
         seen = page.wait("/result")
     finally:
-        close(browser)
+        stop_process(browser, WAIT)
     assert "error" not in seen, seen
     assert seen["status"] == 200 and seen["request_id"] == "req_upstream_stream"
     assert "event: message_stop" in seen["stream"] and '"text":"lo"' in seen["stream"]
@@ -185,6 +176,6 @@ def test_a_page_on_an_origin_not_named_is_refused(chromium, pages, gateway_for, 
     try:
         seen = stranger.wait("/result")
     finally:
-        close(browser)
+        stop_process(browser, WAIT)
     assert seen == {"error": "TypeError: Failed to fetch"}
     assert upstream.received == []  # the preflight failed: the request itself never came

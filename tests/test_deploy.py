@@ -28,7 +28,7 @@ import requests
 
 import gateway
 from conftest import ANY_PORT, CLIENT_KEY, ROOT, auth, gateway_process, listening_url, \
-    missing, required, server_process
+    missing, required, server_process, stop_process
 from upstream import refused_port, text_stream
 
 DEPLOY = os.path.join(ROOT, "deploy")
@@ -188,12 +188,7 @@ def _nginx(prefix, port, gateway_ports, error_level=None):
         outcome = wait_for(started, "nginx to start")
         yield "http://127.0.0.1:%d" % port if outcome == "started" else None
     finally:
-        process.terminate()
-        try:
-            process.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, WAIT)
 
 
 def test_nginx_is_started_again_when_its_port_was_taken(tmp_path):
