@@ -20,9 +20,9 @@ trustme = pytest.importorskip("trustme")
 
 import gateway  # noqa: E402
 from conftest import CLIENT_KEY, required, server_process  # noqa: E402
-from test_streaming import STREAM, call  # noqa: E402
+from test_streaming import streams_through  # noqa: E402
 from test_tls import post, tls_app  # noqa: E402
-from upstream import UPSTREAM_KEY, FakeUpstream, text_stream, tls_server  # noqa: E402
+from upstream import UPSTREAM_KEY, FakeUpstream, tls_server  # noqa: E402
 
 WAIT = 10
 
@@ -145,29 +145,13 @@ def plain_upstream():
     fake.stop()
 
 
-def streams_through(app, upstream):
-    """A streamed answer through the proxy, proven with the Event handshake."""
-    upstream.gate = threading.Event()
-    started, body = call(app, STREAM)
-    chunks = iter(body)
-    first = next(chunks)
-    assert started["status"] == "200 OK"
-    assert first.startswith(b"event: message_start\n")
-    assert not upstream.stream_finished.is_set()
-    upstream.gate.set()
-    rest = b"".join(chunks)
-    body.close()
-    assert not upstream.gate_timed_out.is_set(), "the proxy or the gateway held event 1 back"
-    assert first + rest == b"".join(text_stream("claude-opus-4-8-20261101"))
-
-
 def test_https_upstream_through_a_connect_proxy(tmp_path, ca, tls_upstream, proxy):
     app = tls_app(tmp_path, tls_upstream.url, ca, upstream_proxy=proxy.url)
     for _ in range(3):
         response = post(app)
         assert response.status_int == 200, response.body[:300]
         assert response.json["content"][0]["text"] == "Hello!"
-    streams_through(app, tls_upstream)
+    streams_through(app, tls_upstream, "the proxy or the gateway")
     assert len(tls_upstream.received) == 4
     assert tls_upstream.received[0].headers["x-api-key"] == UPSTREAM_KEY
     # One tunnel, kept alive through the proxy for all four requests.
@@ -190,7 +174,7 @@ def test_http_upstream_through_the_proxy_carries_no_client_key(tmp_path, plain_u
     # (HTTP/1.1, no 'Connection: close'), so the pool may reuse it in that instant and fail
     # (docs/upstream.md). Wait for the close; then the next request opens a new connection.
     assert proxy.closed_by_proxy.acquire(timeout=WAIT)
-    streams_through(app, plain_upstream)
+    streams_through(app, plain_upstream, "the proxy or the gateway")
     sent = bytes(proxy.sent)
     assert sent.startswith(b"POST %s/v1/messages HTTP/1.1\r\n" % plain_upstream.url.encode())
     assert UPSTREAM_KEY.encode() in sent  # plain http: the proxy is on the upstream's path

@@ -42,25 +42,33 @@ def call(app, body, path="/v1/messages", headers=None):
     return started, body
 
 
-@pytest.mark.parametrize("framing", ["chunked", "close"])
-def test_event_one_reaches_the_client_before_the_upstream_sends_event_two(app, upstream,
-                                                                           framing):
-    upstream.framing = framing
+def streams_through(app, upstream, holder="the gateway"):
+    """Stream ``STREAM`` through ``app`` with the Event handshake: event 1 must reach the
+    client while ``upstream`` still waits on its gate, and the whole stream must arrive byte
+    for byte. Returns what ``start_response`` was given."""
     upstream.gate = threading.Event()
     started, body = call(app, STREAM)
     chunks = iter(body)
     first = next(chunks)
     assert started["status"] == "200 OK"
-    assert started["headers"]["Content-Type"] == "text/event-stream; charset=utf-8"
-    assert started["headers"]["Cache-Control"] == "no-cache"
     assert first.startswith(b"event: message_start\n")
     assert not upstream.stream_finished.is_set()
     upstream.gate.set()  # only now may the upstream send the rest
     rest = b"".join(chunks)
     body.close()
-    assert not upstream.gate_timed_out.is_set(), "the gateway held event 1 back"
+    assert not upstream.gate_timed_out.is_set(), "%s held event 1 back" % holder
     # byte for byte what the upstream sent, padding and pings included
     assert first + rest == b"".join(text_stream("claude-opus-4-8-20261101"))
+    return started
+
+
+@pytest.mark.parametrize("framing", ["chunked", "close"])
+def test_event_one_reaches_the_client_before_the_upstream_sends_event_two(app, upstream,
+                                                                           framing):
+    upstream.framing = framing
+    started = streams_through(app, upstream)
+    assert started["headers"]["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert started["headers"]["Cache-Control"] == "no-cache"
 
 
 def test_each_event_is_relayed_as_it_arrives(app, upstream):

@@ -10,7 +10,6 @@ and not the system store by default, and take a new ``upstream_ca_file`` without
 import datetime
 import logging
 import os
-import threading
 
 import pytest
 import webtest
@@ -19,8 +18,8 @@ trustme = pytest.importorskip("trustme")
 
 import gateway  # noqa: E402
 from conftest import CLIENT_KEY, auth  # noqa: E402
-from test_streaming import STREAM, call  # noqa: E402
-from upstream import UPSTREAM_KEY, FakeUpstream, text_stream, tls_server  # noqa: E402
+from test_streaming import streams_through  # noqa: E402
+from upstream import UPSTREAM_KEY, FakeUpstream, tls_server  # noqa: E402
 
 BODY = {"model": "claude-opus-4-8", "max_tokens": 10,
         "messages": [{"role": "user", "content": "hi"}]}
@@ -82,18 +81,7 @@ def test_forwards_over_tls_and_keeps_one_connection(tmp_path, ca, tls_upstream):
 
 def test_streams_over_tls_each_event_as_it_arrives(tmp_path, ca, tls_upstream):
     app = tls_app(tmp_path, tls_upstream.url, ca)
-    tls_upstream.gate = threading.Event()
-    started, body = call(app, STREAM)
-    chunks = iter(body)
-    first = next(chunks)
-    assert started["status"] == "200 OK"
-    assert first.startswith(b"event: message_start\n")
-    assert not tls_upstream.stream_finished.is_set()
-    tls_upstream.gate.set()  # only now may the upstream send the rest
-    rest = b"".join(chunks)
-    body.close()
-    assert not tls_upstream.gate_timed_out.is_set(), "the gateway held event 1 back"
-    assert first + rest == b"".join(text_stream("claude-opus-4-8-20261101"))
+    streams_through(app, tls_upstream)
     # ...and the connection is reused by the next request once the stream ended.
     assert post(app).status_int == 200
     assert tls_upstream.connections == 1
