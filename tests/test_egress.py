@@ -136,15 +136,6 @@ def tls_upstream(ca):
     fake.stop()
 
 
-@pytest.fixture
-def plain_upstream():
-    fake = FakeUpstream().start()
-    yield fake
-    if fake.gate is not None:
-        fake.gate.set()
-    fake.stop()
-
-
 def test_https_upstream_through_a_connect_proxy(tmp_path, ca, tls_upstream, proxy):
     app = tls_app(tmp_path, tls_upstream.url, ca, upstream_proxy=proxy.url)
     for _ in range(3):
@@ -165,23 +156,22 @@ def test_https_upstream_through_a_connect_proxy(tmp_path, ca, tls_upstream, prox
     assert "CONNECT" in proxy.log_path.read_text()
 
 
-def test_http_upstream_through_the_proxy_carries_no_client_key(tmp_path, plain_upstream,
-                                                               proxy):
-    app = tls_app(tmp_path, plain_upstream.url, upstream_proxy=proxy.url)
+def test_http_upstream_through_the_proxy_carries_no_client_key(tmp_path, upstream, proxy):
+    app = tls_app(tmp_path, upstream.url, upstream_proxy=proxy.url)
     response = post(app)
     assert response.status_int == 200, response.body[:300]
     # tinyproxy closes a plain-http client connection after each answer without saying so
     # (HTTP/1.1, no 'Connection: close'), so the pool may reuse it in that instant and fail
     # (docs/upstream.md). Wait for the close; then the next request opens a new connection.
     assert proxy.closed_by_proxy.acquire(timeout=WAIT)
-    streams_through(app, plain_upstream, "the proxy or the gateway")
+    streams_through(app, upstream, "the proxy or the gateway")
     sent = bytes(proxy.sent)
-    assert sent.startswith(b"POST %s/v1/messages HTTP/1.1\r\n" % plain_upstream.url.encode())
+    assert sent.startswith(b"POST %s/v1/messages HTTP/1.1\r\n" % upstream.url.encode())
     assert UPSTREAM_KEY.encode() in sent  # plain http: the proxy is on the upstream's path
     assert CLIENT_KEY.encode() not in sent
     assert gateway.digest_key(CLIENT_KEY).hex().encode() not in sent
     # tinyproxy's Via header says the request really went through it.
-    assert "tinyproxy" in plain_upstream.received[0].headers.get("via", "")
+    assert "tinyproxy" in upstream.received[0].headers.get("via", "")
 
 
 def test_trust_env_takes_the_proxy_from_the_environment(tmp_path, ca, tls_upstream, proxy,
@@ -271,11 +261,11 @@ def test_a_proxy_refusing_its_credentials_is_named_in_the_log_and_check(tmp_path
 
 
 def test_check_online_asks_an_http_upstream_through_a_proxy_with_its_credentials(
-        tmp_path, plain_upstream, capsys, monkeypatch):
+        tmp_path, upstream, capsys, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "TINYPROXY_CONFIG",
                         TINYPROXY_CONFIG + "BasicAuth proxy-user right-password\n")
     with tinyproxy(tmp_path) as (log_path, port):
-        tls_app(tmp_path, plain_upstream.url,
+        tls_app(tmp_path, upstream.url,
                 upstream_proxy="http://proxy-user:right-password@127.0.0.1:%d" % port)
         code = gateway.main(["check", "--config", str(tmp_path / "gateway.ini"), "--online"])
     out, err = capsys.readouterr()
@@ -283,7 +273,7 @@ def test_check_online_asks_an_http_upstream_through_a_proxy_with_its_credentials
     # tinyproxy closes each plain-http connection after its answer: not called reuse
     assert "reusing the connection" not in out
     assert "on a new connection (the first was closed)" in out or "not kept alive" in out
-    assert "HEAD %s/ HTTP/1.1" % plain_upstream.url in log_path.read_text()
+    assert "HEAD %s/ HTTP/1.1" % upstream.url in log_path.read_text()
 
 
 def test_check_online_masks_a_proxy_password_that_is_part_of_the_user_name(tmp_path, ca,
