@@ -128,7 +128,7 @@ def test_a_file_that_would_not_read_back_is_never_written(config_dir, monkeypatc
         gateway.edit_key_file(config, lambda store: store.replace(
             "eve", digest=gateway.digest_key("sk-eve")))
     assert (config_dir / "gateway.keys").read_bytes() == before
-    assert not [name for name in os.listdir(config_dir) if name.startswith(".keys-")]
+    assert not [name for name in os.listdir(config_dir) if name.startswith(".gateway.keys-")]
 
 
 @pytest.mark.parametrize("buffered", [False, True])
@@ -182,7 +182,7 @@ def test_edits_write_through_a_symlink_to_its_target(config_dir, tmp_path):
     assert os.path.islink(config_dir / "gateway.keys")
     assert os.readlink(config_dir / "gateway.keys") == str(target)
     assert "dave" in target.read_text() and os.stat(target).st_mode & 0o777 == 0o600
-    assert not [name for name in os.listdir(real) if name.startswith(".keys-")]
+    assert not [name for name in os.listdir(real) if name.startswith(".keys.real-")]
     assert parsed(config_dir).get("dave") is not None
 
 
