@@ -3091,6 +3091,15 @@ class Deadlines:
                     log.exception("a deadline's action failed")
 
 
+def _lent_socket(environ):
+    """The client's socket when it is this request's alone, else None: only gunicorn lends it
+    (``gunicorn.socket``), and only over HTTP/1 does it carry no other request."""
+    sock = environ.get("gunicorn.socket")
+    if sock is None or not environ.get("SERVER_PROTOCOL", "").startswith("HTTP/1"):
+        return None
+    return sock
+
+
 class _Waiting:
     """One exchange waiting for its upstream's answer: its client's socket, the upstream
     socket once the request is sent (``_ReportsSocket``), and whether the client left."""
@@ -3134,9 +3143,8 @@ class ClientWatch:
     def watching(self, environ):
         """While the body runs, a hang-up of ``environ``'s client closes the upstream
         connection that this thread opens. Yields the ``_Waiting`` (None when unwatched)."""
-        sock = environ.get("gunicorn.socket")
-        if (self._poll is None or sock is None
-                or not environ.get("SERVER_PROTOCOL", "").startswith("HTTP/1")):
+        sock = _lent_socket(environ)
+        if self._poll is None or sock is None:
             yield None
             return
         waiting = _Waiting(sock.fileno())
@@ -3223,8 +3231,8 @@ def _body_deadline(environ, seconds, deadlines):
     completes costs that connection its keep-alive, nothing more.
     """
     expired = threading.Event()
-    sock = environ.get("gunicorn.socket")
-    if sock is None or not environ.get("SERVER_PROTOCOL", "").startswith("HTTP/1"):
+    sock = _lent_socket(environ)
+    if sock is None:
         yield expired
         return
 
