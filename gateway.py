@@ -3837,6 +3837,7 @@ def _check_state_file(config, store, serving):
 
 def cmd_check(config, args):
     """Validate what the gateway will run with and say what was found; exit 1 on a problem."""
+    serving = getattr(args, "command", None) == "serve"
     problems = []
     print("config: %s" % (os.environ.get("GATEWAY_CONFIG") or "(defaults)"))
     print("upstream: %s" % config.upstream_url)
@@ -3844,9 +3845,34 @@ def cmd_check(config, args):
     problem = boot_problem(config)
     if problem:
         problems.append("a worker cannot start with this config: %s" % problem)
-    store = None
+    store, key_problems = _check_key_file(config, serving)
+    problems += key_problems
+    problems += _check_upstream_key(config)
+    problems += _check_upstream_ca(config)
+    problems += _check_limits(config)
+    problems += _check_state_file(config, store, serving)
+    if config.metrics:
+        problems += _check_metrics(config)
+    if getattr(args, "online", False) and not problems:
+        problems += check_online(Gateway(config))
+    for problem in problems:
+        print("problem: %s" % problem)
+    print("ok" if not problems else "%d problem(s)" % len(problems))
+    return 1 if problems else 0
+
+
+def _read_client_keys(config):
+    """The key file's KeyStore as the commands read it (an empty file holds no key)."""
+    return parse_key_file(read_text(config.keys_path, empty_ok=True))
+
+
+def _check_key_file(config, serving):
+    """Report the key file; returns its KeyStore (None when it does not load) and the
+    problems found. ``serving``: 'gateway serve' starts on the last good copy of a key file
+    that does not load, where 'gateway check' fails on it."""
+    store, problems = None, []
     try:
-        store = parse_key_file(read_text(config.keys_path, empty_ok=True))  # as for 'keys'
+        store = _read_client_keys(config)
         enabled = sum(1 for e in store.entries if e.enabled)
         print("keys: %s: %d key(s), %d enabled" % (config.keys_path, len(store.entries), enabled))
         fallback = _last_good_keys_note(config) if not store.entries else None
@@ -3869,7 +3895,7 @@ def cmd_check(config, args):
     except FILE_ERRORS as exc:
         problem = "key file %s: %s" % (config.keys_path, describe(exc))
         fallback = _last_good_keys_note(config)
-        if fallback and getattr(args, "command", None) == "serve":
+        if fallback and serving:
             # A broken key file must not keep the service down (a restart after a bad edit):
             # the workers serve the copy, and say so; 'gateway check' still fails on it.
             print("WARNING: %s\nWARNING: starting anyway: %s" % (problem, fallback))
@@ -3877,34 +3903,33 @@ def cmd_check(config, args):
             problems.append(problem + ("; meanwhile " + fallback if fallback else
                                        "; a worker that starts now has no key to fall back on: "
                                        "every request will be refused"))
+    return store, problems
+
+
+def _check_upstream_key(config):
     if config.upstream_key_path is None:
         print("upstream key: from ANTHROPIC_API_KEY")
-    else:
-        try:
-            count = len(read_parsed(config.upstream_key_path, parse_secret_lines))
-            print("upstream key: %s (%d key(s), readable)" % (config.upstream_key_path, count))
-            _warn_if_readable_by_others(config.upstream_key_path)
-        except FILE_ERRORS as exc:
-            problems.append("upstream key file %s: %s (or set ANTHROPIC_API_KEY)"
-                            % (config.upstream_key_path, describe(exc)))
-    if config.upstream_ca_file:
-        path = config.path(config.upstream_ca_file)
-        try:
-            tls = read_parsed(path, parse_ca_file)
-            print("upstream CA: %s (%d certificate(s))" % (path,
-                                                          tls.cert_store_stats()["x509_ca"]))
-        except FILE_ERRORS as exc:
-            problems.append("upstream_ca_file %s: %s" % (path, describe(exc)))
-    problems += _check_limits(config)
-    problems += _check_state_file(config, store, getattr(args, "command", None) == "serve")
-    if config.metrics:
-        problems += _check_metrics(config)
-    if getattr(args, "online", False) and not problems:
-        problems += check_online(Gateway(config))
-    for problem in problems:
-        print("problem: %s" % problem)
-    print("ok" if not problems else "%d problem(s)" % len(problems))
-    return 1 if problems else 0
+        return []
+    try:
+        count = len(read_parsed(config.upstream_key_path, parse_secret_lines))
+        print("upstream key: %s (%d key(s), readable)" % (config.upstream_key_path, count))
+        _warn_if_readable_by_others(config.upstream_key_path)
+    except FILE_ERRORS as exc:
+        return ["upstream key file %s: %s (or set ANTHROPIC_API_KEY)"
+                % (config.upstream_key_path, describe(exc))]
+    return []
+
+
+def _check_upstream_ca(config):
+    if not config.upstream_ca_file:
+        return []
+    path = config.path(config.upstream_ca_file)
+    try:
+        tls = read_parsed(path, parse_ca_file)
+        print("upstream CA: %s (%d certificate(s))" % (path, tls.cert_store_stats()["x509_ca"]))
+    except FILE_ERRORS as exc:
+        return ["upstream_ca_file %s: %s" % (path, describe(exc))]
+    return []
 
 
 def _last_good_keys_note(config):
@@ -3956,7 +3981,7 @@ def credentials_problem(config):
     fails on them, and the master on HUP keeps its previous config (a keys_file or
     upstream_key_file edited to a wrong path must not turn every key into a 401 or a 502)."""
     try:
-        parse_key_file(read_text(config.keys_path, empty_ok=True))  # as 'gateway check' reads
+        _read_client_keys(config)  # as 'gateway check' reads it
     except FILE_ERRORS as exc:
         if _last_good_keys_note(config) is None:
             return "key file %s: %s, and no last good copy of it to serve instead" % (
