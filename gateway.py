@@ -2604,12 +2604,10 @@ class Gateway:
         self._upstream = None  # (pid, session, pool, tls): made in the process that serves
         self._deadlines = Deadlines()  # body_timeout and lease renewal, for this app
         self._client_watch = ClientWatch()  # clients that leave before the upstream answers
-        # Worked out once, not per call: the upstream's path prefix and urllib3's timeout.
         # parse_upstream_url first: an embedder's Config(upstream_url=...) skips the INI
         # parser, and a URL the pool cannot use must say why as the app is built.
         parse_upstream_url(config.upstream_url)
         upstream = urllib3.util.parse_url(config.upstream_url)
-        self._upstream_host = upstream.host
         self._upstream_origin = "%s://%s" % (upstream.scheme, upstream.netloc)
         self._proxy = proxy_for(config, os.environ)
         if self._proxy and not config.upstream_proxy:
