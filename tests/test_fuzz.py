@@ -125,6 +125,21 @@ def call(app, environ):
     return answer["status"], answer["headers"], data
 
 
+def check_forwarded(client, upstream, path, nan_ok=False):
+    """The upstream got the ``client``'s body with its model id mapped and every other field
+    as it was (but tools and fallbacks, and the fields count_tokens drops, which it must not
+    get). ``nan_ok``: a NaN the client sent arrives as NaN, which never equals itself."""
+    assert upstream["model"] == MODELS[client["model"]]
+    for name in set(client) | set(upstream):
+        if name in ("model", "fallbacks", "tools"):
+            continue
+        if path.endswith("count_tokens") and name in gateway.COUNT_TOKENS_DROPPED_FIELDS:
+            assert name not in upstream
+            continue
+        value = upstream.get(name)
+        assert value == client.get(name) or (nan_ok and value != value), name
+
+
 def check_answer(status, headers, data, records, start, method="POST"):
     """The invariants every answer holds, whatever was asked."""
     CASES["count"] += 1
@@ -310,16 +325,7 @@ def test_any_body_with_a_good_key(rig, body, key, path, extra):
         assert not status.startswith("2"), status
         return
     assert len(sent) == 1  # never retried
-    client, upstream = json.loads(body), sent[0].json()
-    assert upstream["model"] == MODELS[client["model"]]
-    for name in set(client) | set(upstream):
-        if name in ("model", "fallbacks", "tools"):
-            continue
-        if path.endswith("count_tokens") and name in gateway.COUNT_TOKENS_DROPPED_FIELDS:
-            assert name not in upstream
-            continue
-        assert upstream.get(name) == client.get(name) or (upstream.get(name) != upstream.get(
-            name)), name  # NaN never equals itself
+    check_forwarded(json.loads(body), sent[0].json(), path, nan_ok=True)
 
 
 @FUZZ
@@ -412,16 +418,9 @@ def test_valid_requests_reach_the_upstream_with_only_the_model_ids_mapped(rig):
                 if r.headers.get("x-client-request-id") == marker]
         assert status.startswith("200") and len(sent) == 1, (status, answer[:300])
         upstream = sent[0].json()
-        assert upstream["model"] == MODELS[client["model"]]
+        check_forwarded(client, upstream, path)
         for routed, item in zip(upstream.get("fallbacks", ()), client.get("fallbacks", ())):
             assert routed["model"] == MODELS[item["model"]]
-        for name in set(client) | set(upstream):
-            if name in ("model", "fallbacks", "tools"):
-                continue
-            if path.endswith("count_tokens") and name in gateway.COUNT_TOKENS_DROPPED_FIELDS:
-                assert name not in upstream
-                continue
-            assert upstream.get(name) == client.get(name), name
         reached.append(path)
 
     forwards()
