@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gateway  # noqa: E402
-from upstream import UPSTREAM_KEY, FakeUpstream  # noqa: E402
+from upstream import UPSTREAM_KEY, FakeUpstream, tls_server  # noqa: E402
 
 CLIENT_KEY = "sk-gw-test-alice-0123456789abcdefghijklmnop"
 LIMITED_KEY = "sk-gw-test-bob-0123456789abcdefghijklmnopqr"
@@ -83,13 +83,30 @@ def no_proxy_environment(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def upstream():
-    fake = FakeUpstream().start()
+def running(fake):
+    """Start ``fake`` (a FakeUpstream), yield it, then release its gate and stop it."""
+    fake.start()
     yield fake
     if fake.gate is not None:
         fake.gate.set()
     fake.stop()
+
+
+@pytest.fixture
+def upstream():
+    yield from running(FakeUpstream())
+
+
+@pytest.fixture(scope="module")
+def ca():
+    """A private certificate authority (trustme), one per test module."""
+    return pytest.importorskip("trustme").CA()
+
+
+@pytest.fixture
+def tls_upstream(ca):
+    """The fake upstream over TLS, with a certificate from ``ca`` for 127.0.0.1 and localhost."""
+    yield from running(FakeUpstream(tls_server(ca.issue_cert("127.0.0.1", "localhost"))))
 
 
 def key_line(name, key, models="*", enabled="enabled"):

@@ -22,7 +22,7 @@ import gateway  # noqa: E402
 from conftest import CLIENT_KEY, required, server_process  # noqa: E402
 from test_streaming import streams_through  # noqa: E402
 from test_tls import post, tls_app  # noqa: E402
-from upstream import UPSTREAM_KEY, FakeUpstream, tls_server  # noqa: E402
+from upstream import UPSTREAM_KEY, FakeUpstream  # noqa: E402
 
 WAIT = 10
 
@@ -120,20 +120,6 @@ def proxy(tmp_path):
         tap.url = "http://127.0.0.1:%d" % tap.port
         yield tap
         tap.close()
-
-
-@pytest.fixture(scope="module")
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_upstream(ca):
-    fake = FakeUpstream(tls_server(ca.issue_cert("127.0.0.1"))).start()
-    yield fake
-    if fake.gate is not None:
-        fake.gate.set()
-    fake.stop()
 
 
 def test_https_upstream_through_a_connect_proxy(tmp_path, ca, tls_upstream, proxy):

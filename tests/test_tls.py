@@ -25,20 +25,6 @@ BODY = {"model": "claude-opus-4-8", "max_tokens": 10,
         "messages": [{"role": "user", "content": "hi"}]}
 
 
-@pytest.fixture(scope="module")
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_upstream(ca):
-    fake = FakeUpstream(tls_server(ca.issue_cert("127.0.0.1", "localhost"))).start()
-    yield fake
-    if fake.gate is not None:
-        fake.gate.set()
-    fake.stop()
-
-
 def write_ini(directory, upstream_url, **settings):
     (directory / "upstream.key").write_text(UPSTREAM_KEY + "\n")
     (directory / "gateway.keys").write_text(
