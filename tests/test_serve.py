@@ -157,7 +157,6 @@ def test_hup_applies_a_new_config_and_survives_a_broken_one(config_dir, upstream
 
 def test_version_is_the_release_that_setup_cfg_builds():
     import configparser
-    import gateway
     result = run_gateway("--version")
     assert result.returncode == 0 and result.stdout == "gateway %s\n" % gateway.__version__
     setup = configparser.ConfigParser()
