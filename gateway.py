@@ -1537,6 +1537,8 @@ class RedisLimits:
     def _start_renewing(self):
         """Schedule the periodic renewal, on first need in this process (never in a command
         that only asks Redis a question)."""
+        if self._renewing:  # the usual case: no lock on the request path
+            return
         with self._lock:
             if not self._renewing:
                 self._renewing = True
@@ -1568,16 +1570,14 @@ class RedisLimits:
                 self._failed(exc)
                 if entry.concurrency:  # Redis may still run it: release what it takes
                     self._loose[holder] = entry.name
-                    if not self._renewing:
-                        self._start_renewing()
+                    self._start_renewing()
             else:
                 self._answered(started)
                 if refused:
                     raise limit_refusal(entry, LIMIT_REFUSALS[refused - 1][0], wait_ms / 1000)
                 if entry.concurrency:
                     self._live[holder] = entry.name
-                    if not self._renewing:
-                        self._start_renewing()
+                    self._start_renewing()
                 return
         self._admit_away(entry, holder, now)
 
@@ -1610,8 +1610,7 @@ class RedisLimits:
     def touch(self, name, now):
         """Note that ``name`` was used; written with the next renewal, not on this request."""
         self.client()
-        if not self._renewing:
-            self._start_renewing()
+        self._start_renewing()
         self._touched[name] = now
 
     def last_use(self, names):
