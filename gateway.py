@@ -1483,7 +1483,7 @@ class RedisLimits:
         self._down_until = None  # time.monotonic() before which Redis is not tried
         self._opened_at = 0.0  # time.monotonic() when the breaker last opened
         self._live = {}  # holder -> key name: this process's slots in Redis
-        self._away = {}  # holder -> policy: admitted while Redis was away
+        self._away = set()  # holders admitted while Redis was away (by down_policy)
         self._touched = {}  # key name -> last use not yet written
         try:  # no socket yet; a bad option fails 'gateway check' here, not every request
             self._new_pool().make_connection()
@@ -1530,7 +1530,7 @@ class RedisLimits:
             renew=client.register_script(REDIS_RENEW),
             last_use=client.register_script(REDIS_LAST_USE))
         self._renewing = False
-        self._live, self._away, self._touched, self._loose = {}, {}, {}, {}
+        self._live, self._away, self._touched, self._loose = {}, set(), {}, {}
         self._client = client
         self._pid = os.getpid()
 
@@ -1588,7 +1588,7 @@ class RedisLimits:
         if self.down_policy == "local":
             self.local.admit(entry, holder, now)
         if entry.concurrency or entry.tokens_per_day:  # only these get a finish call
-            self._away[holder] = self.down_policy
+            self._away.add(holder)
         if self.metrics is not None:
             self.metrics.limits_admitted_away.labels(self.down_policy).inc()
 
@@ -1598,13 +1598,14 @@ class RedisLimits:
         Not handed to a background thread: a client that sends its next request as soon as
         it has read the answer (a script, an agent's loop) must find the slot free, or a key
         with ``concurrency = 1`` would be refused for a request it no longer has in flight."""
-        policy = self._away.pop(holder, None)
-        if policy == "local":
-            self.local.finish(entry, holder, tokens, now)
+        if holder in self._away:  # not counted in Redis: only in the file, if at all
+            self._away.discard(holder)
+            if self.down_policy == "local":
+                self.local.finish(entry, holder, tokens, now)
             return
         tokens = tokens if entry.tokens_per_day else 0
         held = self._live.pop(holder, None) is not None
-        if policy is None and (held or tokens):
+        if held or tokens:
             self._send_finish(entry.name, holder if held else "", tokens)
 
     def touch(self, name, now):

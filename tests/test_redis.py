@@ -332,7 +332,7 @@ def test_while_redis_is_down_the_policy_decides_and_says_so_once(redis_server, t
         assert time.monotonic() - started < 1.0
     assert outcomes == {"local": [200, 200, 429, 429],  # rpm=2 on this host's own file
                         "open": [200] * 4, "closed": [503] * 4}[policy]
-    assert backend._away == {}  # rpm only: no finish call will come, so nothing is kept
+    assert backend._away == set()  # rpm only: no finish call will come, so nothing is kept
     errors = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(errors) == 1 and "redis.sock" in errors[0].getMessage()
     redis_server.start()
