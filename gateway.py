@@ -1485,6 +1485,12 @@ class RedisLimits:
         self._live = {}  # holder -> key name: this process's slots in Redis
         self._away = set()  # holders admitted while Redis was away (by down_policy)
         self._touched = {}  # key name -> last use not yet written
+        # holder -> key name: a slot Redis may hold that no request of ours holds any more,
+        # released with the next renewal that reaches Redis. An admit call that timed out
+        # may still run in Redis (queued behind a slow command) and take a slot; a finish
+        # call that failed or was skipped by the breaker may not have freed one. Without
+        # this, such a slot would refuse the key on every host for a whole lease.
+        self._loose = {}
         try:  # no socket yet; a bad option fails 'gateway check' here, not every request
             self._new_pool().make_connection()
         except (TypeError, ValueError) as exc:  # redis-py's words never repeat the URL
@@ -1496,12 +1502,6 @@ class RedisLimits:
         if timeouts:
             raise ValueError("setting limits_backend: remove %s from the URL: the gateway "
                              "sets its own (%g s)" % (", ".join(sorted(timeouts)), self.TIMEOUT))
-        # holder -> key name: a slot Redis may hold that no request of ours holds any more,
-        # released with the next renewal that reaches Redis. An admit call that timed out
-        # may still run in Redis (queued behind a slow command) and take a slot; a finish
-        # call that failed or was skipped by the breaker may not have freed one. Without
-        # this, such a slot would refuse the key on every host for a whole lease.
-        self._loose = {}
 
     # -- the client, per process ----------------------------------------------------------
 
