@@ -74,6 +74,12 @@ def test_ini_examples_parse(doc, tmp_path):
             gateway.Config.from_file(str(path))  # raises, naming the setting, if stale
 
 
+def test_the_fence_finds_the_ini_examples():
+    # test_ini_examples_parse checks nothing for a doc whose blocks FENCE does not match.
+    found = [doc for doc in DOCS for language, _ in FENCE.findall(read(doc)) if language == "ini"]
+    assert "docs/configuration.md" in found and len(found) >= 5
+
+
 def commands(parser, prefix="gateway"):
     """(command line, its option strings) for every command and subcommand of ``parser``."""
     found = []
