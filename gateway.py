@@ -1311,7 +1311,7 @@ class HostState:
         self._write("INSERT INTO last_use VALUES (?, ?) ON CONFLICT (name) "
                     "DO UPDATE SET at = max(at, excluded.at)", (name, now))
 
-    def last_use(self, names=None):
+    def last_use(self):
         """{key name: epoch seconds of its last recorded use}; {} when there is no file."""
         if not os.path.exists(self.path):
             return {}
