@@ -308,11 +308,14 @@ class Config:
         """Parse the INI file at ``path``; raise ``ValueError`` naming the file, the line and
         the setting that is wrong (``config gateway.ini, line 7: read_timeout = ten: not a
         number``)."""
+        return cls.from_data(read_config_data(path), path, environ)
+
+    @classmethod
+    def from_data(cls, data, path, environ=None):
+        """The config whose INI file ``path`` held ``data`` (bytes) when it was read: 'gateway
+        serve' workers build theirs from the bytes their master checked (served_config)."""
         try:
-            text = read_text(path, empty_ok=True)
-            sections, lines = _read_ini(text, path)
-        except OSError as exc:
-            raise ValueError("cannot read config %s: %s" % (path, describe(exc))) from None
+            sections, lines = _read_ini(decode_utf8(data), path)
         except ValueError as exc:
             raise ValueError("config %s, %s" % (path, exc)) from None
         base_dir = os.path.dirname(os.path.abspath(path))
@@ -366,6 +369,15 @@ class Config:
         if self.upstream_key and not self.upstream_key_file:
             return None
         return self.path(self.upstream_key_file or "upstream.key")
+
+
+def read_config_data(path):
+    """The bytes of the INI file at ``path``, or ValueError 'cannot read config PATH: why'."""
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise ValueError("cannot read config %s: %s" % (path, describe(exc))) from None
 
 
 #: The sections a config file may have; any other (a typo like [gatway]) is an error, since
@@ -4408,113 +4420,167 @@ def find_gunicorn_config(name="gunicorn.conf.py"):
     return None
 
 
-#: ``gateway serve --worker gevent`` runs again in a fresh interpreter that lets gevent patch
-#: the standard library before anything imports ``requests`` (see _serve_patched_first).
-GEVENT_BOOT = ("import sys; from gevent import monkey; monkey.patch_all(); "
-               "sys.path.insert(0, sys.argv.pop(1)); import gateway; sys.exit(gateway.main())")
+def served_config(data, environ):
+    """The Config that 'gateway serve' serves: the INI file that ``GATEWAY_CONFIG`` names, as it
+    was when its bytes ``data`` were read and checked, or the defaults when it names none."""
+    path = environ.get("GATEWAY_CONFIG")
+    return Config.from_data(data, path, environ) if path else Config.from_environ(environ)
 
 
-def _gevent_patched():
-    """Whether gevent has patched this process's standard library."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and monkey.is_module_patched("socket")
+def reload_problem(data, environ):
+    """Why workers must not be forked with the config ``data`` (see served_config) on HUP, or
+    None: it does not parse, a worker could not build its app from it (boot_problem), or the
+    workers would refuse every request (credentials_problem)."""
+    try:
+        new = served_config(data, environ)
+    except ValueError as exc:
+        return str(exc)
+    problem = boot_problem(new)
+    if problem is not None:
+        return "a worker cannot start with %s: %s" % (environ.get("GATEWAY_CONFIG")
+                                                       or "the defaults", problem)
+    return credentials_problem(new)
 
 
-def _serve_patched_first(args):
-    """Replace this process with one where gevent patches first, then the same command.
+def check_reload():
+    """The HUP check of the 'gateway serve' master (SERVE_MASTER), in a process of its own:
+    read the config file, check it (reload_problem) and write to stdout ``ok`` and the bytes
+    that passed, which the master keeps for the workers it forks next, or ``problem`` and why.
+    Metrics, if on, are counted in a directory of its own, removed after: this process serves
+    nothing, and its files would otherwise pile up beside the workers' on every HUP."""
+    path = os.environ.get("GATEWAY_CONFIG")
+    made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-check-")
+    try:  # anything printed meanwhile goes to the log (stderr), not into the answer
+        with contextlib.redirect_stdout(sys.stderr):
+            data = read_config_data(path) if path else b""
+            problem = reload_problem(data, os.environ)
+    except ValueError as exc:
+        problem = str(exc)
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+    out = sys.stdout.buffer
+    out.write(b"ok\n" + data if problem is None else b"problem\n" + problem.encode())
+    out.flush()
+    return 0
 
-    Facts -> decision: gevent must patch ``ssl`` and ``socket`` before ``requests`` (urllib3)
-    is imported, or urllib3 keeps the unpatched ``ssl.SSLContext`` and HTTPS upstream calls
-    fail with RecursionError (gevent#1016); this module imports requests at the top, so the
-    process running it is too late. gunicorn's own gevent worker patches only in the worker,
-    after the fork, which is too late for the same reason. So the whole process starts over
-    (``exec``: same pid, so systemd's Type=notify and HUP still reach the gunicorn master),
-    patches, and runs ``gateway serve`` again, master and workers patched alike, keeping
-    everything ``gateway serve`` does (the checks, HUP keeping the last good config).
-    """
-    import importlib.util
-    if importlib.util.find_spec("gevent") is None:
-        print("error: --worker gevent needs gevent: pip install 'gateway[gevent]'",
-              file=sys.stderr)
-        return 2
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, "-c", GEVENT_BOOT,
-                              os.path.dirname(os.path.abspath(__file__))] + args.argv)
+
+#: The gunicorn master that 'gateway serve' becomes once its checks pass (cmd_serve: exec, so
+#: the same pid, which systemd's Type=notify and HUP reach). It never imports this module:
+#: what the module imports (requests, urllib3, ssl, sqlite3: about 9 MB) would sit in the
+#: master and count again in every worker's RSS. Each worker imports it after the fork (load)
+#: and builds its app from the config bytes the master last checked. On HUP a child process
+#: checks the file (check_reload); the master keeps the bytes that passed, or keeps the
+#: previous ones and says why, as 'gateway serve' always has (workers that parsed a broken
+#: config themselves would fail to boot, and gunicorn stops when a worker cannot boot).
+#: Arguments: this module's directory, then the settings as JSON; the config's bytes, as
+#: checked, come on the inherited file descriptor ``config_fd``.
+SERVE_MASTER = r"""
+import json, logging, os, shutil, subprocess, sys
+import gunicorn.app.base
+
+HERE, SETTINGS = sys.argv[1], json.loads(sys.argv[2])
+CHECK = ("import sys; sys.path.insert(0, sys.argv[1]); import gateway; "
+         "sys.exit(gateway.check_reload())")
+
+
+class GatewayMaster(gunicorn.app.base.Application):
+    with open(SETTINGS["config_fd"], "rb") as file:
+        checked = file.read()  # the config bytes that passed the last check
+
+    def init(self, parser, opts, args):
+        return None  # no gunicorn command line: 'gateway serve' has its own
+
+    def load_config(self):
+        if SETTINGS["gunicorn_config"]:
+            self.load_config_from_file(SETTINGS["gunicorn_config"])
+        if SETTINGS["bind"]:
+            self.cfg.set("bind", [SETTINGS["bind"]])
+        worker, configured = SETTINGS["worker"], self.cfg.settings["worker_class"].get()
+        if worker and worker not in str(getattr(configured, "__name__", configured)).lower():
+            self.cfg.set("worker_class", worker)
+
+    def reload(self):
+        try:
+            found = subprocess.run([sys.executable, "-c", CHECK, HERE], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, timeout=300).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            found = b"problem\nthe check did not finish: " + str(exc).encode()
+        verdict, _, rest = found.partition(b"\n")
+        if verdict == b"ok":
+            self.checked = rest
+        else:
+            problem = rest.decode(errors="replace") if verdict == b"problem" else (
+                "the check failed (its errors are above)")
+            logging.getLogger("gateway").error(
+                "reload: %s; keeping the previous gateway config", problem)
+        super().reload()
+
+    def load(self):  # in each worker, after the fork
+        sys.path.insert(0, HERE)
+        import gateway
+        return gateway.make_app(gateway.served_config(self.checked, os.environ))
+
+
+master = os.getpid()
+try:
+    GatewayMaster().run()
+finally:
+    # Forked workers leave through here too (gunicorn ends them with SystemExit): only the
+    # master removes the metrics directory it was given, once every worker is gone.
+    if SETTINGS["metrics_dir_made"] and os.getpid() == master:
+        shutil.rmtree(SETTINGS["metrics_dir_made"], ignore_errors=True)
+"""
 
 
 def cmd_serve(config, args):
+    """Check, then become the gunicorn master (SERVE_MASTER), with the config bytes checked."""
     if args.dev:
         return serve_dev(config, args)
-    if args.worker == "gevent" and not _gevent_patched():
-        return _serve_patched_first(args)
-    try:
-        import gunicorn.app.base
-    except ImportError:
+    import importlib.util
+    if importlib.util.find_spec("gunicorn") is None:
         print("error: 'gateway serve' runs gunicorn: pip install 'gateway[serve]' (or embed "
               "gateway:make_app() in your own WSGI server)", file=sys.stderr)
         return 2
-    # Before the check, which builds the app: prometheus_client must first be imported
-    # with PROMETHEUS_MULTIPROC_DIR set, or the workers inherit single-process counters.
+    if args.worker == "gevent" and importlib.util.find_spec("gevent") is None:
+        print("error: --worker gevent needs gevent: pip install 'gateway[gevent]'",
+              file=sys.stderr)
+        return 2
+    # The bytes checked here are the bytes served: the file may change after main read it.
+    path = os.environ.get("GATEWAY_CONFIG")
+    try:
+        data = read_config_data(path) if path else b""
+        config = served_config(data, os.environ)
+    except ValueError as exc:
+        print("error: %s" % exc, file=sys.stderr)
+        return 2
+    # Before the check, which builds the app: prometheus_client must be imported with
+    # PROMETHEUS_MULTIPROC_DIR set; the workers inherit it through the exec.
     made = prepare_metrics_dir() if config.metrics else None
     if cmd_check(config, args) != 0:
         print("error: fix the problems above before serving", file=sys.stderr)
         if made:
             shutil.rmtree(made, ignore_errors=True)
         return 1
-    gunicorn_config = args.gunicorn_config or find_gunicorn_config(
-        "gunicorn-gevent.conf.py" if args.worker == "gevent" else "gunicorn.conf.py")
-
-    class GatewayServer(gunicorn.app.base.Application):
-        # The gunicorn master is this process, so 'gateway serve' can be supervised directly
-        # (systemd, HUP to reload). On HUP the master re-reads the gateway config and builds
-        # the app from it once, as a worker would (boot_problem); the new workers fork from
-        # it and build their app from the last config that did both. A HUP with a broken
-        # config therefore keeps serving the previous one (and logs why), where workers that
-        # parsed it themselves would fail to boot and take the master down with them.
-        gateway_config = config
-
-        def load_config(self):
-            if gunicorn_config:
-                self.load_config_from_file(gunicorn_config)
-            if args.bind:
-                self.cfg.set("bind", [args.bind])
-            configured = self.cfg.settings["worker_class"].get()
-            if args.worker and args.worker not in str(getattr(configured, "__name__",
-                                                               configured)).lower():
-                self.cfg.set("worker_class", args.worker)
-
-        def reload(self):
-            try:
-                new = Config.from_environ(os.environ)
-                problem = boot_problem(new)
-                if problem is not None:
-                    problem = "a worker cannot start with %s: %s" % (
-                        os.environ.get("GATEWAY_CONFIG") or "the defaults", problem)
-                problem = problem or credentials_problem(new)
-            except ValueError as exc:
-                new, problem = None, exc
-            if problem is None:
-                self.gateway_config = new
-            else:
-                log.error("reload: %s; keeping the previous gateway config", problem)
-            super().reload()
-
-        def init(self, parser, opts, args):
-            return None  # no gunicorn command line: 'gateway serve' has its own
-
-        def load(self):
-            return make_app(self.gateway_config)
-
-    master = os.getpid()
-    try:
-        GatewayServer().run()
-    finally:
-        # Forked workers leave through this frame too (gunicorn ends them with SystemExit):
-        # only the master removes the directory, once every worker is gone.
-        if made and os.getpid() == master:
-            shutil.rmtree(made, ignore_errors=True)
-    return 0
+    settings = {"gunicorn_config": args.gunicorn_config or find_gunicorn_config(
+        "gunicorn-gevent.conf.py" if args.worker == "gevent" else "gunicorn.conf.py"),
+        "bind": args.bind, "worker": args.worker, "metrics_dir_made": made}
+    with tempfile.TemporaryFile() as checked:  # unlinked: the config may hold a password
+        checked.write(data)
+        checked.flush()
+        checked.seek(0)
+        os.set_inheritable(checked.fileno(), True)
+        settings["config_fd"] = checked.fileno()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        try:
+            os.execv(sys.executable, [sys.executable, "-c", SERVE_MASTER, os.path.dirname(
+                os.path.abspath(__file__)), json.dumps(settings)])
+        except OSError as exc:
+            print("error: cannot start the gunicorn master: %s" % describe(exc),
+                  file=sys.stderr)
+    if made:
+        shutil.rmtree(made, ignore_errors=True)
+    return 1
 
 
 def serve_dev(config, args):

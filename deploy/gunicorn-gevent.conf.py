@@ -11,10 +11,10 @@ open stream costs a greenlet instead of a thread, so thousands fit in the same m
 Facts -> decision: gevent must patch the standard library before ``requests`` is imported.
 Patched late, urllib3 keeps the unpatched ``ssl.SSLContext`` and every HTTPS upstream request
 fails with RecursionError (gevent#1016; reproduced with gevent 26.9, urllib3 2, Python 3.11).
-``gateway serve --worker gevent`` therefore starts over in a fresh interpreter that patches
-first (``gateway.GEVENT_BOOT``); plain gunicorn imports the gateway only in each worker, after
-the worker has patched. This file refuses to load in a process that imported urllib3 unpatched
-(``gateway serve --gunicorn-config <this file>`` without ``--worker gevent``).
+Neither ``gateway serve`` (its master never imports the gateway: ``gateway.SERVE_MASTER``)
+nor plain gunicorn imports the gateway before each worker has patched, after the fork. This
+file refuses to load in a process that imported urllib3 unpatched (an embedding that imported
+requests first).
 
 On reload or stop, the worker below closes its idle keep-alive connections after 2 s, as
 gthread does (gunicorn's own gevent worker waits for each until nginx drops it, 60 s, or
@@ -36,8 +36,8 @@ globals().update((name, value) for name, value in runpy.run_path(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "gunicorn.conf.py")).items()
     if not name.startswith("__"))
 
-# A greenlet per connection, cooperative I/O (under plain gunicorn, gevent is imported only in
-# the workers; under `gateway serve --worker gevent`, in the master first).
+# A greenlet per connection, cooperative I/O (gevent is imported here, in the master too,
+# unpatched: each worker patches after the fork, before it imports the gateway).
 from gunicorn.workers.ggevent import GeventWorker  # noqa: E402  (gevent, not patched by this)
 import gevent  # noqa: E402
 

@@ -597,15 +597,21 @@ def test_dev_server_streams_with_the_standard_library_alone(config_dir, upstream
     assert '"path": "/v1/messages"' in (tmp_path / "dev.log").read_text()
 
 
-def test_the_gevent_config_refuses_gateway_serve(config_dir):
-    result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "gateway"), "serve", "--config",
-         str(config_dir / "gateway.ini"), "--bind", ANY_PORT,
-         "--gunicorn-config", os.path.join(DEPLOY, "gunicorn-gevent.conf.py")],
-        capture_output=True, text=True, timeout=30)
-    assert result.returncode != 0
-    assert "needs gevent to patch first: 'gateway serve --worker gevent'" in \
-        result.stdout + result.stderr
+def test_serve_with_the_gevent_config_and_no_worker_option(config_dir, upstream, tmp_path):
+    """The 'gateway serve' master never imports requests, so the gevent config loads in it
+    as under plain gunicorn, and its workers patch before they import the gateway (it
+    refused before: the master had imported urllib3 unpatched)."""
+    require_gevent()
+    log_path = tmp_path / "gevent.log"
+    with gateway_process(["serve", "--config", str(config_dir / "gateway.ini"), "--bind",
+                          ANY_PORT, "--gunicorn-config",
+                          os.path.join(DEPLOY, "gunicorn-gevent.conf.py")],
+                         log_path) as (_, url):
+        answer = requests.post(url + "/v1/messages", json=STREAM,
+                               headers=dict(auth(), Connection="close"), timeout=WAIT)
+    log = log_path.read_text()
+    assert answer.status_code == 200 and b"event: message_stop" in answer.content
+    assert "Using worker: GatewayGeventWorker" in log and "MonkeyPatchWarning" not in log
 
 
 def test_the_gevent_extra_streams_under_plain_gunicorn(config_dir, upstream, tmp_path):

@@ -155,6 +155,23 @@ def test_hup_applies_a_new_config_and_survives_a_broken_one(config_dir, upstream
         assert process.poll() is None
 
 
+def test_the_master_leaves_the_gateway_module_to_its_workers(config_dir, upstream, tmp_path):
+    """The gunicorn master ('gateway serve' itself, after its checks: the same pid) does not
+    hold what gateway.py imports, which every worker would count again in its RSS; sqlite3's
+    extension module, which gunicorn never loads, shows it. A worker has it, and serves."""
+    import re
+
+    def loaded(pid):
+        with open("/proc/%d/maps" % pid) as file:
+            return "_sqlite3" in file.read()
+    log_path = tmp_path / "serve.log"
+    with gateway_process(["serve", "--config", str(config_dir / "gateway.ini"), "--bind",
+                          ANY_PORT], log_path) as (process, url):
+        assert requests.get(url + "/v1/models", headers=auth(), timeout=10).status_code == 200
+        worker = int(re.search(r"Booting worker with pid: (\d+)", log_path.read_text()).group(1))
+        assert loaded(worker) and not loaded(process.pid)
+
+
 def test_version_is_the_release_that_setup_cfg_builds():
     import configparser
     result = run_gateway("--version")
