@@ -6,7 +6,7 @@
 Starts ``./gateway serve`` with deploy/gunicorn.conf.py as tests/benchmark.py does (one worker,
 its fake upstream), plus tracemalloc in the worker. After the benchmark's warm-up and settle,
 the worker writes a snapshot ("idle"); then come the 200 slow streams and 3 s of 5 MB bodies,
-8 s of settling (RSS sampled every 0.5 s; the benchmark reads its "after load" row at 3 s),
+8 s of settling (RSS sampled every 0.5 s; the benchmark reads its "after load" row at 5 s),
 and a second snapshot. Printed: the worker's RSS at both points and as it settles, its RSS by
 kind of mapping, what Python objects still hold that they did not hold idle (the largest
 growths by traceback). RSS growth that no Python object holds is memory Python freed but an
