@@ -4465,10 +4465,11 @@ def check_reload():
 
 
 #: The gunicorn master that 'gateway serve' becomes once its checks pass (cmd_serve: exec, so
-#: the same pid, which systemd's Type=notify and HUP reach). It never imports this module:
-#: what the module imports (requests, urllib3, ssl, sqlite3: about 9 MB) would sit in the
-#: master and count again in every worker's RSS. Each worker imports it after the fork (load)
-#: and builds its app from the config bytes the master last checked. On HUP a child process
+#: the same pid, which systemd's Type=notify and HUP reach). With one worker it does not import
+#: this module: what the module imports (requests, urllib3, ssl, sqlite3: about 9 MB) would sit
+#: in the master and count again in the worker's RSS, shared with nothing else. The worker
+#: imports it after the fork (load); several gthread workers share the master's copy instead.
+#: Every worker builds its app from the config bytes the master last checked. On HUP a process
 #: checks the file (check_reload); the master keeps the bytes that passed, or keeps the
 #: previous ones and says why, as 'gateway serve' always has (workers that parsed a broken
 #: config themselves would fail to boot, and gunicorn stops when a worker cannot boot).
@@ -4477,6 +4478,7 @@ def check_reload():
 SERVE_MASTER = r"""
 import json, logging, os, shutil, subprocess, sys
 import gunicorn.app.base
+import gunicorn.workers.gthread
 
 HERE, SETTINGS = sys.argv[1], json.loads(sys.argv[2])
 CHECK = ("import sys; sys.path.insert(0, sys.argv[1]); import gateway; "
@@ -4521,9 +4523,16 @@ class GatewayMaster(gunicorn.app.base.Application):
         return gateway.make_app(gateway.served_config(self.checked, os.environ))
 
 
-master = os.getpid()
+master, server = os.getpid(), GatewayMaster()
+if server.cfg.workers > 1 and issubclass(server.cfg.worker_class,
+                                         gunicorn.workers.gthread.ThreadWorker):
+    # Several workers: they share the module's pages, copied on write, where each would
+    # load its own, about 3 MB more of real memory per worker (docs/performance.md). Alone,
+    # a worker shares nothing, and the master stays lean. gevent's workers must patch first.
+    sys.path.insert(0, HERE)
+    import gateway  # noqa: F401
 try:
-    GatewayMaster().run()
+    server.run()
 finally:
     # Forked workers leave through here too (gunicorn ends them with SystemExit): only the
     # master removes the metrics directory it was given, once every worker is gone.

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import requests
 
 import gateway
@@ -155,21 +156,37 @@ def test_hup_applies_a_new_config_and_survives_a_broken_one(config_dir, upstream
         assert process.poll() is None
 
 
-def test_the_master_leaves_the_gateway_module_to_its_workers(config_dir, upstream, tmp_path):
-    """The gunicorn master ('gateway serve' itself, after its checks: the same pid) does not
-    hold what gateway.py imports, which every worker would count again in its RSS; sqlite3's
-    extension module, which gunicorn never loads, shows it. A worker has it, and serves."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_master_imports_the_gateway_only_to_share_it(config_dir, upstream, tmp_path,
+                                                         workers):
+    """With one worker, the gunicorn master ('gateway serve' itself after its checks: the
+    same pid) does not hold what gateway.py imports, which the worker would count again in
+    its RSS; with several, it does, so that they share those pages. sqlite3's extension
+    module, which gunicorn never loads, shows which. The workers have it, and serve."""
     import re
+    import time
+
+    def booted_workers(log_path):
+        return [int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)",
+                                               log_path.read_text())]
 
     def loaded(pid):
         with open("/proc/%d/maps" % pid) as file:
             return "_sqlite3" in file.read()
     log_path = tmp_path / "serve.log"
     with gateway_process(["serve", "--config", str(config_dir / "gateway.ini"), "--bind",
-                          ANY_PORT], log_path) as (process, url):
+                          ANY_PORT], log_path, env={"WEB_CONCURRENCY": str(workers)}) as \
+            (process, url):
         assert requests.get(url + "/v1/models", headers=auth(), timeout=10).status_code == 200
-        worker = int(re.search(r"Booting worker with pid: (\d+)", log_path.read_text()).group(1))
-        assert loaded(worker) and not loaded(process.pid)
+        deadline = time.monotonic() + 30
+        while len(booted_workers(log_path)) < workers:  # each logs before it loads the app
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        while not all(loaded(pid) for pid in booted_workers(log_path)):
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        assert len(booted_workers(log_path)) == workers
+        assert loaded(process.pid) == (workers > 1)
 
 
 def test_version_is_the_release_that_setup_cfg_builds():
