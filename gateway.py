@@ -4473,14 +4473,14 @@ def check_reload():
 #: checks the file (check_reload); the master keeps the bytes that passed, or keeps the
 #: previous ones and says why, as 'gateway serve' always has (workers that parsed a broken
 #: config themselves would fail to boot, and gunicorn stops when a worker cannot boot).
-#: Arguments: this module's directory, then the settings as JSON; the config's bytes, as
-#: checked, come on the inherited file descriptor ``config_fd``.
+#: Run by SERVE_MASTER_BOOT, with this module's directory and the settings (JSON) as arguments;
+#: the config's bytes, as checked, come on the inherited file descriptor ``config_fd``.
 SERVE_MASTER = r"""
 import json, logging, os, shutil, subprocess, sys
 import gunicorn.app.base
 import gunicorn.workers.gthread
 
-HERE, SETTINGS = sys.argv[1], json.loads(sys.argv[2])
+HERE, SETTINGS = sys.argv[2], json.loads(sys.argv[3])
 CHECK = ("import sys; sys.path.insert(0, sys.argv[1]); import gateway; "
          "sys.exit(gateway.check_reload())")
 
@@ -4540,6 +4540,11 @@ finally:
         shutil.rmtree(SETTINGS["metrics_dir_made"], ignore_errors=True)
 """
 
+#: The command line of that master (``ps``, ``systemctl status``): a line that names it and
+#: runs SERVE_MASTER from an inherited file descriptor (its first argument).
+SERVE_MASTER_BOOT = ("import sys; exec(compile(open(int(sys.argv[1])).read(), "
+                     "'gateway.SERVE_MASTER', 'exec'))  # gateway serve: the gunicorn master")
+
 
 def cmd_serve(config, args):
     """Check, then become the gunicorn master (SERVE_MASTER), with the config bytes checked."""
@@ -4573,17 +4578,20 @@ def cmd_serve(config, args):
     settings = {"gunicorn_config": args.gunicorn_config or find_gunicorn_config(
         "gunicorn-gevent.conf.py" if args.worker == "gevent" else "gunicorn.conf.py"),
         "bind": args.bind, "worker": args.worker, "metrics_dir_made": made}
-    with tempfile.TemporaryFile() as checked:  # unlinked: the config may hold a password
-        checked.write(data)
-        checked.flush()
-        checked.seek(0)
-        os.set_inheritable(checked.fileno(), True)
+    # Unlinked files, read by the new process: the config may hold a password (not for argv).
+    with tempfile.TemporaryFile() as program, tempfile.TemporaryFile() as checked:
+        for file, content in ((program, SERVE_MASTER.encode()), (checked, data)):
+            file.write(content)
+            file.flush()
+            file.seek(0)
+            os.set_inheritable(file.fileno(), True)
         settings["config_fd"] = checked.fileno()
         sys.stdout.flush()
         sys.stderr.flush()
         try:
-            os.execv(sys.executable, [sys.executable, "-c", SERVE_MASTER, os.path.dirname(
-                os.path.abspath(__file__)), json.dumps(settings)])
+            os.execv(sys.executable, [sys.executable, "-c", SERVE_MASTER_BOOT,
+                                      str(program.fileno()), os.path.dirname(
+                                          os.path.abspath(__file__)), json.dumps(settings)])
         except OSError as exc:
             print("error: cannot start the gunicorn master: %s" % describe(exc),
                   file=sys.stderr)
