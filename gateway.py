@@ -4764,7 +4764,6 @@ def main(argv=None):
     the PATH).
     """
     args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for serve --worker gevent
     if getattr(args, "config", None):
         # Workers (and 'gateway:make_app()' under a bare gunicorn) find the file this way.
         os.environ["GATEWAY_CONFIG"] = os.path.abspath(args.config)
