@@ -295,6 +295,17 @@ def memory_mb(pid):
     return rss / 1024, pss / 1024
 
 
+def process_memory_mb(pid):
+    """(RSS, PSS) of the one process ``pid`` in MB."""
+    found = {}
+    with open("/proc/%d/smaps_rollup" % pid) as file:
+        for line in file:
+            name, _, value = line.partition(":")
+            if name in ("Rss", "Pss"):
+                found[name] = int(value.split()[0]) / 1024
+    return found["Rss"], found["Pss"]
+
+
 def thread_count(pid):
     """Threads of the tree: gthread starts one per concurrent request (up to 'threads')."""
     count = 0
@@ -1111,8 +1122,41 @@ def scenario_servers(plan, workdir, upstream_port, proxy_core, load_core, bodies
     return figures
 
 
+def scenario_workers(plan, workdir, upstream_port, proxy_core, load_core, bodies):
+    """Idle memory by process with 1, 2 and 4 workers: ``gateway serve`` (WEB_CONCURRENCY set),
+    the table's warm-up and settle, then RSS and PSS of the master and of each worker. PSS
+    splits a page shared by n processes n ways, so the PSS total is the tree's real memory;
+    the sum of RSS counts a shared page once per process."""
+    figures = {}
+    for workers in WORKER_COUNTS:
+        os.environ["WEB_CONCURRENCY"] = str(workers)  # the gunicorn config reads it
+        try:
+            process, port, _ = start_gateway(workdir, upstream_port, proxy_core)
+        finally:
+            del os.environ["WEB_CONCURRENCY"]
+        try:
+            wrk(port, bodies["small"], 4, 1, load_core, workdir)
+            streams(port, 2, 1, 4, 1, 30)
+            time.sleep(plan["settle"])
+            each = [process_memory_mb(pid) for pid in process_tree(process.pid)]  # master first
+        finally:
+            stop(process)
+        figures["workers_%d" % workers] = {
+            "rss_mb": sum(rss for rss, _ in each), "pss_mb": sum(pss for _, pss in each),
+            "master_rss_mb": each[0][0], "master_pss_mb": each[0][1],
+            "worker_rss_mb": [rss for rss, _ in each[1:]],
+            "worker_pss_mb": [pss for _, pss in each[1:]]}
+        print("  %d worker(s): RSS %.1f MB, PSS %.1f MB (master RSS %.1f, PSS %.1f; workers "
+              "RSS %s)" % (workers, sum(rss for rss, _ in each), sum(pss for _, pss in each),
+                           each[0][0], each[0][1],
+                           ", ".join("%.1f" % rss for rss, _ in each[1:])), flush=True)
+    return figures
+
+
+WORKER_COUNTS = (1, 2, 4)
 SCENARIOS = {"keys": scenario_keys, "usage": scenario_usage, "limits": scenario_limits,
-             "streams": scenario_streams, "servers": scenario_servers}
+             "streams": scenario_streams, "servers": scenario_servers,
+             "workers": scenario_workers}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1257,7 +1301,8 @@ def main(argv=None):
                         help="instead of the table, one scenario: keys (cost against the "
                         "number of keys), usage ('gateway usage' over a large log), limits "
                         "(what a limited key costs on SQLite and on Redis), streams (1,000 to "
-                        "10,000 slow streams), servers (gunicorn's workers, granian, uWSGI)")
+                        "10,000 slow streams), servers (gunicorn's workers, granian, uWSGI), "
+                        "workers (idle RSS and PSS by process with 1, 2 and 4 workers)")
     parser.add_argument("--worker", choices=("gevent", "gthread"), default="gevent",
                         help="the worker for --scenario streams (default gevent)")
     parser.add_argument("--streams", type=int, action="append", metavar="N",
