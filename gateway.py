@@ -4478,6 +4478,7 @@ def check_reload():
 SERVE_MASTER = r"""
 import json, logging, os, shutil, subprocess, sys
 import gunicorn.app.base
+import gunicorn.arbiter
 import gunicorn.workers.gthread
 
 HERE, SETTINGS = sys.argv[2], json.loads(sys.argv[3])
@@ -4501,26 +4502,48 @@ class GatewayMaster(gunicorn.app.base.Application):
         if worker and worker not in str(getattr(configured, "__name__", configured)).lower():
             self.cfg.set("worker_class", worker)
 
-    def reload(self):
+    def check_config(self):
+        # The config file, checked in a process of its own (check_reload): its bytes are
+        # kept if they pass. False when the check could not run at all.
         try:
             found = subprocess.run([sys.executable, "-c", CHECK, HERE], stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE, timeout=300).stdout
         except (OSError, subprocess.SubprocessError) as exc:
-            found = b"problem\nthe check did not finish: " + str(exc).encode()
+            logging.getLogger("gateway").error("reload: the check did not finish: %s", exc)
+            return False
         verdict, _, rest = found.partition(b"\n")
         if verdict == b"ok":
             self.checked = rest
-        else:
-            problem = rest.decode(errors="replace") if verdict == b"problem" else (
-                "the check failed (its errors are above)")
+        elif verdict == b"problem":
             logging.getLogger("gateway").error(
-                "reload: %s; keeping the previous gateway config", problem)
-        super().reload()
+                "reload: %s; keeping the previous gateway config",
+                rest.decode(errors="replace"))
+        return verdict in (b"ok", b"problem")
+
+    def run(self):  # gunicorn's BaseApplication.run, with the arbiter below
+        try:
+            GatewayArbiter(self).run()
+        except RuntimeError as exc:
+            print("\nError: %s\n" % exc, file=sys.stderr, flush=True)
+            sys.exit(1)
 
     def load(self):  # in each worker, after the fork
         sys.path.insert(0, HERE)
         import gateway
         return gateway.make_app(gateway.served_config(self.checked, os.environ))
+
+
+class GatewayArbiter(gunicorn.arbiter.Arbiter):
+    def handle_hup(self):
+        # A check that cannot run means the gateway.py on disk no longer imports (an upgrade
+        # half done, a bad edit): workers forked now would import it, fail to boot, and
+        # gunicorn would stop. So the HUP is refused whole, and the workers serve on.
+        if self.app.check_config():
+            super().handle_hup()
+        else:
+            logging.getLogger("gateway").error(
+                "reload refused: the config check could not run (its errors are above); "
+                "the workers keep serving")
 
 
 master, server = os.getpid(), GatewayMaster()

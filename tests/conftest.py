@@ -219,12 +219,12 @@ def listening_url(log_path):
 
 
 @contextlib.contextmanager
-def gateway_process(args, log_path, env=None, timeout=30, **popen):
-    """Run ``./gateway <args>`` (gunicorn in the foreground) and yield (process, base_url)
-    once gunicorn listens and has booted a worker."""
+def gateway_process(args, log_path, env=None, timeout=30, root=ROOT, **popen):
+    """Run ``<root>/gateway <args>`` (gunicorn in the foreground) and yield (process,
+    base_url) once gunicorn listens and has booted a worker."""
     def ready(text):
         return LISTENING.search(text) and "Booting worker" in text
-    with server_process([sys.executable, os.path.join(ROOT, "gateway")] + args, log_path,
+    with server_process([sys.executable, os.path.join(root, "gateway")] + args, log_path,
                         ready, env, timeout, **popen) as process:
         yield process, "http://" + LISTENING.search(log_path.read_text()).group(1)
 

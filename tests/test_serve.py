@@ -157,6 +157,42 @@ def test_hup_applies_a_new_config_and_survives_a_broken_one(config_dir, upstream
 
 
 @pytest.mark.parametrize("workers", [1, 2])
+def test_a_hup_when_gateway_py_no_longer_imports_is_refused(config_dir, upstream, tmp_path,
+                                                            workers):
+    """An upgrade half done or a bad edit leaves a gateway.py that does not import, and then
+    a bare HUP comes: workers forked from it would fail to boot and gunicorn would stop. The
+    HUP is refused whole; the workers it would have replaced serve on."""
+    import shutil
+    import signal
+    import time
+    code = tmp_path / "code"
+    code.mkdir()
+    for name in ("gateway", "gateway.py"):
+        shutil.copy(os.path.join(ROOT, name), code / name)
+    shutil.copytree(os.path.join(ROOT, "deploy"), code / "deploy")
+    log_path = tmp_path / "serve.log"
+    with gateway_process(["serve", "--config", str(config_dir / "gateway.ini"), "--bind",
+                          ANY_PORT], log_path, env={"WEB_CONCURRENCY": str(workers)},
+                         root=str(code)) as (process, url):
+        assert requests.get(url + "/v1/models", headers=auth(), timeout=10).status_code == 200
+        deadline = time.monotonic() + 30
+        while log_path.read_text().count("Booting worker") < workers:
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        (code / "gateway.py").write_text("this is not python (\n")
+        process.send_signal(signal.SIGHUP)
+        while "reload refused" not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        for _ in range(6):
+            assert requests.get(url + "/v1/models", headers=auth(),
+                                timeout=10).status_code == 200
+        assert process.poll() is None
+        assert log_path.read_text().count("Booting worker") == workers  # none since
+        assert "SyntaxError" in log_path.read_text()  # the check's own words, in the log
+
+
+@pytest.mark.parametrize("workers", [1, 2])
 def test_the_master_imports_the_gateway_only_to_share_it(config_dir, upstream, tmp_path,
                                                          workers):
     """With one worker, the gunicorn master ('gateway serve' itself after its checks: the
