@@ -301,6 +301,22 @@ def test_the_first_renewal_after_redis_lost_its_scripts_renews(redis_server, tmp
 
 
 
+def test_admit_and_finish_after_redis_lost_its_scripts(redis_server, tmp_path):
+    """A Redis restarted empty answers NOSCRIPT to the first EVALSHA of each script: the
+    call sends the script's text instead and counts as usual, with the breaker closed."""
+    backend = limits(redis_server, tmp_path)
+    entry = limited("lost", concurrency=1, tokens_per_day=100)
+    backend.admit(entry, "first", time.time())  # the scripts are loaded now
+    server = redis_server.client()
+    server.script_flush()
+    refused(backend, entry, "second")  # Redis ran the admit: the one slot is taken
+    server.script_flush()
+    backend.finish(entry, "first", 40, time.time())
+    assert server.zcard("gateway:{lost}:slots") == 0
+    assert sum(map(int, server.hvals("gateway:{lost}:tokens"))) == 40
+    assert backend._down_until is None
+
+
 def test_last_use_is_the_latest_whichever_host_writes_last(redis_server, tmp_path):
     """Each process writes the last uses it noted with its next renewal: a host that noted
     an older use may write after one that noted a later use. The later use stays."""
