@@ -20,6 +20,7 @@ Runtime needs the standard library and ``requests``; ``gateway serve`` also need
 """
 
 import argparse
+import atexit
 import collections
 import configparser
 import contextlib
@@ -1451,11 +1452,11 @@ class RedisLimits:
     """Per-key limits and last use in one Redis that every host shares (``limits_backend``).
 
     Same calls, order and messages as ``HostState``; exact across any number of hosts and
-    workers. A limited request costs one round trip before it is forwarded (the admit
-    script) and, when it holds a slot or counts tokens, one once its response is complete
-    (the finish script, made when the server closes the response: the client has its answer
-    already). Unlimited keys' requests never wait on Redis: last use is noted in memory and
-    written with the lease renewal, every ``limits_lease / 3`` seconds per process.
+    workers. A limited request waits for one round trip before it is forwarded (the admit
+    script); when it holds a slot or counts tokens, the finish script runs once its response
+    is complete, from this process's finisher thread (see finish). Unlimited keys' requests
+    never wait on Redis: last use is noted in memory and written with the lease renewal,
+    every ``limits_lease / 3`` seconds per process.
 
     While Redis cannot be reached (an error or a 0.25 s timeout, then nothing for
     BREAKER_SECONDS), ``limits_backend_down`` decides: ``local`` applies the limits per host in
@@ -1492,6 +1493,7 @@ class RedisLimits:
         self._pid = None  # the process the client and the renewal belong to
         self._client = self._scripts = None
         self._renewing = False  # the periodic renewal is scheduled in this process
+        self._finishing = None  # the finisher's queue, per process (_connect)
         self._down_until = None  # time.monotonic() before which Redis is not tried
         self._opened_at = 0.0  # time.monotonic() when the breaker last opened
         self._live = {}  # holder -> key name: this process's slots in Redis
@@ -1543,6 +1545,7 @@ class RedisLimits:
             last_use=client.register_script(REDIS_LAST_USE))
         self._renewing = False
         self._live, self._away, self._touched, self._loose = {}, set(), {}, {}
+        self._finishing = FinishQueue(self._finish_all)
         self._client = client
         self._pid = os.getpid()
 
@@ -1570,15 +1573,15 @@ class RedisLimits:
         """Count one request of ``entry`` (429 when over a limit). One round trip; while
         Redis is away, ``limits_backend_down`` decides."""
         self.client()  # made in this process (after the fork) on first use
+        self._finishing.wait_for(entry.name, 2 * self.TIMEOUT)
         if self._should_try():
             started = time.monotonic()
             try:
-                refused, wait_ms = self._run(
-                    self._scripts.admit,
+                (refused, wait_ms), = self._run(self._scripts.admit, [(
                     [self.key(entry.name, "tokens"), self.key(entry.name, "slots"),
                      self.key(entry.name, "hits")],
                     [entry.tokens_per_day or 0, entry.concurrency or 0, entry.rpm or 0, holder,
-                     self.lease_ms])
+                     self.lease_ms])])
             except self.errors as exc:
                 self._failed(exc)
                 if entry.concurrency:  # Redis may still run it: release what it takes
@@ -1606,11 +1609,15 @@ class RedisLimits:
             self.metrics.limits_admitted_away.labels(self.down_policy).inc()
 
     def finish(self, entry, holder, tokens, now):
-        """Free the slot and count the tokens: one call, made as the response is closed.
+        """Free the slot and count the tokens, as the response is closed: queued for this
+        process's finisher thread, which makes the call at once, so the client does not
+        wait for it on its connection before its next request is read.
 
-        Not handed to a background thread: a client that sends its next request as soon as
-        it has read the answer (a script, an agent's loop) must find the slot free, or a key
-        with ``concurrency = 1`` would be refused for a request it no longer has in flight."""
+        A client that sends its next request as soon as it has read the answer (a script,
+        an agent's loop) must still find the slot free, or a key with ``concurrency = 1``
+        would be refused for a request it no longer has in flight: so admit first waits
+        for the finish calls this process has queued for the same key (usually made by
+        then: the next request is still being read and parsed)."""
         if holder in self._away:  # not counted in Redis: only in the file, if at all
             self._away.discard(holder)
             if self.down_policy == "local":
@@ -1619,7 +1626,7 @@ class RedisLimits:
         tokens = tokens if entry.tokens_per_day else 0
         held = self._live.pop(holder, None) is not None
         if held or tokens:
-            self._send_finish(entry.name, holder if held else "", tokens)
+            self._finishing.put(entry.name, (entry.name, holder if held else "", tokens))
 
     def touch(self, name, now):
         """Note that ``name`` was used; written with the next renewal, not on this request."""
@@ -1635,55 +1642,63 @@ class RedisLimits:
         return {name: float(value) for name, value in zip(names, pipe.execute())
                 if value is not None}
 
-    def _send_finish(self, name, holder, tokens):
-        if not self._should_try():  # the tokens are not counted; the slot, later
-            if holder:
-                self._loose[holder] = name
+    def _finish_all(self, finishes):
+        """Make the finish calls ``finishes`` [(key name, holder or '', tokens)], pipelined:
+        one round trip however many the finisher found queued."""
+        if not self._should_try():  # the tokens are not counted; the slots, later
+            self._loose.update((holder, name) for name, holder, _ in finishes if holder)
             return
         started = time.monotonic()
         try:
             with self._lease_lock:
-                self._run(self._scripts.finish,
-                          [self.key(name, "slots"), self.key(name, "tokens")], [holder, tokens])
+                self._run(self._scripts.finish, [
+                    ([self.key(name, "slots"), self.key(name, "tokens")], [holder, tokens])
+                    for name, holder, tokens in finishes])
         except self.errors as exc:
             self._failed(exc)
-            if holder:
-                self._loose[holder] = name
+            self._loose.update((holder, name) for name, holder, _ in finishes if holder)
         else:
             self._answered(started)
 
-    def _run(self, script, keys, args):
-        """Run ``script`` (a redis-py Script, for its text and SHA1) on one of this process's
-        pooled connections, and return its reply: one round trip.
+    def _run(self, script, calls):
+        """Run ``script`` (a redis-py Script, for its text and SHA1) once for each
+        ``(keys, args)`` of ``calls``, pipelined on one of this process's pooled connections:
+        one round trip. Returns the replies in order; an error reply is raised once all are
+        read.
 
-        Facts -> decision: the two calls a limited request makes, admit and finish, are the
-        whole of what Redis adds to it. Through redis-py's Script call (``Redis.evalsha``:
-        command routing, the retry and observability layers, reply callbacks) an admit took
-        48 us of the gateway's CPU and 77 us in all in a tight loop on this project's
-        machine; the same EVALSHA sent and read on a pooled connection, 22 us and 43 us.
-        Nothing those layers do is wanted here: the admit is never retried (see TIMEOUT),
-        and redis-py's own ``read_response`` drops a connection whose read failed.
+        Facts -> decision: the admit and finish calls are the whole of what Redis adds to a
+        limited request. Through redis-py's Script call (``Redis.evalsha``: command routing,
+        the retry and observability layers, reply callbacks) an admit took 48 us of the
+        gateway's CPU and 77 us in all in a tight loop on this project's machine; the same
+        EVALSHA sent and read on a pooled connection, 22 us and 43 us. Nothing those layers
+        do is wanted here: the admit is never retried (see TIMEOUT), and redis-py's own
+        ``read_response`` drops a connection whose read failed.
 
         A Redis restarted empty answers NOSCRIPT; then EVAL sends the script's text, which
-        Redis caches again (what Script does). Any other interruption between the command
-        and its reply (a timeout, gevent's Timeout) drops the connection: its reply may
+        Redis caches again (what Script does). Any other interruption between the commands
+        and their replies (a timeout, gevent's Timeout) drops the connection: a reply may
         still be on the way, and the next caller must not read it as its own."""
+        exceptions = self._redis_module.exceptions
         pool = self._client.connection_pool
         connection = pool.get_connection()
         try:
-            try:
-                connection.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
-                return connection.read_response()
-            except self._redis_module.exceptions.NoScriptError:
-                connection.send_command("EVAL", script.script, len(keys), *keys, *args)
-                return connection.read_response()
-        except self._redis_module.exceptions.ResponseError:
-            raise  # an error reply, read whole: the connection is fine
+            replies = _send_scripts(connection, "EVALSHA", script.sha, calls, exceptions)
+            lost = [n for n, reply in enumerate(replies)
+                    if isinstance(reply, exceptions.NoScriptError)]
+            if lost:
+                again = _send_scripts(connection, "EVAL", script.script,
+                                      [calls[n] for n in lost], exceptions)
+                for number, reply in zip(lost, again):
+                    replies[number] = reply
         except BaseException:
             connection.disconnect()
             raise
         finally:
             pool.release(connection)
+        for reply in replies:
+            if isinstance(reply, exceptions.ResponseError):
+                raise reply
+        return replies
 
     # -- periodic work: renewals, loose slots, last use -----------------------------------------
 
@@ -1773,6 +1788,84 @@ class RedisLimits:
         client.ping()
         elapsed = (time.perf_counter() - started) * 1000
         return client.info("server")["redis_version"], elapsed
+
+
+def _send_scripts(connection, command, script, calls, exceptions):
+    """Send ``command`` (EVALSHA or EVAL) with ``script`` for each ``(keys, args)`` of
+    ``calls`` in one write, and read every reply: an error reply is returned in its place,
+    so that none is left unread on the connection."""
+    connection.send_packed_command(connection.pack_commands(
+        [(command, script, len(keys), *keys, *args) for keys, args in calls]))
+    replies = []
+    for _ in calls:
+        try:
+            replies.append(connection.read_response())
+        except exceptions.ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+class FinishQueue:
+    """Work a background thread does as soon as it is queued, in batches, while callers can
+    wait until the work queued under a name is done: RedisLimits' finish calls, per process.
+
+    ``run`` is called with every item queued since its last call; a name's count of items
+    queued or in flight falls to zero once ``run`` has returned for them. The thread is
+    started on the first put, so in the process (gunicorn's worker) that needs it."""
+
+    def __init__(self, run):
+        self._run = run
+        self._changed = threading.Condition()
+        self._queued = []
+        self._waiting = collections.Counter()  # name -> items not yet done
+        self._thread = None
+
+    def put(self, name, item):
+        with self._changed:
+            self._queued.append((name, item))
+            self._waiting[name] += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="limits-finisher",
+                                                daemon=True)
+                self._thread.start()
+                atexit.register(self.drain)
+            self._changed.notify_all()
+
+    def wait_for(self, name, timeout):
+        """Until the items queued under ``name`` are done, or ``timeout`` seconds."""
+        if not self._waiting.get(name):  # the usual case: nothing queued, no lock
+            return
+        with self._changed:
+            self._changed.wait_for(lambda: not self._waiting.get(name), timeout)
+
+    def drain(self):
+        """Do what is queued now, in this thread (a worker that exits)."""
+        self._do(self._take())
+
+    def _work(self):
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._queued)
+            try:
+                self._do(self._take())
+            except Exception:  # a bug must not stop the thread: every later wait would time out
+                log.exception("finish calls failed")
+
+    def _take(self):
+        with self._changed:
+            taken, self._queued = self._queued, []
+        return taken
+
+    def _do(self, taken):
+        if not taken:
+            return
+        try:
+            self._run([item for _, item in taken])
+        finally:
+            with self._changed:
+                self._waiting.subtract(name for name, _ in taken)
+                self._waiting += collections.Counter()  # drops the names at zero
+                self._changed.notify_all()
 
 
 def _holders_by_name(holders):
