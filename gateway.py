@@ -4254,15 +4254,18 @@ def _access_line_pattern(backslashes=True):
 
     Groups: 0 the record from its ``{`` to its ``}``, 1 day, 2 rest of the time, 3 request id,
     4 key ('' for none), 5 model ('' for none), 6 a status of 400 or more, 7-10 the token
-    counts of USAGE_FIELDS, 11 an error that counts as one (not CLIENT_WENT_AWAY)."""
+    counts of USAGE_FIELDS ('' for none or 0), 11 an error that counts as one (not
+    CLIENT_WENT_AWAY)."""
     char = r'[^"\\\n]' if backslashes else r'[^"]'  # in a JSON string without escapes
     text = r'"%s*"' % char
     other = r'(?:%s|null)' % text
     value = r'[^,}\n]*'  # a number, true, false or null
     captured = r'"(%s+)"' % char
     # "(?:x|)" rather than "(?:x)?": the same match, and sre tries a branch faster than it
-    # repeats a group (about a tenth of the expression's time on the benchmark's log).
-    tokens = "".join(r'(?:, "%s": (\d+)|)' % name for name in USAGE_FIELDS)
+    # repeats a group (about a tenth of the expression's time on the benchmark's log). A
+    # count of 0 is captured as '', like a missing one, so that it costs no int(); a leading
+    # zero is not JSON (json.loads refuses the line), so it is no match either.
+    tokens = "".join(r'(?:, "%s": (?:0|([1-9]\d*))|)' % name for name in USAGE_FIELDS)
     return re.compile((
         r'(?m)^[^{\n]*(\{"time": "(\d{4}-\d\d-\d\d)(%(char)s*)", "request_id": %(captured)s, '
         r'"upstream_request_id": %(other)s, "client_ip": %(other)s, "method": %(other)s, '
@@ -4272,6 +4275,11 @@ def _access_line_pattern(backslashes=True):
         r'(?:, "error": (?:"%(went_away)s"|%(captured)s)|)\})\r?$'
         % {"char": char, "captured": captured, "other": other, "value": value,
            "tokens": tokens, "went_away": CLIENT_WENT_AWAY}).encode()).findall
+
+
+#: A JSON object key with a \u escape in it ("request_\u0069d": json.loads reads it as
+#: "request_id"), or something that might be one.
+_ESCAPED_KEY = re.compile(rb'\\u(?:[^"\\\n]|\\.)*"\s*:').search
 
 
 class UsageTally:
@@ -4293,8 +4301,11 @@ class UsageTally:
         self._window = window
         self._recent, self._older = set(), set()
         self._rows = {}
-        # group -> matched lines not yet added
-        self._pending, self._pending_count = collections.defaultdict(list), 0
+        # Not yet added: group -> its token counts, a list per column of USAGE_FIELDS (bytes
+        # as matched: '' for none or 0); lines and errors per group; lines in all.
+        self._pending = collections.defaultdict(_token_lists)
+        self._pending_lines, self._pending_errors = collections.Counter(), collections.Counter()
+        self._pending_count = 0
         self._find_lines = _access_line_pattern()
         self._find_plain_lines = _access_line_pattern(backslashes=False)
         self._group_of = operator.itemgetter(*(
@@ -4312,8 +4323,12 @@ class UsageTally:
         access record it does not match is read line by line."""
         plain = b"\\" not in data
         found = (self._find_plain_lines if plain else self._find_lines)(data)
-        if len(found) == data.count(b'"request_id": ') and (
-                not plain or b"\n" not in b"".join(map(operator.itemgetter(0), found))):
+        # Every record json.loads would read must be among those found: each names its
+        # "request_id" (written so, with any separators, unless its letters are escapes,
+        # which only \u can spell), and none found may run into the next line.
+        if len(found) == data.count(b'"request_id"') and (
+                b"\n" not in b"".join(map(operator.itemgetter(0), found)) if plain
+                else _ESCAPED_KEY(data) is None):
             self._add_found(found)
             return
         for line in data.splitlines():
@@ -4357,9 +4372,16 @@ class UsageTally:
             self._remember(fresh)
         else:
             found = [m for m in found if not self._seen(m[3])]
-        pending, group_of = self._pending, self._group_of  # the one loop run per line
-        for m in found:
-            pending[group_of(m)].append(m)
+        groups = list(map(self._group_of, found))
+        self._pending_lines.update(groups)
+        self._pending_errors.update(map(self._group_of, _failures(found)))
+        # Each line's token counts onto its group's lists, pending[group][n].append(m[7 + n])
+        # for every line m, as maps in C, a column at a time while the lines are fresh in
+        # the cache; only the counts are kept, not the lines, until they are summed.
+        lists = list(map(self._pending.__getitem__, groups))
+        for number, column in enumerate(self._token_columns):
+            collections.deque(map(list.append, map(operator.itemgetter(number), lists),
+                                  map(column, found)), maxlen=0)
         self._pending_count += len(found)
         if self._pending_count >= USAGE_PENDING:
             self._add_pending()
@@ -4368,15 +4390,17 @@ class UsageTally:
         # Many records of a group are summed at once, a column at a time (map and sum run
         # in C), so the cost per group is paid once per USAGE_PENDING records, not once per
         # chunk, and only the columns the report needs are read.
-        for group, members in self._pending.items():
-            group = group if isinstance(group, tuple) else (group,)
+        for group, counts in self._pending.items():
+            parts = group if isinstance(group, tuple) else (group,)
             # "replace", as access_records reads a line: a byte that is not UTF-8 (a damaged
             # log) names the same row either way, and is no reason to stop the report.
-            names = tuple(part.decode("utf-8", "replace") or "-" for part in group)
-            self._add(names, len(members), _failures(members),
-                      [sum(map(int, filter(None, map(column, members))))
-                       for column in self._token_columns])
-        self._pending, self._pending_count = collections.defaultdict(list), 0
+            names = tuple(part.decode("utf-8", "replace") or "-" for part in parts)
+            self._add(names, self._pending_lines[group], self._pending_errors[group],
+                      [sum(map(int, filter(None, column))) for column in counts])
+        self._pending.clear()
+        self._pending_lines.clear()
+        self._pending_errors.clear()
+        self._pending_count = 0
 
     def _seen(self, request_id):
         if request_id in self._recent or request_id in self._older:
@@ -4400,12 +4424,16 @@ class UsageTally:
             row[field] += count
 
 
+def _token_lists():
+    return tuple([] for _ in USAGE_FIELDS)
+
+
 def _failures(found):
-    """How many of the matched lines ``found`` (see _access_line_pattern) are errors: a
+    """The matched lines among ``found`` (see _access_line_pattern) that are errors: a
     status of 400 or more (group 6), or an error (group 11). Few are: two filters in C, and a
     Python loop only over the lines with an error, not to count one with both twice."""
-    return len(list(filter(operator.itemgetter(6), found))) + sum(
-        1 for m in filter(operator.itemgetter(11), found) if not m[6])
+    return list(filter(operator.itemgetter(6), found)) + [
+        m for m in filter(operator.itemgetter(11), found) if not m[6]]
 
 
 def usage_report(records, since=None, until=None, key=None, by=("key", "model")):

@@ -314,3 +314,42 @@ def test_duplicates_are_found_within_a_bounded_window():
     assert report(["a", "b", "a", "c", "b"]) == 3  # copies close together count once
     # After at least 4 other ids (at most 8), an id is forgotten: memory stays bounded.
     assert report(["a"] + ["x%d" % n for n in range(8)] + ["a"]) == 10
+
+
+def test_records_written_otherwise_are_still_counted(caplog):
+    # The same records as json.loads reads them, whoever wrote them: compact separators
+    # (`jq -c`), a key spelled with an escape, counts of 0 and one with a leading zero
+    # (not JSON: json.loads refuses that line, so it is nobody's usage).
+    line = logged_line(caplog, key_name="alice", public_model=OPUS_8, status=200,
+                       usage={"input_tokens": 3, "output_tokens": 0})
+    compact = json.dumps(dict(json.loads(line), request_id="req_compact"),
+                         separators=(",", ":"))
+    escaped = line.replace('"request_id": "', '"request_\\u0069d": "x')
+    zero = line.replace('"request_id": "', '"request_id": "zero').replace(
+        '"input_tokens": 3', '"input_tokens": 0')
+    leading = line.replace('"request_id": "', '"request_id": "lead').replace(
+        '"input_tokens": 3', '"input_tokens": 03')
+    for lines in ([line, compact], [line, escaped], [line, escaped, "caf\\u00e9"],
+                  [line, zero, leading]):
+        text = "\n".join(lines) + "\n"
+        tally = gateway.UsageTally()
+        tally.add_chunk(text.encode())
+        expected = gateway.usage_report(gateway.access_records(text.splitlines()))
+        assert tally.rows() == expected, lines
+    assert [row["requests"] for row in expected] == [2]  # the leading zero is not counted
+
+
+def test_errors_are_counted_in_their_own_group(caplog):
+    lines = [logged_line(caplog, key_name=name, public_model=OPUS_8, status=status,
+                         usage={"input_tokens": 1}, error=error)
+             for name, status, error in [("alice", 200, None), ("alice", 429, None),
+                                         ("bob", 200, "upstream stream failed"),
+                                         ("bob", 529, "upstream stream failed"),
+                                         ("carl", 200, gateway.CLIENT_WENT_AWAY)]]
+    text = "\n".join(lines) + "\n"
+    for by in (("key",), ("key", "model"), ("model",)):
+        tally = gateway.UsageTally(by=by)
+        tally.add_chunk(text.encode())
+        assert tally.rows() == gateway.usage_report(gateway.access_records(
+            text.splitlines()), by=by)
+    assert [row["errors"] for row in tally.rows()] == [3]
