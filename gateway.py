@@ -4302,10 +4302,10 @@ class UsageTally:
         self._recent, self._older = set(), set()
         self._rows = {}
         # Not yet added: group -> its token counts, a list per column of USAGE_FIELDS (bytes
-        # as matched: '' for none or 0); lines and errors per group; lines in all.
+        # as matched: '' for none or 0; a list's length is the group's lines); errors per
+        # group; lines in all.
         self._pending = collections.defaultdict(_token_lists)
-        self._pending_lines, self._pending_errors = collections.Counter(), collections.Counter()
-        self._pending_count = 0
+        self._pending_errors, self._pending_count = collections.Counter(), 0
         self._find_lines = _access_line_pattern()
         self._find_plain_lines = _access_line_pattern(backslashes=False)
         self._group_of = operator.itemgetter(*(
@@ -4373,7 +4373,6 @@ class UsageTally:
         else:
             found = [m for m in found if not self._seen(m[3])]
         groups = list(map(self._group_of, found))
-        self._pending_lines.update(groups)
         self._pending_errors.update(map(self._group_of, _failures(found)))
         # Each line's token counts onto its group's lists, pending[group][n].append(m[7 + n])
         # for every line m, as maps in C, a column at a time while the lines are fresh in
@@ -4395,10 +4394,9 @@ class UsageTally:
             # "replace", as access_records reads a line: a byte that is not UTF-8 (a damaged
             # log) names the same row either way, and is no reason to stop the report.
             names = tuple(part.decode("utf-8", "replace") or "-" for part in parts)
-            self._add(names, self._pending_lines[group], self._pending_errors[group],
+            self._add(names, len(counts[0]), self._pending_errors[group],
                       [sum(map(int, filter(None, column))) for column in counts])
         self._pending.clear()
-        self._pending_lines.clear()
         self._pending_errors.clear()
         self._pending_count = 0
 
