@@ -353,3 +353,44 @@ def test_errors_are_counted_in_their_own_group(caplog):
         assert tally.rows() == gateway.usage_report(gateway.access_records(
             text.splitlines()), by=by)
     assert [row["errors"] for row in tally.rows()] == [3]
+
+
+def test_fast_reader_agrees_with_json_on_lines_written_otherwise():
+    # Lines no gateway writes but json.loads reads (or refuses): compact, escaped keys,
+    # non-ASCII unescaped, a leading zero, cut off, behind a prefix, and junk ending in '"}'.
+    # The window is larger than the log, so every copy counts once either way.
+    fields = {"time": "", "request_id": "", "upstream_request_id": None, "client_ip": "1.2.3.4",
+              "method": "POST", "path": "/v1/messages", "key": "", "model": "",
+              "upstream_model": None, "status": 200, "stream": False, "duration_ms": 1.5,
+              "ttfb_ms": None}
+    for seed in range(60):
+        rng = random.Random(seed)
+        lines = []
+        for _ in range(rng.randrange(1, 60)):
+            entry = dict(fields, request_id="r%d" % rng.randrange(40),
+                         time="2026-11-%02dT10:00:00Z" % rng.randrange(1, 29),
+                         key=rng.choice(["alice", "bob", None, "zo\u00eb"]),
+                         model=rng.choice([OPUS_8, OPUS_7, None]),
+                         status=rng.choice([200, 200, 429, 401]))
+            entry.update({name: rng.choice([0, 0, 1, 7, 120]) for name in gateway.USAGE_FIELDS
+                          if rng.random() < 0.7})
+            if rng.random() < 0.2:
+                entry["error"] = rng.choice(["upstream error event", gateway.CLIENT_WENT_AWAY])
+            line = rng.choice([
+                json.dumps(entry), json.dumps(entry, separators=(",", ":")),
+                json.dumps(entry).replace('"request_id"', '"request_\\u0069d"'),
+                json.dumps(entry, ensure_ascii=False), "prefix: " + json.dumps(entry),
+                json.dumps(entry).replace(": 7", ": 07"),
+                json.dumps(entry)[:rng.randrange(10, 200)]])
+            lines.append(line)
+            if rng.random() < 0.1:
+                lines.append('junk "}')
+        text = "\n".join(lines) + "\n"
+        step = rng.randrange(1, 20)
+        for options in ({}, {"by": ("day",)}, {"key": "bob", "by": ("model", "key")},
+                        {"since": "2026-11-10", "until": "2026-11-20"}):
+            expected = gateway.usage_report(gateway.access_records(text.splitlines()), **options)
+            tally = gateway.UsageTally(**options)
+            for start in range(0, len(lines), step):
+                tally.add_chunk(("\n".join(lines[start:start + step]) + "\n").encode())
+            assert tally.rows() == expected, (seed, options)
