@@ -4218,7 +4218,7 @@ USAGE_COLUMNS = ("requests", "errors") + USAGE_FIELDS
 #: rotated logs that overlap by a few lines; remembering every id would grow with the log.
 USAGE_DEDUP_WINDOW = 100_000
 USAGE_CHUNK_BYTES = 1 << 20
-USAGE_PENDING = 20_000  # matched lines held before they are summed (about 20 MB)
+USAGE_PENDING = 20_000  # lines whose token counts are held before they are summed (about 4 MB)
 
 
 def access_records(lines):
