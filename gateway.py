@@ -1470,6 +1470,7 @@ class RedisLimits:
     BREAKER_SECONDS = 5
     OWN_OPTIONS = {"socket_timeout", "socket_connect_timeout", "timeout"}  # not in the URL
     LAST_USE_TTL = 400 * 86400  # 'gateway keys list' shows 'never' after a year unused
+    SLOTS_TAKEN = 1 + [option for option, _ in LIMIT_REFUSALS].index("concurrency")  # admit's
 
     def __init__(self, config, local, deadlines, metrics=None):
         try:
@@ -1570,18 +1571,24 @@ class RedisLimits:
     # -- the three calls --------------------------------------------------------------------
 
     def admit(self, entry, holder, now):
-        """Count one request of ``entry`` (429 when over a limit). One round trip; while
-        Redis is away, ``limits_backend_down`` decides."""
+        """Count one request of ``entry`` (429 when over a limit). One round trip, or two
+        when the key's slots are all taken while this process still has a finish call of
+        the key queued (see finish); while Redis is away, ``limits_backend_down`` decides."""
         self.client()  # made in this process (after the fork) on first use
-        self._finishing.wait_for(entry.name, 2 * self.TIMEOUT)
+        if entry.tokens_per_day:  # today's count must hold this process's ended requests
+            self._finishing.wait_for(entry.name, 2 * self.TIMEOUT)
         if self._should_try():
             started = time.monotonic()
             try:
-                (refused, wait_ms), = self._run(self._scripts.admit, [(
-                    [self.key(entry.name, "tokens"), self.key(entry.name, "slots"),
-                     self.key(entry.name, "hits")],
-                    [entry.tokens_per_day or 0, entry.concurrency or 0, entry.rpm or 0, holder,
-                     self.lease_ms])])
+                # Read before the call: a finish call of the key queued by then may reach
+                # Redis after the admit, even if it is done by the time the answer comes.
+                freeing = self._finishing.pending(entry.name)
+                refused, wait_ms = self._admit_call(entry, holder)
+                if refused == self.SLOTS_TAKEN and freeing:
+                    # A slot this process may be freeing: a refusal writes nothing, so ask
+                    # again once the finish calls of the key are made.
+                    self._finishing.wait_for(entry.name, 2 * self.TIMEOUT)
+                    refused, wait_ms = self._admit_call(entry, holder)
             except self.errors as exc:
                 self._failed(exc)
                 if entry.concurrency:  # Redis may still run it: release what it takes
@@ -1596,6 +1603,14 @@ class RedisLimits:
                     self._start_renewing()
                 return
         self._admit_away(entry, holder, now)
+
+    def _admit_call(self, entry, holder):
+        (refused, wait_ms), = self._run(self._scripts.admit, [(
+            [self.key(entry.name, "tokens"), self.key(entry.name, "slots"),
+             self.key(entry.name, "hits")],
+            [entry.tokens_per_day or 0, entry.concurrency or 0, entry.rpm or 0, holder,
+             self.lease_ms])])
+        return refused, wait_ms
 
     def _admit_away(self, entry, holder, now):
         if self.down_policy == "closed":
@@ -1615,9 +1630,11 @@ class RedisLimits:
 
         A client that sends its next request as soon as it has read the answer (a script,
         an agent's loop) must still find the slot free, or a key with ``concurrency = 1``
-        would be refused for a request it no longer has in flight: so admit first waits
-        for the finish calls this process has queued for the same key (usually made by
-        then: the next request is still being read and parsed)."""
+        would be refused for a request it no longer has in flight: so an admit refused for
+        want of a slot while this process has finish calls of the key queued waits for them
+        and asks again. A key with ``tokens_per_day`` waits for them before it asks, so that
+        the day's count holds every request this process has ended. Other admits never
+        wait: a key with a slot to spare need not know when its last request's was freed."""
         if holder in self._away:  # not counted in Redis: only in the file, if at all
             self._away.discard(holder)
             if self.down_policy == "local":
@@ -1831,9 +1848,13 @@ class FinishQueue:
                 atexit.register(self.drain)
             self._changed.notify_all()
 
+    def pending(self, name):
+        """Whether items queued under ``name`` are not done yet."""
+        return bool(self._waiting.get(name))  # a dict read: no lock
+
     def wait_for(self, name, timeout):
         """Until the items queued under ``name`` are done, or ``timeout`` seconds."""
-        if not self._waiting.get(name):  # the usual case: nothing queued, no lock
+        if not self.pending(name):
             return
         with self._changed:
             self._changed.wait_for(lambda: not self._waiting.get(name), timeout)

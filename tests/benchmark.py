@@ -863,11 +863,17 @@ LIMITED_KEY = "sk-gw-bench-limited-0123456789abcdefghijklmnop"
 #: rpm and concurrency are the two that write on every request.
 LIMITED_LINE = "limited sha256:%s * enabled rpm=1000000000 concurrency=100000\n" % (
     hashlib.sha256(LIMITED_KEY.encode()).hexdigest())
+#: rpm alone: the admit call and nothing after the response (no slot, no tokens), so its
+#: figure is what one round trip to the backend costs a request.
+ADMIT_ONLY_KEY = "sk-gw-bench-admit-only-0123456789abcdefghijklm"
+ADMIT_ONLY_LINE = "admit-only sha256:%s * enabled rpm=1000000000\n" % (
+    hashlib.sha256(ADMIT_ONLY_KEY.encode()).hexdigest())
 
 
 def scenario_limits(plan, workdir, upstream_port, proxy_core, load_core, bodies):
-    """What per-key limits cost a request: an unlimited and a limited key (rpm and
-    concurrency, never reached), first with the limits in this host's SQLite file, then in
+    """What per-key limits cost a request: an unlimited key, a limited one (rpm and
+    concurrency, never reached) and one with rpm alone (the admit call only), first with the
+    limits in this host's SQLite file, then in
     Redis (a redis-server on a unix socket, pinned beside wrk and the upstream). Latency at
     concurrency 1 (wrk p50 and p99), CPU per request of the gateway and of redis-server at
     concurrency 16."""
@@ -886,9 +892,11 @@ def scenario_limits(plan, workdir, upstream_port, proxy_core, load_core, bodies)
         backends = (("sqlite", ""), ("redis", "limits_backend = unix://%s?db=0\n" % socket_path))
         for backend, settings in backends:
             process, port, _ = start_gateway(workdir, upstream_port, proxy_core,
-                                             settings=settings, key_lines=LIMITED_LINE)
+                                             settings=settings,
+                                             key_lines=LIMITED_LINE + ADMIT_ONLY_LINE)
             try:
-                for label, key in (("unlimited", CLIENT_KEY), ("limited", LIMITED_KEY)):
+                for label, key in (("unlimited", CLIENT_KEY), ("admit_only", ADMIT_ONLY_KEY),
+                                   ("limited", LIMITED_KEY)):
                     figures["%s_%s" % (backend, label)] = limits_run(
                         plan, port, process.pid, redis.pid, key, load_core, workdir, bodies)
                     print("  %-6s %-9s c1 p50 %.3f ms p99 %.3f ms; c16 %.0f req/s, CPU/req: "
@@ -900,12 +908,15 @@ def scenario_limits(plan, workdir, upstream_port, proxy_core, load_core, bodies)
                           flush=True)
             finally:
                 stop(process)
+        figures["redis_ping_us"] = ping_across_cores(socket_path, proxy_core)
     finally:
         stop(redis)
     for backend in ("sqlite", "redis"):
         limited, unlimited = figures[backend + "_limited"], figures[backend + "_unlimited"]
         for name in ("c1_p50_ms", "cpu_ms_per_req_c16"):
             figures["%s_added_%s" % (backend, name)] = limited[name] - unlimited[name]
+        figures["%s_admit_only_added_c1_p50_ms" % backend] = (
+            figures[backend + "_admit_only"]["c1_p50_ms"] - unlimited["c1_p50_ms"])
     figures["unlimited_redis_vs_sqlite_c1_p50_ms"] = (figures["redis_unlimited"]["c1_p50_ms"]
                                                       - figures["sqlite_unlimited"]["c1_p50_ms"])
     print("  a limited key adds, c1 p50: SQLite %.3f ms, Redis %.3f ms (target <= 0.15 ms); "
@@ -915,7 +926,27 @@ def scenario_limits(plan, workdir, upstream_port, proxy_core, load_core, bodies)
               figures["redis_added_cpu_ms_per_req_c16"]))
     print("  an unlimited key with Redis configured vs without, c1 p50: %+.3f ms (target: 0)"
           % figures["unlimited_redis_vs_sqlite_c1_p50_ms"])
+    print("  the admit call alone (rpm only) adds, c1 p50: SQLite %.3f ms, Redis %.3f ms; a "
+          "bare PING from the gateway's core to Redis's, 1 ms apart: p50 %.0f us" % (
+              figures["sqlite_admit_only_added_c1_p50_ms"],
+              figures["redis_admit_only_added_c1_p50_ms"], figures["redis_ping_us"]))
     return figures
+
+
+def ping_across_cores(socket_path, core, count=2000, gap=0.001):
+    """The p50 in microseconds of a bare PING to the Redis at ``socket_path`` from a process
+    on ``core`` (the gateway's), ``gap`` seconds apart as a request's calls are: the floor
+    under any call the gateway makes to Redis on this machine, its cores waking included."""
+    program = (
+        "import os, socket, sys, time\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); times = []\n"
+        "for _ in range(%d):\n"
+        "    started = time.perf_counter(); s.sendall(b'PING\\r\\n'); s.recv(64)\n"
+        "    times.append(time.perf_counter() - started); time.sleep(%r)\n"
+        "print(sorted(times)[len(times) // 2] * 1e6)\n" % (count, gap))
+    result = subprocess.run(pinned(core, [sys.executable, "-c", program, socket_path]),
+                            capture_output=True, text=True, timeout=60, check=True)
+    return float(result.stdout)
 
 
 def limits_run(plan, port, pid, redis_pid, key, load_core, workdir, bodies):

@@ -236,6 +236,24 @@ def test_rpm_is_exact_under_threads_and_two_processes(redis_server, tmp_path):
     assert sorted(results) == [False] * 17 + [True] * 7
 
 
+def test_back_to_back_requests_see_the_tokens_and_the_slot_of_the_one_before(redis_server,
+                                                                             tmp_path):
+    """Each request ends (its finish call queued for the finisher) and the next is admitted
+    at once, in the same process: the day's token count already holds the ended ones, and
+    a key of one slot finds it free. Twenty keys, so that a race would show."""
+    backend = limits(redis_server, tmp_path)
+    for number in range(20):
+        entry = limited("seq-%d" % number, concurrency=1, tokens_per_day=100)
+        for holder in "abc":
+            backend.admit(entry, holder, time.time())
+            backend.finish(entry, holder, 40, time.time())
+        assert "tokens" in refused(backend, entry, "d").message  # 120 of 100 spent
+        slots_only = limited("slot-%d" % number, concurrency=1)
+        for holder in "abc":
+            backend.admit(slots_only, holder, time.time())
+            backend.finish(slots_only, holder, 0, time.time())
+
+
 def test_finishes_from_many_threads_free_every_slot_and_count_every_token(redis_server,
                                                                           tmp_path):
     """The finisher sends what it finds queued in one pipelined batch: 24 threads end their
