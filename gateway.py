@@ -4594,6 +4594,13 @@ def find_gunicorn_config(name="gunicorn.conf.py"):
     return None
 
 
+def served_config_data(environ):
+    """The bytes of the INI file that ``GATEWAY_CONFIG`` names (b'' when it names none), as
+    'gateway serve' and its HUP check read them for served_config."""
+    path = environ.get("GATEWAY_CONFIG")
+    return read_config_data(path) if path else b""
+
+
 def served_config(data, environ):
     """The Config that 'gateway serve' serves: the INI file that ``GATEWAY_CONFIG`` names, as it
     was when its bytes ``data`` were read and checked, or the defaults when it names none."""
@@ -4622,11 +4629,10 @@ def check_reload():
     that passed, which the master keeps for the workers it forks next, or ``problem`` and why.
     Metrics, if on, are counted in a directory of its own, removed after: this process serves
     nothing, and its files would otherwise pile up beside the workers' on every HUP."""
-    path = os.environ.get("GATEWAY_CONFIG")
     made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-check-")
     try:  # anything printed meanwhile goes to the log (stderr), not into the answer
         with contextlib.redirect_stdout(sys.stderr):
-            data = read_config_data(path) if path else b""
+            data = served_config_data(os.environ)
             problem = reload_problem(data, os.environ)
     except ValueError as exc:
         problem = str(exc)
@@ -4757,9 +4763,8 @@ def cmd_serve(config, args):
               file=sys.stderr)
         return 2
     # The bytes checked here are the bytes served: the file may change after main read it.
-    path = os.environ.get("GATEWAY_CONFIG")
     try:
-        data = read_config_data(path) if path else b""
+        data = served_config_data(os.environ)
         config = served_config(data, os.environ)
     except ValueError as exc:
         print("error: %s" % exc, file=sys.stderr)
