@@ -1662,20 +1662,20 @@ class RedisLimits:
     def _finish_all(self, finishes):
         """Make the finish calls ``finishes`` [(key name, holder or '', tokens)], pipelined:
         one round trip however many the finisher found queued."""
-        if not self._should_try():  # the tokens are not counted; the slots, later
-            self._loose.update((holder, name) for name, holder, _ in finishes if holder)
-            return
-        started = time.monotonic()
-        try:
-            with self._lease_lock:
-                self._run(self._scripts.finish, [
-                    ([self.key(name, "slots"), self.key(name, "tokens")], [holder, tokens])
-                    for name, holder, tokens in finishes])
-        except self.errors as exc:
-            self._failed(exc)
-            self._loose.update((holder, name) for name, holder, _ in finishes if holder)
-        else:
-            self._answered(started)
+        if self._should_try():
+            started = time.monotonic()
+            try:
+                with self._lease_lock:
+                    self._run(self._scripts.finish, [
+                        ([self.key(name, "slots"), self.key(name, "tokens")], [holder, tokens])
+                        for name, holder, tokens in finishes])
+            except self.errors as exc:
+                self._failed(exc)
+            else:
+                self._answered(started)
+                return
+        # Not made: the tokens are not counted; the slots are released by the next renewal.
+        self._loose.update((holder, name) for name, holder, _ in finishes if holder)
 
     def _run(self, script, calls):
         """Run ``script`` (a redis-py Script, for its text and SHA1) once for each
@@ -1834,13 +1834,13 @@ class FinishQueue:
         self._run = run
         self._changed = threading.Condition()
         self._queued = []
-        self._waiting = collections.Counter()  # name -> items not yet done
+        self._waiting = {}  # name -> items queued or in flight
         self._thread = None
 
     def put(self, name, item):
         with self._changed:
             self._queued.append((name, item))
-            self._waiting[name] += 1
+            self._waiting[name] = self._waiting.get(name, 0) + 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="limits-finisher",
                                                 daemon=True)
@@ -1884,8 +1884,10 @@ class FinishQueue:
             self._run([item for _, item in taken])
         finally:
             with self._changed:
-                self._waiting.subtract(name for name, _ in taken)
-                self._waiting += collections.Counter()  # drops the names at zero
+                for name, _ in taken:
+                    self._waiting[name] -= 1
+                    if not self._waiting[name]:
+                        del self._waiting[name]
                 self._changed.notify_all()
 
 
