@@ -284,15 +284,11 @@ def memory_mb(pid):
     rss = pss = 0
     for member in process_tree(pid):
         try:
-            with open("/proc/%d/smaps_rollup" % member) as file:
-                for line in file:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1])
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1])
-        except OSError:
-            pass
-    return rss / 1024, pss / 1024
+            member_rss, member_pss = process_memory_mb(member)
+        except OSError:  # exited meanwhile
+            continue
+        rss, pss = rss + member_rss, pss + member_pss
+    return rss, pss
 
 
 def process_memory_mb(pid):
