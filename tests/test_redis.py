@@ -275,7 +275,7 @@ def test_finishes_from_many_threads_free_every_slot_and_count_every_token(redis_
     server = redis_server.client()
     eventually(lambda: server.zcard("gateway:{many}:slots") == 0)
     eventually(lambda: sum(map(int, server.hvals("gateway:{many}:tokens"))) == 24 * 25 // 2)
-    backend.admit(entry, "after", time.time())  # the admit waits for nothing left queued
+    backend.admit(entry, "after", time.time())  # and the key admits again
     assert backend._down_until is None
 
 
