@@ -870,3 +870,26 @@ def test_a_slot_written_by_an_admit_that_timed_out_is_released(redis_server, tmp
     server, slots = redis_server.client(), "gateway:{slow-%d}:slots" % number
     assert server.zscore(slots, "late") is not None  # Redis ran it after the timeout
     eventually(lambda: backend.renew() or server.zscore(slots, "late") is None, timeout=5)
+
+
+def test_a_request_failing_after_its_admit_gets_the_refusal_first_and_frees_the_connection(
+        redis_server, config_dir, caplog):
+    """The admit call's answer is read just before the request goes upstream (Gateway.limit),
+    so that preparing the request overlaps the round trip. A failure in between (here the
+    gateway has no upstream key: a 502 of its own) must still read it: a refused request
+    gets its 429, as when the limits were asked first, and the connection goes back to the
+    pool. Without that, the pool would run dry after POOL_SIZE such requests and every call
+    after them time out."""
+    requests_allowed = RedisLimits.POOL_SIZE + 4
+    write_keys(config_dir, rpm=requests_allowed)
+    (config_dir / "upstream.key").unlink()  # not there yet: every request is a 502
+    config = dataclasses.replace(gateway.Config.from_file(str(config_dir / "gateway.ini")),
+                                 limits_backend=redis_server.url)
+    app = gateway.make_app(config)
+    client = webtest.TestApp(app)
+    statuses = [client.post_json("/v1/messages", MESSAGE, headers=auth(RPM_KEY),
+                                 expect_errors=True).status_int
+                for _ in range(requests_allowed + 2)]
+    assert statuses == [502] * requests_allowed + [429] * 2
+    assert "unreachable" not in caplog.text  # no call waited for a connection
+    assert app.limits._down_until is None
