@@ -1591,9 +1591,10 @@ class RedisLimits:
     def begin_admit(self, entry, holder, now):
         """Send the admit call of one request of ``entry`` and return the function that
         waits for its answer (429 when over a limit), so that the caller can finish
-        preparing the request while the call is on its way: the gateway calls it just
-        before it sends the request upstream (Gateway.limit). Until then one of this
-        process's pooled connections is the request's.
+        preparing the request while the call is on its way (Gateway.limit). It must be
+        called exactly once (the gateway's Exchange.admitted does, just before the request
+        goes upstream); until then one of this process's pooled connections is the
+        request's.
 
         One round trip, or two when the key's slots are all taken while this process still
         has a finish call of the key queued (see finish). While Redis is away,
@@ -1617,6 +1618,8 @@ class RedisLimits:
                                  freeing)
 
     def _admit_answer(self, replies, entry, holder, now, started, freeing):
+        """The second half of ``begin_admit``: read the answer (``replies``), ask again when
+        a slot this process is freeing was the reason, and note the slot as live."""
         try:
             (refused, wait_ms), = replies()
             if refused == self.SLOTS_TAKEN and freeing:
@@ -1729,14 +1732,17 @@ class RedisLimits:
         ``read_response`` drops a connection whose read failed.
 
         A Redis restarted empty answers NOSCRIPT; then EVAL sends the script's text, which
-        Redis caches again (what Script does). Any other interruption between the commands
-        and their replies (a timeout, gevent's Timeout) drops the connection: a reply may
-        still be on the way, and the next caller must not read it as its own."""
+        Redis caches again (what Script does). Any other interruption while the replies are
+        read (a timeout, gevent's Timeout) drops the connection: a reply may still be on the
+        way, and the next caller must not read it as its own. Between ``_start`` and the
+        read, the caller's own work may be interrupted: the read still comes (Gateway's
+        _dispatch), and the connection goes back with nothing left on it."""
         return self._start(script, calls)()
 
     def _start(self, script, calls):
         """Send ``calls`` of ``script`` as ``_run`` does, and return the function that reads
-        their replies and gives the connection back to the pool; it must be called."""
+        their replies and gives the connection back to the pool; it must be called exactly
+        once."""
         pool = self._client.connection_pool
         connection = pool.get_connection()
         try:
@@ -2939,11 +2945,11 @@ class Gateway:
                            [("Allow", ", ".join(sorted(methods)))])
         try:
             answer = handler(environ, exchange)
-        except APIError:
+        except Exception:
             exchange.admitted()  # a refusal by the limits comes first, as if asked first
             raise
-        except BaseException:
-            with contextlib.suppress(APIError):  # the connection must go back to the pool
+        except BaseException:  # gevent's Timeout, GreenletExit: no answer to give
+            with contextlib.suppress(APIError):  # but the connection must go back
                 exchange.admitted()
             raise
         exchange.admitted()  # an endpoint that answers by itself (GET /v1/models)
@@ -3087,11 +3093,13 @@ class Gateway:
 
         Facts -> decision: with Redis, the admit call is a round trip to another process
         (about 0.14 ms on this project's machine, docs/performance.md); encoding the body
-        and preparing the upstream request take about 0.03 ms of it, and run while the call
+        and preparing the upstream request take about 0.03 ms, which now run while the call
         is on its way instead of after it."""
         if not entry.limited:
             return
         exchange.admission = self.limits.begin_admit(entry, exchange.request_id, time.time())
+        # Arranged before the answer is known: for a refused request, finish finds no slot
+        # held (none noted live) and no tokens to count.
         if entry.concurrency or entry.tokens_per_day:
             exchange.finishers.append(lambda ex: self.limits.finish(
                 entry, ex.request_id, tokens_counted(ex.usage), time.time()))

@@ -893,3 +893,26 @@ def test_a_request_failing_after_its_admit_gets_the_refusal_first_and_frees_the_
     assert statuses == [502] * requests_allowed + [429] * 2
     assert "unreachable" not in caplog.text  # no call waited for a connection
     assert app.limits._down_until is None
+
+
+def test_a_refused_request_never_reaches_the_upstream_nor_a_refused_models_page(
+        redis_server, config_dir, upstream):
+    """The admit's answer is read before the request goes upstream (Exchange.admitted in
+    Gateway._send), and before an endpoint that answers by itself returns (GET and HEAD
+    /v1/models, in Gateway._dispatch)."""
+    write_keys(config_dir, rpm=2)
+    config = dataclasses.replace(gateway.Config.from_file(str(config_dir / "gateway.ini")),
+                                 limits_backend=redis_server.url)
+    client = webtest.TestApp(gateway.make_app(config))
+    statuses = [client.post_json("/v1/messages", MESSAGE, headers=auth(RPM_KEY),
+                                 expect_errors=True).status_int for _ in range(4)]
+    assert statuses == [200, 200, 429, 429]
+    assert len(upstream.received) == 2
+    write_keys(config_dir, rpm=2)  # the same key file: the same rpm, now spent
+    for method in (client.get, client.head):
+        assert method("/v1/models", headers=auth(RPM_KEY), expect_errors=True).status_int == 429
+    fresh = "sk-gw-test-fresh-0123456789abcdefghijklmnopqrs"
+    (config_dir / "gateway.keys").write_text(key_line("fresh", fresh).strip() + " rpm=1\n")
+    statuses = [client.get("/v1/models", headers=auth(fresh), expect_errors=True).status_int
+                for _ in range(2)]
+    assert statuses == [200, 429]
