@@ -36,6 +36,7 @@ import http
 import http.cookiejar
 import json
 import logging
+import marshal
 import math
 import operator
 import os
@@ -4438,14 +4439,8 @@ class UsageTally:
         """Add up the records among ``data``, whole lines of a log as bytes. The lines that
         all look like the gateway's own are read by one regular expression; a chunk with an
         access record it does not match is read line by line."""
-        plain = b"\\" not in data
-        found = (self._find_plain_lines if plain else self._find_lines)(data)
-        # Every record json.loads would read must be among those found: each names its
-        # "request_id" (written so, with any separators, unless its letters are escapes,
-        # which only \u can spell), and none found may run into the next line.
-        if len(found) == data.count(b'"request_id"') and (
-                b"\n" not in b"".join(map(operator.itemgetter(0), found)) if plain
-                else _ESCAPED_KEY(data) is None):
+        found = self._match_chunk(data)
+        if found is not None:
             self._add_found(found)
             return
         for line in data.splitlines():
@@ -4455,6 +4450,56 @@ class UsageTally:
             else:
                 for record in access_records([line.decode("utf-8", "replace")]):
                     self.add_record(record)
+
+    def claim_chunk(self, data):
+        """What a worker process does with a chunk (UsageWorkers): add it up as add_chunk
+        would if none of its request ids were in the window, which only the parent knows,
+        and return those ids (of the records wanted, in the log's order) for the parent to
+        check. None, adding nothing, for a chunk that the parent must read itself as one
+        process would: a record the expression does not match, or a request id twice."""
+        found = self._match_chunk(data)
+        if found is None:
+            return None
+        found = self._wanted(found)
+        request_ids = list(map(operator.itemgetter(3), found))
+        if len(set(request_ids)) != len(request_ids):
+            return None
+        self._add_lines(found)
+        return request_ids
+
+    def remember_claimed(self, request_ids):
+        """The parent's half of claim_chunk: True, and the ids remembered as add_chunk
+        would have, when none is in the window; False, remembering nothing, when one is
+        (copies of the previous chunks: the parent reads that chunk itself)."""
+        fresh = set(request_ids)
+        if fresh.isdisjoint(self._recent) and fresh.isdisjoint(self._older):
+            self._remember(fresh)
+            return True
+        return False
+
+    def add_rows(self, rows, sign=1):
+        """Add the rows of another tally with the same options (``sign`` -1: take them
+        off). A row left with no request is dropped: every row counts one or more."""
+        for row in rows:
+            group = tuple(row[field] for field in self.by)
+            self._add(group, sign * row["requests"], sign * row["errors"],
+                      [sign * row[field] for field in USAGE_FIELDS])
+            if not self._rows[group]["requests"]:
+                del self._rows[group]
+
+    def _match_chunk(self, data):
+        # Every access record in data, matched by the expression, or None when one may
+        # not be among them.
+        plain = b"\\" not in data
+        found = (self._find_plain_lines if plain else self._find_lines)(data)
+        # Every record json.loads would read must be among those found: each names its
+        # "request_id" (written so, with any separators, unless its letters are escapes,
+        # which only \u can spell), and none found may run into the next line.
+        if len(found) == data.count(b'"request_id"') and (
+                b"\n" not in b"".join(map(operator.itemgetter(0), found)) if plain
+                else _ESCAPED_KEY(data) is None):
+            return found
+        return None
 
     def add_record(self, record):
         """Add one record parsed from JSON (see access_records)."""
@@ -4473,6 +4518,17 @@ class UsageTally:
     def _add_found(self, found):
         # A whole chunk at a time, in C where it can be: filters as list comprehensions, the
         # de-duplication as set operations, the sums over columns.
+        found = self._wanted(found)
+        fresh = set(map(operator.itemgetter(3), found))
+        if len(fresh) == len(found) and fresh.isdisjoint(self._recent) and \
+                fresh.isdisjoint(self._older):
+            self._remember(fresh)
+        else:
+            found = [m for m in found if not self._seen(m[3])]
+        self._add_lines(found)
+
+    def _wanted(self, found):
+        # The matches that --key, --since and --until keep, of records with a key.
         if self.key is None:
             found = list(filter(operator.itemgetter(4), found))  # with a key
         else:
@@ -4483,12 +4539,9 @@ class UsageTally:
             until = self.until.encode() if self.until is not None else None
             found = [m for m in found if since <= m[1] + m[2] and (
                 until is None or m[1] + m[2] < until)]
-        fresh = set(map(operator.itemgetter(3), found))
-        if len(fresh) == len(found) and fresh.isdisjoint(self._recent) and \
-                fresh.isdisjoint(self._older):
-            self._remember(fresh)
-        else:
-            found = [m for m in found if not self._seen(m[3])]
+        return found
+
+    def _add_lines(self, found):
         groups = list(map(self._group_of, found))
         self._pending_errors.update(map(self._group_of, _failures(found)))
         # Each line's token counts onto its group's lists, pending[group][n].append(m[7 + n])
@@ -4653,6 +4706,210 @@ def _oldest_first(paths):
     return sorted(paths, key=written)
 
 
+#: 'gateway usage' reads this many chunks (megabytes) of the logs itself before it starts its
+#: worker processes: a smaller log is read before a fork would pay for itself.
+USAGE_SERIAL_CHUNKS = 8
+
+
+def usage_processes():
+    """The cores this process may run on (``taskset``, a cgroup's cpuset): 'gateway usage'
+    reads the logs in that many worker processes when there are two or more."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return 1
+
+
+def add_up_logs(tally, paths, processes=1, chunk_bytes=USAGE_CHUNK_BYTES):
+    """Add the logs at ``paths`` up into ``tally``, oldest first, and return its rows: the
+    first USAGE_SERIAL_CHUNKS chunks here, the rest in ``processes`` worker processes when
+    there are two or more and a fork works (UsageWorkers), else here too. The same rows
+    either way."""
+    workers = None
+    try:
+        for number, data in enumerate(chunk for path in _oldest_first(paths)
+                                      for chunk in read_log_chunks(path, chunk_bytes)):
+            if number == USAGE_SERIAL_CHUNKS and processes > 1:
+                workers = UsageWorkers.start(tally, processes)
+            if workers is not None:
+                workers.add_chunk(data)
+            else:
+                tally.add_chunk(data)
+        if workers is not None:
+            workers.finish()
+    finally:
+        if workers is not None:
+            workers.stop()
+    return tally.rows()
+
+
+class UsageWorkers:
+    """Worker processes that add chunks of the log up beside the parent (UsageTally), each
+    chunk to a free worker, exactly as the parent alone would.
+
+    A worker adds a chunk up without the window of recent request ids and sends back the
+    chunk's ids (UsageTally.claim_chunk). The parent checks them against its window in the
+    log's order (remember_claimed), as add_chunk would. When they are new (the usual case:
+    copies of a request come only where rotated logs overlap) the worker's sums stand; when
+    one is not, or the worker left the chunk to it, the parent reads that chunk itself as one
+    process would, and a tally of what workers counted twice is taken off at the end. Memory
+    stays bounded: one chunk a worker in flight, held by the parent too until it is checked,
+    besides each process's own tally."""
+
+    def __init__(self, tally):
+        self._tally = tally
+        self._twice = UsageTally(tally.since, tally.until, tally.key, tally.by)
+        self._workers, self._idle = [], []
+        self._in_flight = collections.deque()  # (chunk, worker), oldest first
+        self.claimed = self.read_again = 0  # chunks whose workers' sums stood, or did not
+
+    @classmethod
+    def start(cls, tally, count):
+        """``count`` workers, or None when a process or a pipe cannot be had (the parent
+        then reads the rest alone)."""
+        if not hasattr(os, "fork"):
+            return None
+        workers = cls(tally)
+        try:
+            for _ in range(count):
+                workers._workers.append(_UsageWorker(tally, workers._workers))
+        except OSError:
+            workers.stop()
+            return None
+        workers._idle = list(workers._workers)
+        return workers
+
+    def add_chunk(self, data):
+        if not data:
+            return
+        worker = self._idle.pop() if self._idle else self._settle()
+        worker.send(data)
+        self._in_flight.append((data, worker))
+
+    def finish(self):
+        """Wait for every chunk, then add each worker's rows to the parent's tally."""
+        while self._in_flight:
+            self._idle.append(self._settle())
+        for worker in self._workers:
+            self._tally.add_rows(worker.finish())
+        self._tally.add_rows(self._twice.rows(), sign=-1)
+
+    def stop(self):
+        for worker in self._workers:
+            worker.stop()
+
+    def _settle(self):
+        # The oldest chunk in flight, in the log's order; its worker is then free.
+        data, worker = self._in_flight.popleft()
+        request_ids = worker.reply()
+        if request_ids is not None and self._tally.remember_claimed(request_ids):
+            self.claimed += 1
+            return worker
+        self.read_again += 1
+        self._tally.add_chunk(data)
+        if request_ids is not None:
+            self._twice.claim_chunk(data)  # the worker counted it: taken off at the end
+        return worker
+
+
+class _UsageWorker:
+    """One forked worker process and the two pipes to it. A message either way is its
+    length (8 bytes) and its bytes: a chunk (empty: send your rows and stop), the chunk's
+    request ids or rows (marshal)."""
+
+    def __init__(self, tally, others):
+        from_parent, to_worker = os.pipe()
+        from_worker, to_parent = os.pipe()
+        for end in (to_worker, to_parent):
+            with contextlib.suppress(AttributeError, OSError):  # Linux: fewer, larger writes
+                fcntl.fcntl(end, fcntl.F_SETPIPE_SZ, USAGE_CHUNK_BYTES)
+        try:
+            self.pid = os.fork()
+        except OSError:
+            for end in (to_worker, from_parent, from_worker, to_parent):
+                os.close(end)
+            raise
+        if self.pid == 0:  # the worker: it ends here, never returning into the command
+            status = 1
+            try:
+                os.close(to_worker)
+                os.close(from_worker)
+                for other in others:  # so that each worker sees its own pipe close
+                    other.close()
+                status = _usage_worker_main(
+                    UsageTally(tally.since, tally.until, tally.key, tally.by), from_parent,
+                    to_parent)
+            finally:
+                os._exit(status)
+        os.close(from_parent)
+        os.close(to_parent)
+        self._to_worker = open(to_worker, "wb")
+        self._from_worker = open(from_worker, "rb")
+
+    def send(self, data):
+        try:
+            self._to_worker.write(len(data).to_bytes(8, "big"))
+            self._to_worker.write(data)
+            self._to_worker.flush()
+        except BrokenPipeError:
+            raise self._stopped() from None
+
+    def reply(self):
+        size = int.from_bytes(self._read(8), "big")
+        return marshal.loads(self._read(size))
+
+    def finish(self):
+        self.send(b"")
+        rows = self.reply()
+        self.stop()
+        return rows
+
+    def close(self):
+        for pipe in (self._to_worker, self._from_worker):
+            with contextlib.suppress(OSError):  # a broken pipe: closed all the same
+                pipe.close()
+
+    def stop(self):
+        """Close the pipes (the worker stops at its next read or write) and reap it."""
+        if self.pid:
+            self.close()
+            os.waitpid(self.pid, 0)
+            self.pid = None
+
+    def _read(self, size):
+        data = self._from_worker.read(size)
+        if len(data) != size:
+            raise self._stopped()
+        return data
+
+    @staticmethod
+    def _stopped():
+        return CommandError("a worker process of gateway usage stopped before it answered")
+
+
+def _usage_worker_main(tally, requests_fd, replies_fd):
+    """A worker's life (see UsageWorkers): its exit status."""
+    try:
+        with open(requests_fd, "rb") as requests_in, open(replies_fd, "wb") as replies:
+            while True:
+                header = requests_in.read(8)
+                size = int.from_bytes(header, "big")
+                data = requests_in.read(size)
+                if len(header) != 8 or len(data) != size:
+                    return 1  # the parent stopped
+                answer = tally.claim_chunk(data) if size else tally.rows()
+                reply = marshal.dumps(answer, 2)  # version 2: several times faster here
+                replies.write(len(reply).to_bytes(8, "big") + reply)
+                replies.flush()
+                if not size:
+                    return 0
+    except (BrokenPipeError, KeyboardInterrupt):
+        return 1  # the parent stopped
+    except Exception as exc:  # noqa: BLE001 - told, and the parent stops the command
+        print("error: gateway usage worker: %s" % describe(exc), file=sys.stderr)
+        return 1
+
+
 def cmd_usage(config, args):
     """Print the usage table (or JSON) for the access-log files named, or standard input."""
     since = _log_time(args.since) if args.since else None
@@ -4662,11 +4919,8 @@ def cmd_usage(config, args):
         raise CommandError("name the access-log files (plain or .gz), or pipe the log in: "
                            "journalctl -u gateway -o cat | gateway usage -", 2)
     try:
-        tally = UsageTally(since, until, args.key, args.by)
-        for path in _oldest_first(paths):
-            for chunk in read_log_chunks(path):
-                tally.add_chunk(chunk)
-        rows = tally.rows()
+        rows = add_up_logs(UsageTally(since, until, args.key, args.by), paths,
+                           args.processes or usage_processes())
     except OSError as exc:
         raise CommandError("%s: %s" % (getattr(exc, "filename", None) or "log",
                                        exc.strerror or exc)) from None
@@ -4993,6 +5247,8 @@ def build_parser():
     usage.add_argument("--by", type=_usage_by, default=("key", "model"), metavar="FIELDS",
                        help="group by day, key, model or a list of them (default key,model)")
     usage.add_argument("--json", action="store_true", help="rows and total as JSON")
+    usage.add_argument("--processes", type=_processes, metavar="N",
+                       help="read in N processes (default: one a core it may run on)")
     usage.set_defaults(run=cmd_usage)
     keys = commands.add_parser("keys", parents=[config], help="manage client keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
@@ -5051,6 +5307,12 @@ def _limit(text):
     """A limit on the command line: a whole number, 0 for no limit (never negative)."""
     if not (text.isascii() and text.isdigit()):
         raise argparse.ArgumentTypeError("%r is not a whole number >= 0 (0: no limit)" % text)
+    return int(text)
+
+
+def _processes(text):
+    if not (text.isascii() and text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError("%r is not a whole number >= 1" % text)
     return int(text)
 
 

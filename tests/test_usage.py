@@ -394,3 +394,137 @@ def test_fast_reader_agrees_with_json_on_lines_written_otherwise():
             for start in range(0, len(lines), step):
                 tally.add_chunk(("\n".join(lines[start:start + step]) + "\n").encode())
             assert tally.rows() == expected, (seed, options)
+
+
+# -- both cores: worker processes add chunks up beside the parent, with the same answer ---------
+
+def gateway_lines(count, seed, ids=None):
+    """``count`` access lines as Exchange.log writes them (json.dumps, its field order), with
+    request ids drawn from ``ids`` when given (so that some repeat), else all different."""
+    rng = random.Random(seed)
+    lines = []
+    for number in range(count):
+        key = rng.choice(["alice", "bob", "carl", None])
+        entry = {"time": "2026-11-%02dT%02d:00:00Z" % (number % 28 + 1, number % 24),
+                 "request_id": "req_%d" % (rng.randrange(ids) if ids else number),
+                 "upstream_request_id": None, "client_ip": "10.0.0.1", "method": "POST",
+                 "path": "/v1/messages", "key": key, "model": rng.choice([OPUS_8, OPUS_7]),
+                 "upstream_model": None, "status": rng.choice([200, 200, 200, 429, 529]),
+                 "stream": False, "duration_ms": 1.5, "ttfb_ms": None}
+        entry.update({name: rng.randrange(1, 1000) for name in gateway.USAGE_FIELDS
+                      if rng.random() < 0.8})
+        if rng.random() < 0.05:
+            entry["error"] = rng.choice(["upstream stream failed", gateway.CLIENT_WENT_AWAY])
+        lines.append(json.dumps(entry))
+    return lines
+
+
+def watched_workers(monkeypatch):
+    """The UsageWorkers that add_up_logs starts, appended to the list returned."""
+    started, start = [], gateway.UsageWorkers.start
+
+    def watched(cls, tally, count):
+        workers = start(tally, count)
+        started.append(workers)
+        return workers
+    monkeypatch.setattr(gateway.UsageWorkers, "start", classmethod(watched))
+    return started
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"by": ("day",)}, {"key": "alice", "by": ("day", "model")},
+    {"since": "2026-11-05T00:00:00Z", "until": "2026-11-20T12:00:00Z"}])
+def test_workers_add_up_as_one_process_does(monkeypatch, tmp_path, options):
+    # Small chunks (2 KB, about 8 lines) and a small window (60 ids) so that the log takes
+    # the workers' path hundreds of times, with copies of a request within a chunk, across
+    # chunks at the window's edge (counted once or twice: as one process counts them), and
+    # chunks read line by line (an escaped name), in a plain file and a .gz.
+    lines = gateway_lines(6000, seed=16, ids=4000)
+    for number in range(0, len(lines), 997):
+        lines[number] = lines[number].replace('"bob"', '"b\\u00f6b"')
+    lines[100:100] = ["[2026-11-25 15:04:28 +0000] [42] [INFO] Booting worker"] * 3
+    half = len(lines) // 2
+    (tmp_path / "old.log").write_text("\n".join(lines[:half]) + "\n")
+    with gzip.open(tmp_path / "new.log.gz", "wt") as packed:
+        packed.write("\n".join(lines[half:]) + "\n")
+    os.utime(tmp_path / "old.log", (1, 1))  # read first
+    paths = [str(tmp_path / "new.log.gz"), str(tmp_path / "old.log")]
+    alone = gateway.add_up_logs(gateway.UsageTally(window=60, **options), paths,
+                                chunk_bytes=2048)
+    started = watched_workers(monkeypatch)
+    beside = gateway.add_up_logs(gateway.UsageTally(window=60, **options), paths,
+                                 processes=2, chunk_bytes=2048)
+    assert beside == alone and alone
+    workers, = started
+    assert workers.claimed > 100 and workers.read_again > 10, (workers.claimed,
+                                                                workers.read_again)
+    # With a window larger than the log, both are json.loads' answer.
+    everything = gateway.usage_report(gateway.access_records(lines), **options)
+    assert gateway.add_up_logs(gateway.UsageTally(**options), paths, processes=2,
+                               chunk_bytes=2048) == everything
+
+
+def test_a_log_too_small_for_workers_starts_none(monkeypatch, tmp_path):
+    lines = gateway_lines(40, seed=1)
+    (tmp_path / "access.log").write_text("\n".join(lines) + "\n")
+    started = watched_workers(monkeypatch)
+    rows = gateway.add_up_logs(gateway.UsageTally(), [str(tmp_path / "access.log")],
+                               processes=2, chunk_bytes=2048)
+    assert rows == gateway.usage_report(gateway.access_records(lines)) and started == []
+
+
+def test_without_fork_the_parent_reads_alone(monkeypatch, tmp_path):
+    lines = gateway_lines(2000, seed=2)
+    (tmp_path / "access.log").write_text("\n".join(lines) + "\n")
+
+    def no_fork():
+        raise OSError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(os, "fork", no_fork)
+    started = watched_workers(monkeypatch)
+    rows = gateway.add_up_logs(gateway.UsageTally(), [str(tmp_path / "access.log")],
+                               processes=2, chunk_bytes=2048)
+    assert started == [None]
+    assert rows == gateway.usage_report(gateway.access_records(lines))
+
+
+def test_a_worker_that_fails_stops_the_report(monkeypatch, tmp_path, capfd):
+    # Never a report short of that worker's chunks: an error, and no worker left behind.
+    (tmp_path / "access.log").write_text("\n".join(gateway_lines(2000, seed=3)) + "\n")
+
+    def children():
+        return {int(pid) for task in os.listdir("/proc/self/task")
+                for pid in open("/proc/self/task/%s/children" % task).read().split()}
+
+    def broken(tally, data):
+        raise ValueError("broken on purpose")
+    monkeypatch.setattr(gateway.UsageTally, "claim_chunk", broken)  # the forks inherit it
+    before = children()
+    with pytest.raises(gateway.CommandError, match="worker process"):
+        gateway.add_up_logs(gateway.UsageTally(), [str(tmp_path / "access.log")],
+                            processes=2, chunk_bytes=2048)
+    assert "broken on purpose" in capfd.readouterr().err
+    assert children() == before  # every worker reaped
+
+
+def test_the_command_in_processes_gives_the_same_report(tmp_path):
+    # The real command over a log big enough for its workers (more than
+    # USAGE_SERIAL_CHUNKS megabytes), plain, gzip and on standard input, and over two
+    # copies of it: the second copy's ids are all in the window, so each of its chunks is
+    # read again by the parent and counted once.
+    line_count = 40_000
+    lines = gateway_lines(line_count, seed=4)
+    text = "\n".join(lines) + "\n"
+    assert len(text) > (gateway.USAGE_SERIAL_CHUNKS + 4) * gateway.USAGE_CHUNK_BYTES
+    plain, packed = tmp_path / "access.log", tmp_path / "access.log.1.gz"
+    plain.write_text(text)
+    packed.write_bytes(gzip.compress(text.encode(), compresslevel=1))
+    expected = gateway.usage_report(gateway.access_records(lines), by=("day", "key"))
+    for args, stdin in (([str(plain)], None), ([str(packed)], None), (["-"], text),
+                        ([str(plain), str(packed)], None)):
+        for processes in ("1", "2"):
+            result = run_usage("--json", "--by", "day,key", "--processes", processes, *args,
+                               stdin=stdin)
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout)["rows"] == expected, (args, processes)
+    bad = run_usage("--processes", "0", str(plain))
+    assert bad.returncode == 2 and "--processes" in bad.stderr
