@@ -38,6 +38,7 @@ import json
 import logging
 import marshal
 import math
+import mmap
 import operator
 import os
 import re
@@ -4438,11 +4439,11 @@ class UsageTally:
     def add_chunk(self, data):
         """Add up the records among ``data``, whole lines of a log as bytes. The lines that
         all look like the gateway's own are read by one regular expression; a chunk with an
-        access record it does not match is read line by line."""
+        access record it does not match is read line by line. True when the expression read
+        it and each request id in it was new (no copy of a request: see UsageWorkers)."""
         found = self._match_chunk(data)
         if found is not None:
-            self._add_found(found)
-            return
+            return self._add_found(found)
         for line in data.splitlines():
             found = self._find_lines(line)
             if found:
@@ -4450,6 +4451,7 @@ class UsageTally:
             else:
                 for record in access_records([line.decode("utf-8", "replace")]):
                     self.add_record(record)
+        return False
 
     def claim_chunk(self, data):
         """What a worker process does with a chunk (UsageWorkers): add it up as add_chunk
@@ -4520,12 +4522,14 @@ class UsageTally:
         # de-duplication as set operations, the sums over columns.
         found = self._wanted(found)
         fresh = set(map(operator.itemgetter(3), found))
-        if len(fresh) == len(found) and fresh.isdisjoint(self._recent) and \
-                fresh.isdisjoint(self._older):
+        new = len(fresh) == len(found) and fresh.isdisjoint(self._recent) and \
+            fresh.isdisjoint(self._older)
+        if new:
             self._remember(fresh)
         else:
             found = [m for m in found if not self._seen(m[3])]
         self._add_lines(found)
+        return new
 
     def _wanted(self, found):
         # The matches that --key, --since and --until keep, of records with a key.
@@ -4709,11 +4713,14 @@ def _oldest_first(paths):
 #: 'gateway usage' reads this many chunks (megabytes) of the logs itself before it starts its
 #: worker processes: a smaller log is read before a fork would pay for itself.
 USAGE_SERIAL_CHUNKS = 8
+#: Chunks a worker of 'gateway usage' may hold: the one it reads and the next, so that it
+#: never waits for the parent.
+USAGE_WORKER_SLOTS = 2
 
 
 def usage_processes():
     """The cores this process may run on (``taskset``, a cgroup's cpuset): 'gateway usage'
-    reads the logs in that many worker processes when there are two or more."""
+    reads the logs in that many processes when there are two or more."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -4722,15 +4729,15 @@ def usage_processes():
 
 def add_up_logs(tally, paths, processes=1, chunk_bytes=USAGE_CHUNK_BYTES):
     """Add the logs at ``paths`` up into ``tally``, oldest first, and return its rows: the
-    first USAGE_SERIAL_CHUNKS chunks here, the rest in ``processes`` worker processes when
-    there are two or more and a fork works (UsageWorkers), else here too. The same rows
-    either way."""
+    first USAGE_SERIAL_CHUNKS chunks here, the rest here and in ``processes`` - 1 worker
+    processes when there are two or more and a fork works (UsageWorkers), else here alone.
+    The same rows either way."""
     workers = None
     try:
         for number, data in enumerate(chunk for path in _oldest_first(paths)
                                       for chunk in read_log_chunks(path, chunk_bytes)):
             if number == USAGE_SERIAL_CHUNKS and processes > 1:
-                workers = UsageWorkers.start(tally, processes)
+                workers = UsageWorkers.start(tally, processes - 1, 2 * chunk_bytes)
             if workers is not None:
                 workers.add_chunk(data)
             else:
@@ -4744,130 +4751,170 @@ def add_up_logs(tally, paths, processes=1, chunk_bytes=USAGE_CHUNK_BYTES):
 
 
 class UsageWorkers:
-    """Worker processes that add chunks of the log up beside the parent (UsageTally), each
-    chunk to a free worker, exactly as the parent alone would.
+    """Worker processes that add chunks of the log up beside the parent (UsageTally), with
+    the same answer as the parent alone.
 
-    A worker adds a chunk up without the window of recent request ids and sends back the
-    chunk's ids (UsageTally.claim_chunk). The parent checks them against its window in the
-    log's order (remember_claimed), as add_chunk would. When they are new (the usual case:
-    copies of a request come only where rotated logs overlap) the worker's sums stand; when
-    one is not, or the worker left the chunk to it, the parent reads that chunk itself as one
-    process would, and a tally of what workers counted twice is taken off at the end. Memory
-    stays bounded: one chunk a worker in flight, held by the parent too until it is checked,
-    besides each process's own tally."""
+    Each chunk goes to a worker that is free, else the parent adds it up itself the same
+    way: without the window of recent request ids, keeping the chunk's ids
+    (UsageTally.claim_chunk) in a tally of its own. The parent then checks each chunk's ids
+    against the window in the log's order (remember_claimed), as add_chunk would. When they
+    are new (the usual case: copies of a request come only where rotated logs overlap), the
+    chunk's sums stand; when one is not, or the chunk was left to the parent (a record only
+    json.loads reads, an id twice), the parent reads that chunk again as one process would,
+    and what was counted of it before is taken off at the end. Where copies are (the same
+    file named twice, logs that overlap by much), reading each chunk twice would cost more
+    than one process: after a chunk read again, the parent reads the next ones alone until
+    one holds no copy. Memory stays bounded: the
+    parent holds the chunks in flight until they are checked, USAGE_WORKER_SLOTS a worker
+    and as many of its own, besides each process's tally."""
 
     def __init__(self, tally):
         self._tally = tally
+        self._mine = UsageTally(tally.since, tally.until, tally.key, tally.by)
         self._twice = UsageTally(tally.since, tally.until, tally.key, tally.by)
-        self._workers, self._idle = [], []
-        self._in_flight = collections.deque()  # (chunk, worker), oldest first
-        self.claimed = self.read_again = 0  # chunks whose workers' sums stood, or did not
+        self._workers = []
+        # Oldest first: (chunk, its worker, or None when the parent claimed it, and then its
+        # request ids as claim_chunk returned them).
+        self._in_flight = collections.deque()
+        self._copies = False  # the last chunk checked held a copy of a request
+        self.claimed = self.read_again = 0  # chunks whose sums stood, or were read again
 
     @classmethod
-    def start(cls, tally, count):
-        """``count`` workers, or None when a process or a pipe cannot be had (the parent
-        then reads the rest alone)."""
+    def start(cls, tally, count, slot_bytes):
+        """``count`` workers that take chunks of up to ``slot_bytes``, or None when a
+        process, a pipe or shared memory cannot be had (the parent then reads alone)."""
         if not hasattr(os, "fork"):
             return None
         workers = cls(tally)
         try:
             for _ in range(count):
-                workers._workers.append(_UsageWorker(tally, workers._workers))
+                workers._workers.append(_UsageWorker(tally, slot_bytes, workers._workers))
         except OSError:
             workers.stop()
             return None
-        workers._idle = list(workers._workers)
         return workers
 
     def add_chunk(self, data):
         if not data:
             return
-        worker = self._idle.pop() if self._idle else self._settle()
-        worker.send(data)
-        self._in_flight.append((data, worker))
+        while self._in_flight and (self._copies or self._answered(self._in_flight[0])):
+            self._settle()
+        if self._copies:
+            self._copies = not self._tally.add_chunk(data)
+            return
+        free = [worker for worker in self._workers if worker.can_take(data)]
+        if free:
+            worker = min(free, key=_UsageWorker.chunks_held)
+            worker.send(data)
+            self._in_flight.append((data, worker, None))
+        else:  # every worker has its next chunk: this one is the parent's
+            self._in_flight.append((data, None, self._mine.claim_chunk(data)))
+        while len(self._in_flight) > USAGE_WORKER_SLOTS * (len(self._workers) + 1):
+            self._settle()
 
     def finish(self):
-        """Wait for every chunk, then add each worker's rows to the parent's tally."""
+        """Check every chunk, then add the workers' rows and the parent's own to its tally."""
         while self._in_flight:
-            self._idle.append(self._settle())
+            self._settle()
         for worker in self._workers:
             self._tally.add_rows(worker.finish())
+        self._tally.add_rows(self._mine.rows())
         self._tally.add_rows(self._twice.rows(), sign=-1)
 
     def stop(self):
         for worker in self._workers:
             worker.stop()
 
+    @staticmethod
+    def _answered(in_flight):
+        _, worker, _ = in_flight
+        return worker is None or worker.answered()
+
     def _settle(self):
-        # The oldest chunk in flight, in the log's order; its worker is then free.
-        data, worker = self._in_flight.popleft()
-        request_ids = worker.reply()
+        # The oldest chunk in flight, in the log's order (its worker is then free).
+        data, worker, request_ids = self._in_flight.popleft()
+        if worker is not None:
+            request_ids = worker.reply()
         if request_ids is not None and self._tally.remember_claimed(request_ids):
             self.claimed += 1
-            return worker
+            return
         self.read_again += 1
-        self._tally.add_chunk(data)
+        self._copies = not self._tally.add_chunk(data)
         if request_ids is not None:
-            self._twice.claim_chunk(data)  # the worker counted it: taken off at the end
-        return worker
+            self._twice.claim_chunk(data)  # counted where it was claimed: taken off at the end
 
 
 class _UsageWorker:
-    """One forked worker process and the two pipes to it. A message either way is its
-    length (8 bytes) and its bytes: a chunk (empty: send your rows and stop), the chunk's
-    request ids or rows (marshal)."""
+    """One forked worker process, the memory it shares with the parent (room for
+    USAGE_WORKER_SLOTS chunks) and a pipe each way. The parent copies a chunk into a free
+    slot and sends the slot's number and the chunk's length (8 bytes each; a length of 0:
+    send your rows and stop), so that it never waits to hand a chunk over; the worker
+    answers each in turn with a length (8 bytes) and that many bytes (marshal): the chunk's
+    request ids (UsageTally.claim_chunk), or the rows."""
 
-    def __init__(self, tally, others):
-        from_parent, to_worker = os.pipe()
-        from_worker, to_parent = os.pipe()
-        for end in (to_worker, to_parent):
-            with contextlib.suppress(AttributeError, OSError):  # Linux: fewer, larger writes
-                fcntl.fcntl(end, fcntl.F_SETPIPE_SZ, USAGE_CHUNK_BYTES)
+    def __init__(self, tally, slot_bytes, others):
+        self.slot_bytes = slot_bytes
+        self._memory = mmap.mmap(-1, slot_bytes * USAGE_WORKER_SLOTS)  # shared with the fork
+        self._free, self._sent = list(range(USAGE_WORKER_SLOTS)), collections.deque()
+        from_parent, self._to_worker = os.pipe()
+        self._from_worker, to_parent = os.pipe()
+        with contextlib.suppress(AttributeError, OSError):  # Linux: the ids in one write
+            fcntl.fcntl(to_parent, fcntl.F_SETPIPE_SZ, USAGE_CHUNK_BYTES)
         try:
             self.pid = os.fork()
         except OSError:
-            for end in (to_worker, from_parent, from_worker, to_parent):
+            for end in (self._to_worker, from_parent, self._from_worker, to_parent):
                 os.close(end)
             raise
         if self.pid == 0:  # the worker: it ends here, never returning into the command
             status = 1
             try:
-                os.close(to_worker)
-                os.close(from_worker)
+                os.close(self._to_worker)
+                os.close(self._from_worker)
                 for other in others:  # so that each worker sees its own pipe close
                     other.close()
                 status = _usage_worker_main(
-                    UsageTally(tally.since, tally.until, tally.key, tally.by), from_parent,
-                    to_parent)
+                    UsageTally(tally.since, tally.until, tally.key, tally.by), self._memory,
+                    slot_bytes, from_parent, to_parent)
             finally:
                 os._exit(status)
         os.close(from_parent)
         os.close(to_parent)
-        self._to_worker = open(to_worker, "wb")
-        self._from_worker = open(from_worker, "rb")
+
+    def chunks_held(self):
+        return len(self._sent)
+
+    def can_take(self, data):
+        return bool(self._free) and len(data) <= self.slot_bytes
 
     def send(self, data):
-        try:
-            self._to_worker.write(len(data).to_bytes(8, "big"))
-            self._to_worker.write(data)
-            self._to_worker.flush()
-        except BrokenPipeError:
-            raise self._stopped() from None
+        slot = self._free.pop()
+        self._memory[slot * self.slot_bytes:slot * self.slot_bytes + len(data)] = data
+        self._sent.append(slot)
+        self._tell(slot, len(data))
+
+    def answered(self):
+        """Whether its answer to the oldest chunk has come (reply would not wait)."""
+        return bool(select.select([self._from_worker], [], [], 0)[0])
 
     def reply(self):
-        size = int.from_bytes(self._read(8), "big")
-        return marshal.loads(self._read(size))
+        """The answer to the oldest chunk sent; its slot is free again."""
+        answer = marshal.loads(self._read(int.from_bytes(self._read(8), "big")))
+        self._free.append(self._sent.popleft())
+        return answer
 
     def finish(self):
-        self.send(b"")
-        rows = self.reply()
+        """The worker's rows; then it is gone."""
+        self._tell(0, 0)
+        rows = marshal.loads(self._read(int.from_bytes(self._read(8), "big")))
         self.stop()
         return rows
 
     def close(self):
-        for pipe in (self._to_worker, self._from_worker):
-            with contextlib.suppress(OSError):  # a broken pipe: closed all the same
-                pipe.close()
+        for end in (self._to_worker, self._from_worker):
+            with contextlib.suppress(OSError):
+                os.close(end)
+        self._memory.close()
 
     def stop(self):
         """Close the pipes (the worker stops at its next read or write) and reap it."""
@@ -4876,10 +4923,19 @@ class _UsageWorker:
             os.waitpid(self.pid, 0)
             self.pid = None
 
+    def _tell(self, slot, size):
+        try:
+            os.write(self._to_worker, slot.to_bytes(8, "big") + size.to_bytes(8, "big"))
+        except BrokenPipeError:
+            raise self._stopped() from None
+
     def _read(self, size):
-        data = self._from_worker.read(size)
-        if len(data) != size:
-            raise self._stopped()
+        data = bytearray()
+        while len(data) < size:
+            piece = os.read(self._from_worker, size - len(data))
+            if not piece:
+                raise self._stopped()
+            data += piece
         return data
 
     @staticmethod
@@ -4887,17 +4943,17 @@ class _UsageWorker:
         return CommandError("a worker process of gateway usage stopped before it answered")
 
 
-def _usage_worker_main(tally, requests_fd, replies_fd):
-    """A worker's life (see UsageWorkers): its exit status."""
+def _usage_worker_main(tally, memory, slot_bytes, requests_fd, replies_fd):
+    """A worker's life (see _UsageWorker): its exit status."""
     try:
         with open(requests_fd, "rb") as requests_in, open(replies_fd, "wb") as replies:
             while True:
-                header = requests_in.read(8)
-                size = int.from_bytes(header, "big")
-                data = requests_in.read(size)
-                if len(header) != 8 or len(data) != size:
+                request = requests_in.read(16)
+                if len(request) != 16:
                     return 1  # the parent stopped
-                answer = tally.claim_chunk(data) if size else tally.rows()
+                start = int.from_bytes(request[:8], "big") * slot_bytes
+                size = int.from_bytes(request[8:], "big")
+                answer = tally.claim_chunk(memory[start:start + size]) if size else tally.rows()
                 reply = marshal.dumps(answer, 2)  # version 2: several times faster here
                 replies.write(len(reply).to_bytes(8, "big") + reply)
                 replies.flush()

@@ -833,25 +833,58 @@ def write_access_log(path, lines, seed=16):
 
 def scenario_usage(plan, workdir, upstream_port, proxy_core, load_core, bodies):
     """'gateway usage' over a log of plan["usage_lines"] lines, then over three copies of it
-    (the same memory is the point): lines a second and peak RSS."""
+    (the same memory is the point): lines a second and peak memory, first on one core (one
+    process, the figure earlier rounds measured), then on two (a process a core: 'gateway
+    usage' reads in as many processes as it has cores)."""
     path = os.path.join(workdir, "access.log")
     write_access_log(path, plan["usage_lines"])
     figures = {"bytes": os.path.getsize(path)}
-    for copies in (1, 3):
-        started = time.monotonic()
-        process = subprocess.Popen(
-            pinned(proxy_core, [sys.executable, os.path.join(ROOT, "gateway"), "usage"]
-                   + [path] * copies), stdout=subprocess.DEVNULL, env=clean_environment())
+    both = "%s,%s" % (proxy_core, load_core) if proxy_core is not None else None
+    for prefix, cores_given in (("", proxy_core), ("two_cores_", both)):
+        print("  %s:" % ("one core" if prefix == "" else "two cores"), flush=True)
+        for copies in (1, 3):
+            lines = plan["usage_lines"] * copies
+            run = usage_run(pinned(cores_given, [
+                sys.executable, os.path.join(ROOT, "gateway"), "usage"] + [path] * copies))
+            figures["%scopies_%d" % (prefix, copies)] = dict(
+                run, lines=lines, lines_per_s=lines / run["seconds"])
+            print("    %d lines (%.0f MB): %.2f s, %.0f lines/s, peak RSS %.1f MB (largest "
+                  "process), %.1f MB PSS (all, sampled)" % (
+                      lines, figures["bytes"] * copies / 1e6, run["seconds"],
+                      lines / run["seconds"], run["peak_rss_mb"], run["peak_pss_mb_sum"]),
+                  flush=True)
+    return figures
+
+
+def usage_run(argv):
+    """Run one 'gateway usage': its time, the peak RSS of its largest process (the kernel's
+    figure), and the peak of its processes' PSS added up, sampled every 0.1 s beside it
+    (worker processes share the parent's pages until they write them: PSS counts them
+    once)."""
+    started = time.monotonic()
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=clean_environment())
+    ended, peaks = threading.Event(), [0.0]
+
+    def sample():
+        while not ended.wait(0.1):
+            pss = 0.0
+            for member in process_tree(process.pid):
+                try:
+                    pss += process_memory_mb(member)[1]
+                except (OSError, KeyError):
+                    pass  # a process that has just ended
+            peaks[0] = max(peaks[0], pss)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.monotonic() - started
-        lines = plan["usage_lines"] * copies
-        figures["copies_%d" % copies] = {
-            "lines": lines, "seconds": seconds, "lines_per_s": lines / seconds,
-            "peak_rss_mb": usage.ru_maxrss / 1024, "exit": os.waitstatus_to_exitcode(status)}
-        print("  %d lines (%.0f MB): %.2f s, %.0f lines/s, peak RSS %.1f MB" % (
-            lines, figures["bytes"] * copies / 1e6, seconds, lines / seconds,
-            usage.ru_maxrss / 1024), flush=True)
-    return figures
+    finally:
+        ended.set()
+        sampler.join()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
+            "peak_pss_mb_sum": peaks[0], "exit": process.returncode}
 
 
 LIMITED_KEY = "sk-gw-bench-limited-0123456789abcdefghijklmnop"

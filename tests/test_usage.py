@@ -423,8 +423,8 @@ def watched_workers(monkeypatch):
     """The UsageWorkers that add_up_logs starts, appended to the list returned."""
     started, start = [], gateway.UsageWorkers.start
 
-    def watched(cls, tally, count):
-        workers = start(tally, count)
+    def watched(cls, *args):
+        workers = start(*args)
         started.append(workers)
         return workers
     monkeypatch.setattr(gateway.UsageWorkers, "start", classmethod(watched))
@@ -495,8 +495,12 @@ def test_a_worker_that_fails_stops_the_report(monkeypatch, tmp_path, capfd):
         return {int(pid) for task in os.listdir("/proc/self/task")
                 for pid in open("/proc/self/task/%s/children" % task).read().split()}
 
+    parent, claim_chunk = os.getpid(), gateway.UsageTally.claim_chunk
+
     def broken(tally, data):
-        raise ValueError("broken on purpose")
+        if os.getpid() != parent:
+            raise ValueError("broken on purpose")
+        return claim_chunk(tally, data)
     monkeypatch.setattr(gateway.UsageTally, "claim_chunk", broken)  # the forks inherit it
     before = children()
     with pytest.raises(gateway.CommandError, match="worker process"):
