@@ -4761,10 +4761,10 @@ class UsageWorkers:
     are new (the usual case: copies of a request come only where rotated logs overlap), the
     chunk's sums stand; when one is not, or the chunk was left to the parent (a record only
     json.loads reads, an id twice), the parent reads that chunk again as one process would,
-    and what was counted of it before is taken off at the end. Where copies are (the same
-    file named twice, logs that overlap by much), reading each chunk twice would cost more
-    than one process: after a chunk read again, the parent reads the next ones alone until
-    one holds no copy. Memory stays bounded: the
+    and what was counted of it before is taken off at the end. Where copies are many (the
+    same file named twice, logs that overlap by much), reading each chunk twice would cost
+    more than one process does: after a chunk read again, the parent reads the next ones
+    alone until one is all new (UsageTally.add_chunk's answer). Memory stays bounded: the
     parent holds the chunks in flight until they are checked, USAGE_WORKER_SLOTS a worker
     and as many of its own, besides each process's tally."""
 
@@ -4865,6 +4865,7 @@ class _UsageWorker:
         except OSError:
             for end in (self._to_worker, from_parent, self._from_worker, to_parent):
                 os.close(end)
+            self._memory.close()
             raise
         if self.pid == 0:  # the worker: it ends here, never returning into the command
             status = 1
