@@ -903,14 +903,16 @@ def scenario_limits(plan, workdir, upstream_port, proxy_core, load_core, bodies)
     """What per-key limits cost a request: an unlimited key, a limited one (rpm and
     concurrency, never reached) and one with rpm alone (the admit call only), first with the
     limits in this host's SQLite file, then in
-    Redis (a redis-server on a unix socket, pinned beside wrk and the upstream). Latency at
+    Redis (a redis-server on a unix socket, pinned beside wrk and the upstream, or beside the
+    gateway with --redis-core gateway). Latency at
     concurrency 1 (wrk p50 and p99), CPU per request of the gateway and of redis-server at
     concurrency 16."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     directory = os.path.join(workdir, "redis")
     os.makedirs(directory, exist_ok=True)
     socket_path = os.path.join(directory, "redis.sock")
-    redis = subprocess.Popen(pinned(load_core, [
+    redis_core = proxy_core if plan["redis_core"] == "gateway" else load_core
+    redis = subprocess.Popen(pinned(redis_core, [
         binary, "--port", "0", "--unixsocket", socket_path, "--dir", directory, "--save", "",
         "--appendonly", "no", "--maxmemory-policy", "noeviction"]), stdout=subprocess.DEVNULL)
     figures = {}
@@ -1375,6 +1377,9 @@ def main(argv=None):
     parser.add_argument("--stream-step", type=int, default=STREAM_BURST, metavar="N",
                         help="--scenario streams: after the first 1,000, open N more every 2 s "
                         "(default 1,000)")
+    parser.add_argument("--redis-core", choices=("load", "gateway"), default="load",
+                        help="--scenario limits: pin redis-server beside wrk and the upstream "
+                        "(default) or beside the gateway, where a call crosses no core")
     parser.add_argument("--unpinned", action="store_true",
                         help="pin nothing: the proxy may use every core (and shares them with "
                         "the client and the upstream)")
@@ -1392,7 +1397,7 @@ def main(argv=None):
     # the upstream, nginx and the gateway instead of leaving them running.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     plan = dict(PLANS["quick" if args.quick else "full"], worker=args.worker,
-                stream_step=args.stream_step)
+                stream_step=args.stream_step, redis_core=args.redis_core)
     if args.streams:
         plan["stream_counts"] = tuple(args.streams)
     proxy_core, load_core = cores() if not args.unpinned else (None, None)
