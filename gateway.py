@@ -4713,9 +4713,10 @@ def _oldest_first(paths):
 #: 'gateway usage' reads this many chunks (megabytes) of the logs itself before it starts its
 #: worker processes: a smaller log is read before a fork would pay for itself.
 USAGE_SERIAL_CHUNKS = 8
-#: Chunks a worker of 'gateway usage' may hold: the one it reads and the next, so that it
-#: never waits for the parent.
-USAGE_WORKER_SLOTS = 2
+#: Chunks a worker of 'gateway usage' may hold: the one it reads and the next two, so that
+#: it seldom waits for the parent, which looks for the worker's answers only between the
+#: chunks it adds up itself (two made the command about a tenth slower: docs/performance.md).
+USAGE_WORKER_SLOTS = 3
 
 
 def usage_processes():
