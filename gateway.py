@@ -4710,8 +4710,8 @@ def _oldest_first(paths):
     return sorted(paths, key=written)
 
 
-#: 'gateway usage' reads this many chunks (megabytes) of the logs itself before it starts its
-#: worker processes: a smaller log is read before a fork would pay for itself.
+#: 'gateway usage' reads this many chunks' worth of bytes (megabytes) of the logs itself
+#: before it starts its worker processes: a smaller log is read before a fork would pay.
 USAGE_SERIAL_CHUNKS = 8
 #: Chunks a worker of 'gateway usage' may hold: the one it reads and the next two, so that
 #: it seldom waits for the parent, which looks for the worker's answers only between the
@@ -4719,25 +4719,62 @@ USAGE_SERIAL_CHUNKS = 8
 USAGE_WORKER_SLOTS = 3
 
 
+#: 'gateway usage' runs at most this many processes unless --processes says otherwise: the
+#: parent reads, checks and hands out every chunk, so workers beyond a few would wait on it
+#: (two processes were measured: docs/performance.md), and each costs about 40 MB.
+USAGE_MAX_PROCESSES = 4
+
+
 def usage_processes():
-    """The cores this process may run on (``taskset``, a cgroup's cpuset): 'gateway usage'
-    reads the logs in that many processes when there are two or more."""
+    """How many processes 'gateway usage' reads the logs in by default: one a core this
+    process may run on (``taskset``, a cgroup's cpuset), no more than its cgroup's CPU quota
+    (``cgroup_cpu_quota``), and at most USAGE_MAX_PROCESSES."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return 1
+    return max(1, min(cores, cgroup_cpu_quota(), USAGE_MAX_PROCESSES))
+
+
+def cgroup_cpu_quota(root="/sys/fs/cgroup", membership="/proc/self/cgroup"):
+    """The CPUs that the cgroup v2 quotas of this process's cgroup and its ancestors allow
+    (``cpu.max``: a container's ``--cpus``, a Kubernetes CPU limit, systemd's
+    ``CPUQuota=``), rounded up; math.inf with no quota, or where none can be read. The
+    cores a process may run on say nothing of these: a one-CPU container on a 64-core
+    host still sees 64."""
+    try:
+        with open(membership) as file:
+            path = next(line[3:].strip() for line in file if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return math.inf
+    quota = math.inf
+    while True:
+        try:
+            with open(os.path.join(root, path.lstrip("/"), "cpu.max")) as file:
+                limit, period = file.read().split()
+            if limit != "max":
+                quota = min(quota, math.ceil(int(limit) / int(period)))
+        except (OSError, ValueError, ZeroDivisionError):
+            pass  # no file (the root cgroup has none), or not one it can read
+        if path in ("", "/"):
+            return quota
+        path = os.path.dirname(path)
 
 
 def add_up_logs(tally, paths, processes=1, chunk_bytes=USAGE_CHUNK_BYTES):
     """Add the logs at ``paths`` up into ``tally``, oldest first, and return its rows: the
-    first USAGE_SERIAL_CHUNKS chunks here, the rest here and in ``processes`` - 1 worker
-    processes when there are two or more and a fork works (UsageWorkers), else here alone.
-    The same rows either way."""
-    workers = None
+    first USAGE_SERIAL_CHUNKS chunks' worth of bytes here, the rest here and in
+    ``processes`` - 1 worker processes when there are two or more and a fork works
+    (UsageWorkers), else here alone. The same rows either way."""
+    workers, read, tried = None, 0, processes < 2
     try:
-        for number, data in enumerate(chunk for path in _oldest_first(paths)
-                                      for chunk in read_log_chunks(path, chunk_bytes)):
-            if number == USAGE_SERIAL_CHUNKS and processes > 1:
+        for data in (chunk for path in _oldest_first(paths)
+                     for chunk in read_log_chunks(path, chunk_bytes)):
+            # Bytes, not chunks: many small rotated files are many small chunks, and
+            # would pay for a fork that saves nothing.
+            read += len(data)
+            if not tried and read > USAGE_SERIAL_CHUNKS * chunk_bytes:
+                tried = True
                 workers = UsageWorkers.start(tally, processes - 1, 2 * chunk_bytes)
             if workers is not None:
                 workers.add_chunk(data)
@@ -4771,13 +4808,13 @@ class UsageWorkers:
 
     def __init__(self, tally):
         self._tally = tally
-        self._mine = UsageTally(tally.since, tally.until, tally.key, tally.by)
-        self._twice = UsageTally(tally.since, tally.until, tally.key, tally.by)
+        self._claimed_by_parent = UsageTally(tally.since, tally.until, tally.key, tally.by)
+        self._to_subtract = UsageTally(tally.since, tally.until, tally.key, tally.by)
         self._workers = []
         # Oldest first: (chunk, its worker, or None when the parent claimed it, and then its
         # request ids as claim_chunk returned them).
         self._in_flight = collections.deque()
-        self._copies = False  # the last chunk checked held a copy of a request
+        self._alone_until_clean = False  # the last chunk checked held a copy of a request
         self.claimed = self.read_again = 0  # chunks whose sums stood, or were read again
 
     @classmethod
@@ -4793,15 +4830,21 @@ class UsageWorkers:
         except OSError:
             workers.stop()
             return None
+        except BaseException:  # Ctrl-C between two forks: the first is reaped all the same
+            workers.stop()
+            raise
         return workers
 
     def add_chunk(self, data):
+        """Add ``data`` (whole lines) up: in a worker with room, else here; every chunk is
+        checked against the window in the log's order, as its turn comes (_settle)."""
         if not data:
             return
-        while self._in_flight and (self._copies or self._answered(self._in_flight[0])):
+        while self._in_flight and (self._alone_until_clean
+                                   or self._answered(self._in_flight[0])):
             self._settle()
-        if self._copies:
-            self._copies = not self._tally.add_chunk(data)
+        if self._alone_until_clean:
+            self._alone_until_clean = not self._tally.add_chunk(data)
             return
         free = [worker for worker in self._workers if worker.can_take(data)]
         if free:
@@ -4809,7 +4852,7 @@ class UsageWorkers:
             worker.send(data)
             self._in_flight.append((data, worker, None))
         else:  # every worker has its next chunk: this one is the parent's
-            self._in_flight.append((data, None, self._mine.claim_chunk(data)))
+            self._in_flight.append((data, None, self._claimed_by_parent.claim_chunk(data)))
         while len(self._in_flight) > USAGE_WORKER_SLOTS * (len(self._workers) + 1):
             self._settle()
 
@@ -4819,8 +4862,8 @@ class UsageWorkers:
             self._settle()
         for worker in self._workers:
             self._tally.add_rows(worker.finish())
-        self._tally.add_rows(self._mine.rows())
-        self._tally.add_rows(self._twice.rows(), sign=-1)
+        self._tally.add_rows(self._claimed_by_parent.rows())
+        self._tally.add_rows(self._to_subtract.rows(), sign=-1)
 
     def stop(self):
         for worker in self._workers:
@@ -4840,9 +4883,10 @@ class UsageWorkers:
             self.claimed += 1
             return
         self.read_again += 1
-        self._copies = not self._tally.add_chunk(data)
+        self._alone_until_clean = not self._tally.add_chunk(data)
         if request_ids is not None:
-            self._twice.claim_chunk(data)  # counted where it was claimed: taken off at the end
+            # counted where it was claimed: taken off at the end
+            self._to_subtract.claim_chunk(data)
 
 
 class _UsageWorker:
@@ -4857,14 +4901,16 @@ class _UsageWorker:
         self.slot_bytes = slot_bytes
         self._memory = mmap.mmap(-1, slot_bytes * USAGE_WORKER_SLOTS)  # shared with the fork
         self._free, self._sent = list(range(USAGE_WORKER_SLOTS)), collections.deque()
-        from_parent, self._to_worker = os.pipe()
-        self._from_worker, to_parent = os.pipe()
-        with contextlib.suppress(AttributeError, OSError):  # Linux: the ids in one write
-            fcntl.fcntl(to_parent, fcntl.F_SETPIPE_SZ, USAGE_CHUNK_BYTES)
+        ends = []  # closed, with the memory, if the worker cannot be had
         try:
+            ends += os.pipe()
+            ends += os.pipe()
+            from_parent, self._to_worker, self._from_worker, to_parent = ends
+            with contextlib.suppress(AttributeError, OSError):  # Linux: the ids in one write
+                fcntl.fcntl(to_parent, fcntl.F_SETPIPE_SZ, USAGE_CHUNK_BYTES)
             self.pid = os.fork()
-        except OSError:
-            for end in (self._to_worker, from_parent, self._from_worker, to_parent):
+        except BaseException:
+            for end in ends:
                 os.close(end)
             self._memory.close()
             raise
@@ -4896,8 +4942,11 @@ class _UsageWorker:
         self._tell(slot, len(data))
 
     def answered(self):
-        """Whether its answer to the oldest chunk has come (reply would not wait)."""
-        return bool(select.select([self._from_worker], [], [], 0)[0])
+        """Whether its answer to the oldest chunk has come (reply would not wait), or the
+        worker is gone. poll, not select: a descriptor above 1023 is fine."""
+        poller = select.poll()
+        poller.register(self._from_worker, select.POLLIN)
+        return bool(poller.poll(0))
 
     def reply(self):
         """The answer to the oldest chunk sent; its slot is free again."""
@@ -4929,20 +4978,28 @@ class _UsageWorker:
         try:
             os.write(self._to_worker, slot.to_bytes(8, "big") + size.to_bytes(8, "big"))
         except BrokenPipeError:
-            raise self._stopped() from None
+            raise self._gone() from None
 
     def _read(self, size):
         data = bytearray()
         while len(data) < size:
             piece = os.read(self._from_worker, size - len(data))
             if not piece:
-                raise self._stopped()
+                raise self._gone()
             data += piece
         return data
 
-    @staticmethod
-    def _stopped():
-        return CommandError("a worker process of gateway usage stopped before it answered")
+    def _gone(self):
+        """The error for a worker whose pipe closed: it is reaped, and the error says how
+        it ended (killed by the OOM killer's SIGKILL, an error it printed and exited on)."""
+        if not self.pid:  # already reaped
+            return CommandError("a worker process of gateway usage stopped before it answered")
+        self.close()
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = None
+        how = ("was killed by signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
+               else "exited with status %d" % os.WEXITSTATUS(status))
+        return CommandError("a worker process of gateway usage %s before it answered" % how)
 
 
 def _usage_worker_main(tally, memory, slot_bytes, requests_fd, replies_fd):

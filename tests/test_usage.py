@@ -2,9 +2,11 @@
 that a real 'gateway serve' wrote, rotated and gzipped, checked against the tokens the fake
 upstream returned."""
 import gzip
-import random
 import json
+import math
 import os
+import random
+import signal
 import subprocess
 import sys
 import time
@@ -532,3 +534,47 @@ def test_the_command_in_processes_gives_the_same_report(tmp_path):
             assert json.loads(result.stdout)["rows"] == expected, (args, processes)
     bad = run_usage("--processes", "0", str(plain))
     assert bad.returncode == 2 and "--processes" in bad.stderr
+
+
+def test_many_small_files_start_no_worker(monkeypatch, tmp_path):
+    # Workers start past USAGE_SERIAL_CHUNKS chunks' worth of bytes, not chunks: a dozen
+    # small rotated files are a dozen chunks, and not worth a fork.
+    paths = []
+    for number in range(2 * gateway.USAGE_SERIAL_CHUNKS):
+        path = tmp_path / ("access.log.%d" % number)
+        path.write_text(gateway_lines(1, seed=number)[0] + "\n")
+        paths.append(str(path))
+    started = watched_workers(monkeypatch)
+    gateway.add_up_logs(gateway.UsageTally(), paths, processes=2, chunk_bytes=2048)
+    assert started == []
+
+
+def test_a_worker_killed_says_so_and_is_reaped(monkeypatch, tmp_path):
+    (tmp_path / "access.log").write_text("\n".join(gateway_lines(2000, seed=4)) + "\n")
+    parent, claim_chunk = os.getpid(), gateway.UsageTally.claim_chunk
+
+    def killed(tally, data):
+        if os.getpid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+        return claim_chunk(tally, data)
+    monkeypatch.setattr(gateway.UsageTally, "claim_chunk", killed)
+    with pytest.raises(gateway.CommandError, match="was killed by signal %d" % signal.SIGKILL):
+        gateway.add_up_logs(gateway.UsageTally(), [str(tmp_path / "access.log")],
+                            processes=2, chunk_bytes=2048)
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({}, math.inf),  # no cgroup v2 here
+    ({"cpu.max": "max 100000\n"}, math.inf),
+    ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: two processes
+    ({"cpu.max": "max 100000\n", "system.slice/cpu.max": "100000 100000\n",
+      "system.slice/gateway.service/cpu.max": "max 100000\n"}, 1),  # an ancestor's quota
+])
+def test_the_default_processes_keep_to_the_cgroup_cpu_quota(tmp_path, files, expected):
+    (tmp_path / "proc-cgroup").write_text("0::/system.slice/gateway.service\n")
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text)
+    assert gateway.cgroup_cpu_quota(str(tmp_path / "fs"),
+                                    str(tmp_path / "proc-cgroup")) == expected
+    assert 1 <= gateway.usage_processes() <= gateway.USAGE_MAX_PROCESSES
