@@ -4473,11 +4473,11 @@ class UsageTally:
         """The parent's half of claim_chunk: True, and the ids remembered as add_chunk
         would have, when none is in the window; False, remembering nothing, when one is
         (copies of the previous chunks: the parent reads that chunk itself)."""
-        fresh = set(request_ids)
-        if fresh.isdisjoint(self._recent) and fresh.isdisjoint(self._older):
-            self._remember(fresh)
-            return True
-        return False
+        return self._remember_if_new(set(request_ids))
+
+    def blank(self):
+        """A tally with the same options and nothing added (its own window)."""
+        return UsageTally(self.since, self.until, self.key, self.by)
 
     def add_rows(self, rows, sign=1):
         """Add the rows of another tally with the same options (``sign`` -1: take them
@@ -4522,11 +4522,8 @@ class UsageTally:
         # de-duplication as set operations, the sums over columns.
         found = self._wanted(found)
         fresh = set(map(operator.itemgetter(3), found))
-        new = len(fresh) == len(found) and fresh.isdisjoint(self._recent) and \
-            fresh.isdisjoint(self._older)
-        if new:
-            self._remember(fresh)
-        else:
+        new = len(fresh) == len(found) and self._remember_if_new(fresh)
+        if not new:
             found = [m for m in found if not self._seen(m[3])]
         self._add_lines(found)
         return new
@@ -4573,6 +4570,14 @@ class UsageTally:
         self._pending.clear()
         self._pending_errors.clear()
         self._pending_count = 0
+
+    def _remember_if_new(self, request_ids):
+        """Remember the set ``request_ids`` and return True when none is in the window;
+        False, remembering nothing, when one is."""
+        if request_ids.isdisjoint(self._recent) and request_ids.isdisjoint(self._older):
+            self._remember(request_ids)
+            return True
+        return False
 
     def _seen(self, request_id):
         if request_id in self._recent or request_id in self._older:
@@ -4808,8 +4813,8 @@ class UsageWorkers:
 
     def __init__(self, tally):
         self._tally = tally
-        self._claimed_by_parent = UsageTally(tally.since, tally.until, tally.key, tally.by)
-        self._to_subtract = UsageTally(tally.since, tally.until, tally.key, tally.by)
+        self._claimed_by_parent = tally.blank()
+        self._to_subtract = tally.blank()
         self._workers = []
         # Oldest first: (chunk, its worker, or None when the parent claimed it, and then its
         # request ids as claim_chunk returned them).
@@ -4921,9 +4926,8 @@ class _UsageWorker:
                 os.close(self._from_worker)
                 for other in others:  # so that each worker sees its own pipe close
                     other.close()
-                status = _usage_worker_main(
-                    UsageTally(tally.since, tally.until, tally.key, tally.by), self._memory,
-                    slot_bytes, from_parent, to_parent)
+                status = _usage_worker_main(tally.blank(), self._memory, slot_bytes,
+                                            from_parent, to_parent)
             finally:
                 os._exit(status)
         os.close(from_parent)
@@ -5363,7 +5367,8 @@ def build_parser():
                        help="group by day, key, model or a list of them (default key,model)")
     usage.add_argument("--json", action="store_true", help="rows and total as JSON")
     usage.add_argument("--processes", type=_processes, metavar="N",
-                       help="read in N processes (default: one a core it may run on)")
+                       help="read in N processes (default: one a core it may run on, "
+                       "within its CPU quota, at most %d)" % USAGE_MAX_PROCESSES)
     usage.set_defaults(run=cmd_usage)
     keys = commands.add_parser("keys", parents=[config], help="manage client keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
