@@ -104,6 +104,9 @@ worker_class = _worker_class
 # connections), so a thread idle for a second is surplus; a worker quieter than that pays
 # 26 us to start one again. With 2 s, memory came back 3.5 s after a load instead of 2 s.
 _IDLE_THREAD_SECONDS = 1
+# Quiet this long (no request ended, no idle thread exited) before a worker collects and trims:
+# a worker busier than one request every half second never pays the collection (about 4 ms).
+_QUIET_SECONDS = 0.5
 
 # One worker per core this process may run on: the GIL lets a worker use one core, and a
 # second worker on the same core added no throughput but 28 MB of RSS (tests/benchmark.py,
@@ -207,7 +210,7 @@ def post_worker_init(worker):
         while True:
             seen = worker.gateway_active_at
             quiet = _QUIET_SECONDS if seen is None else seen + _QUIET_SECONDS - time.monotonic()
-            if seen is None or quiet > 0:
+            if quiet > 0:
                 time.sleep(max(quiet, 0.05))  # asleep until the quiet spell would be long enough
                 continue
             worker.gateway_active_at = None
@@ -216,10 +219,6 @@ def post_worker_init(worker):
 
     threading.Thread(target=trim_when_quiet, name="malloc-trim", daemon=True).start()
 
-
-# Quiet this long (no request ended, no idle thread exited) before a worker collects and trims:
-# a worker busier than one request every half second never pays the collection (about 4 ms).
-_QUIET_SECONDS = 0.5
 
 
 def post_request(worker, req, environ, resp):

@@ -316,16 +316,19 @@ def thread_count(pid):
 
 
 class PeakSampler:
-    """Samples the tree's RSS every 50 ms in a thread; ``peak`` is the highest seen."""
+    """Samples the tree's memory every ``every`` seconds in a thread: ``peak`` is the highest
+    RSS seen, ``peak_pss`` the highest PSS (memory_mb)."""
 
-    def __init__(self, pid):
-        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
+    def __init__(self, pid, every=0.05):
+        self.pid, self.every, self._stop = pid, every, threading.Event()
+        self.peak = self.peak_pss = 0.0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, memory_mb(self.pid)[0])
-            self._stop.wait(0.05)
+            rss, pss = memory_mb(self.pid)
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
+            self._stop.wait(self.every)
 
     def __enter__(self):
         self._thread.start()
@@ -447,10 +450,11 @@ def start_tls_upstream(workdir, upstream_port, core):
 
 
 def start_gateway(workdir, upstream_port, core, gunicorn_config=None, keys=1, serve_args=(),
-                  settings="", key_lines="", upstream_url=None):
+                  settings="", key_lines="", upstream_url=None, environment=None):
     """``./gateway serve`` with the shipped gunicorn defaults (only --bind differs), and a key
     file of ``keys`` keys, the benchmark's own last (then ``key_lines``). ``settings`` are
-    more [gateway] lines; ``upstream_url`` replaces http://127.0.0.1:``upstream_port``."""
+    more [gateway] lines; ``upstream_url`` replaces http://127.0.0.1:``upstream_port``;
+    ``environment``, variables added to its environment."""
     directory = os.path.join(workdir, "gateway")
     os.makedirs(directory, exist_ok=True)
     write_key_file(os.path.join(directory, "gateway.keys"), keys)
@@ -472,7 +476,8 @@ def start_gateway(workdir, upstream_port, core, gunicorn_config=None, keys=1, se
     argv += list(serve_args)
     log_path = os.path.join(directory, "serve.log")
     process = subprocess.Popen(pinned(core, argv), stdout=subprocess.DEVNULL,
-                               stderr=open(log_path, "wb"), env=clean_environment())
+                               stderr=open(log_path, "wb"),
+                               env=dict(clean_environment(), **(environment or {})))
     port = logged_port(log_path, r"Listening at: http://127\.0\.0\.1:(\d+)", process)
     # gunicorn listens before its workers have booted: wait until every worker answers.
     deadline, stable = time.monotonic() + 30, 0
@@ -863,28 +868,11 @@ def usage_run(argv):
     once)."""
     started = time.monotonic()
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=clean_environment())
-    ended, peaks = threading.Event(), [0.0]
-
-    def sample():
-        while not ended.wait(0.1):
-            pss = 0.0
-            for member in process_tree(process.pid):
-                try:
-                    pss += process_memory_mb(member)[1]
-                except (OSError, KeyError):
-                    pass  # a process that has just ended
-            peaks[0] = max(peaks[0], pss)
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with PeakSampler(process.pid, every=0.1) as sampler:
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.monotonic() - started
-    finally:
-        ended.set()
-        sampler.join()
-    process.returncode = os.waitstatus_to_exitcode(status)
     return {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "peak_pss_mb_sum": peaks[0], "exit": process.returncode}
+            "peak_pss_mb_sum": sampler.peak_pss, "exit": os.waitstatus_to_exitcode(status)}
 
 
 LIMITED_KEY = "sk-gw-bench-limited-0123456789abcdefghijklmnop"
@@ -969,7 +957,7 @@ def ping_across_cores(socket_path, core, count=2000, gap=0.001):
     on ``core`` (the gateway's), ``gap`` seconds apart as a request's calls are: the floor
     under any call the gateway makes to Redis on this machine, its cores waking included."""
     program = (
-        "import os, socket, sys, time\n"
+        "import socket, sys, time\n"
         "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); times = []\n"
         "for _ in range(%d):\n"
         "    started = time.perf_counter(); s.sendall(b'PING\\r\\n'); s.recv(64)\n"
@@ -1188,6 +1176,9 @@ def scenario_servers(plan, workdir, upstream_port, proxy_core, load_core, bodies
     return figures
 
 
+WORKER_COUNTS = (1, 2, 4)
+
+
 def scenario_workers(plan, workdir, upstream_port, proxy_core, load_core, bodies):
     """Idle memory by process with 1, 2 and 4 workers: ``gateway serve`` (WEB_CONCURRENCY set),
     the table's warm-up and settle, then RSS and PSS of the master and of each worker. PSS
@@ -1195,11 +1186,8 @@ def scenario_workers(plan, workdir, upstream_port, proxy_core, load_core, bodies
     the sum of RSS counts a shared page once per process."""
     figures = {}
     for workers in WORKER_COUNTS:
-        os.environ["WEB_CONCURRENCY"] = str(workers)  # the gunicorn config reads it
-        try:
-            process, port, _ = start_gateway(workdir, upstream_port, proxy_core)
-        finally:
-            del os.environ["WEB_CONCURRENCY"]
+        process, port, _ = start_gateway(  # the gunicorn config reads WEB_CONCURRENCY
+            workdir, upstream_port, proxy_core, environment={"WEB_CONCURRENCY": str(workers)})
         try:
             wrk(port, bodies["small"], 4, 1, load_core, workdir)
             streams(port, 2, 1, 4, 1, 30)
@@ -1207,19 +1195,18 @@ def scenario_workers(plan, workdir, upstream_port, proxy_core, load_core, bodies
             each = [process_memory_mb(pid) for pid in process_tree(process.pid)]  # master first
         finally:
             stop(process)
-        figures["workers_%d" % workers] = {
+        row = figures["workers_%d" % workers] = {
             "rss_mb": sum(rss for rss, _ in each), "pss_mb": sum(pss for _, pss in each),
             "master_rss_mb": each[0][0], "master_pss_mb": each[0][1],
             "worker_rss_mb": [rss for rss, _ in each[1:]],
             "worker_pss_mb": [pss for _, pss in each[1:]]}
         print("  %d worker(s): RSS %.1f MB, PSS %.1f MB (master RSS %.1f, PSS %.1f; workers "
-              "RSS %s)" % (workers, sum(rss for rss, _ in each), sum(pss for _, pss in each),
-                           each[0][0], each[0][1],
-                           ", ".join("%.1f" % rss for rss, _ in each[1:])), flush=True)
+              "RSS %s)" % (workers, row["rss_mb"], row["pss_mb"], row["master_rss_mb"],
+                           row["master_pss_mb"],
+                           ", ".join("%.1f" % rss for rss in row["worker_rss_mb"])), flush=True)
     return figures
 
 
-WORKER_COUNTS = (1, 2, 4)
 SCENARIOS = {"keys": scenario_keys, "usage": scenario_usage, "limits": scenario_limits,
              "streams": scenario_streams, "servers": scenario_servers,
              "workers": scenario_workers}

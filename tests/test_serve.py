@@ -10,6 +10,7 @@ import requests
 import gateway
 
 from conftest import ANY_PORT, CLIENT_KEY, ROOT, auth, gateway_process
+from test_deploy import booted_workers, wait_for
 
 
 def run_gateway(*args, env=None):
@@ -164,7 +165,6 @@ def test_a_hup_when_gateway_py_no_longer_imports_is_refused(config_dir, upstream
     HUP is refused whole; the workers it would have replaced serve on."""
     import shutil
     import signal
-    import time
     code = tmp_path / "code"
     code.mkdir()
     for name in ("gateway", "gateway.py"):
@@ -175,15 +175,10 @@ def test_a_hup_when_gateway_py_no_longer_imports_is_refused(config_dir, upstream
                           ANY_PORT], log_path, env={"WEB_CONCURRENCY": str(workers)},
                          root=str(code)) as (process, url):
         assert requests.get(url + "/v1/models", headers=auth(), timeout=10).status_code == 200
-        deadline = time.monotonic() + 30
-        while log_path.read_text().count("Booting worker") < workers:
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
+        wait_for(lambda: len(booted_workers(log_path)) >= workers, "the workers", timeout=30)
         (code / "gateway.py").write_text("this is not python (\n")
         process.send_signal(signal.SIGHUP)
-        while "reload refused" not in log_path.read_text():
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
+        wait_for(lambda: "reload refused" in log_path.read_text(), "the refusal", timeout=30)
         for _ in range(6):
             assert requests.get(url + "/v1/models", headers=auth(),
                                 timeout=10).status_code == 200
@@ -199,13 +194,6 @@ def test_the_master_imports_the_gateway_only_to_share_it(config_dir, upstream, t
     same pid) does not hold what gateway.py imports, which the worker would count again in
     its RSS; with several, it does, so that they share those pages. sqlite3's extension
     module, which gunicorn never loads, shows which. The workers have it, and serve."""
-    import re
-    import time
-
-    def booted_workers(log_path):
-        return [int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)",
-                                               log_path.read_text())]
-
     def loaded(pid):
         with open("/proc/%d/maps" % pid) as file:
             return "_sqlite3" in file.read()
@@ -214,13 +202,11 @@ def test_the_master_imports_the_gateway_only_to_share_it(config_dir, upstream, t
                           ANY_PORT], log_path, env={"WEB_CONCURRENCY": str(workers)}) as \
             (process, url):
         assert requests.get(url + "/v1/models", headers=auth(), timeout=10).status_code == 200
-        deadline = time.monotonic() + 30
-        while len(booted_workers(log_path)) < workers:  # each logs before it loads the app
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-        while not all(loaded(pid) for pid in booted_workers(log_path)):
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
+        # Each worker logs before it loads the app: wait for both, in that order (all() of
+        # no worker is true).
+        wait_for(lambda: len(booted_workers(log_path)) >= workers, "the workers", timeout=30)
+        wait_for(lambda: all(map(loaded, booted_workers(log_path))), "sqlite3 in the workers",
+                 timeout=30)
         assert len(booted_workers(log_path)) == workers
         assert loaded(process.pid) == (workers > 1)
 

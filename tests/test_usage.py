@@ -273,10 +273,16 @@ def test_fast_reader_agrees_with_json_on_every_kind_of_line(caplog, names):
     for options in ({}, {"by": ("day",)}, {"key": "alice", "by": ("day", "model")},
                     {"since": "2026-11-05", "until": "2026-11-20T12:00:00Z"}):
         expected = gateway.usage_report(gateway.access_records(text.splitlines()), **options)
-        tally = gateway.UsageTally(**options)
-        for start in range(0, len(lines), 700):  # chunks of whole lines
-            tally.add_chunk(("\n".join(lines[start:start + 700]) + "\n").encode())
-        assert tally.rows() == expected, options
+        assert rows_by_chunks(lines, 700, options) == expected, options
+
+
+def rows_by_chunks(lines, step, options):
+    """The rows a UsageTally with ``options`` adds up from ``lines`` in chunks of ``step``
+    whole lines."""
+    tally = gateway.UsageTally(**options)
+    for start in range(0, len(lines), step):
+        tally.add_chunk(("\n".join(lines[start:start + step]) + "\n").encode())
+    return tally.rows()
 
 
 def test_a_cut_off_line_is_not_read_into_the_next(caplog):
@@ -357,19 +363,23 @@ def test_errors_are_counted_in_their_own_group(caplog):
     assert [row["errors"] for row in tally.rows()] == [3]
 
 
+#: An access record as Exchange.log writes it (json.dumps keeps this field order), for tests to
+#: fill in.
+ACCESS_RECORD = {"time": "", "request_id": "", "upstream_request_id": None,
+                 "client_ip": "10.0.0.1", "method": "POST", "path": "/v1/messages", "key": "",
+                 "model": "", "upstream_model": None, "status": 200, "stream": False,
+                 "duration_ms": 1.5, "ttfb_ms": None}
+
+
 def test_fast_reader_agrees_with_json_on_lines_written_otherwise():
     # Lines no gateway writes but json.loads reads (or refuses): compact, escaped keys,
     # non-ASCII unescaped, a leading zero, cut off, behind a prefix, and junk ending in '"}'.
     # The window is larger than the log, so every copy counts once either way.
-    fields = {"time": "", "request_id": "", "upstream_request_id": None, "client_ip": "1.2.3.4",
-              "method": "POST", "path": "/v1/messages", "key": "", "model": "",
-              "upstream_model": None, "status": 200, "stream": False, "duration_ms": 1.5,
-              "ttfb_ms": None}
     for seed in range(60):
         rng = random.Random(seed)
         lines = []
         for _ in range(rng.randrange(1, 60)):
-            entry = dict(fields, request_id="r%d" % rng.randrange(40),
+            entry = dict(ACCESS_RECORD, request_id="r%d" % rng.randrange(40),
                          time="2026-11-%02dT10:00:00Z" % rng.randrange(1, 29),
                          key=rng.choice(["alice", "bob", None, "zo\u00eb"]),
                          model=rng.choice([OPUS_8, OPUS_7, None]),
@@ -392,10 +402,7 @@ def test_fast_reader_agrees_with_json_on_lines_written_otherwise():
         for options in ({}, {"by": ("day",)}, {"key": "bob", "by": ("model", "key")},
                         {"since": "2026-11-10", "until": "2026-11-20"}):
             expected = gateway.usage_report(gateway.access_records(text.splitlines()), **options)
-            tally = gateway.UsageTally(**options)
-            for start in range(0, len(lines), step):
-                tally.add_chunk(("\n".join(lines[start:start + step]) + "\n").encode())
-            assert tally.rows() == expected, (seed, options)
+            assert rows_by_chunks(lines, step, options) == expected, (seed, options)
 
 
 # -- both cores: worker processes add chunks up beside the parent, with the same answer ---------
@@ -407,12 +414,11 @@ def gateway_lines(count, seed, ids=None):
     lines = []
     for number in range(count):
         key = rng.choice(["alice", "bob", "carl", None])
-        entry = {"time": "2026-11-%02dT%02d:00:00Z" % (number % 28 + 1, number % 24),
-                 "request_id": "req_%d" % (rng.randrange(ids) if ids else number),
-                 "upstream_request_id": None, "client_ip": "10.0.0.1", "method": "POST",
-                 "path": "/v1/messages", "key": key, "model": rng.choice([OPUS_8, OPUS_7]),
-                 "upstream_model": None, "status": rng.choice([200, 200, 200, 429, 529]),
-                 "stream": False, "duration_ms": 1.5, "ttfb_ms": None}
+        entry = dict(ACCESS_RECORD,
+                     time="2026-11-%02dT%02d:00:00Z" % (number % 28 + 1, number % 24),
+                     request_id="req_%d" % (rng.randrange(ids) if ids else number), key=key,
+                     model=rng.choice([OPUS_8, OPUS_7]),
+                     status=rng.choice([200, 200, 200, 429, 529]))
         entry.update({name: rng.randrange(1, 1000) for name in gateway.USAGE_FIELDS
                       if rng.random() < 0.8})
         if rng.random() < 0.05:
