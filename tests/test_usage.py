@@ -542,6 +542,52 @@ def test_the_command_in_processes_gives_the_same_report(tmp_path):
     assert bad.returncode == 2 and "--processes" in bad.stderr
 
 
+def child_pids(pid):
+    """The pids of the processes whose parent is ``pid``, from /proc."""
+    children = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open("/proc/%s/stat" % entry) as stat:
+                # pid (comm) state ppid ...: comm may hold spaces, so read after its ')'
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid:
+            children.append(int(entry))
+    return children
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the processes in /proc")
+@pytest.mark.parametrize("processes, workers", [("1", 0), ("3", 2)])
+def test_processes_starts_that_many_processes_in_all(processes, workers):
+    # The same report whatever --processes says (above) could not tell an option that is
+    # ignored: count the command's worker processes while it reads. The command reads its
+    # standard input a chunk at a time and forks its workers as its read passes
+    # USAGE_SERIAL_CHUNKS chunks' worth of bytes; once a write of three chunks more has
+    # gone into the pipe (64 KiB), the fork is behind it, and the workers wait, alive,
+    # for the rest of the input.
+    lines = gateway_lines(60_000, seed=5)
+    text = ("\n".join(lines) + "\n").encode()
+    enough = (gateway.USAGE_SERIAL_CHUNKS + 3) * gateway.USAGE_CHUNK_BYTES
+    cut = text.index(b"\n", enough) + 1
+    command = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "gateway"), "usage", "--json", "--processes",
+         processes, "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE)
+    try:
+        command.stdin.write(text[:cut])
+        command.stdin.flush()
+        assert len(child_pids(command.pid)) == workers
+        command.stdin.write(text[cut:])
+        stdout, stderr = command.communicate(timeout=60)
+    finally:
+        command.kill()
+        command.wait()
+    assert command.returncode == 0, stderr
+    expected = gateway.usage_report(gateway.access_records(lines))
+    assert json.loads(stdout)["rows"] == expected
+
+
 def test_many_small_files_start_no_worker(monkeypatch, tmp_path):
     # Workers start past USAGE_SERIAL_CHUNKS chunks' worth of bytes, not chunks: a dozen
     # small rotated files are a dozen chunks, and not worth a fork.
@@ -583,4 +629,15 @@ def test_the_default_processes_keep_to_the_cgroup_cpu_quota(tmp_path, files, exp
         (tmp_path / "fs" / name).write_text(text)
     assert gateway.cgroup_cpu_quota(str(tmp_path / "fs"),
                                     str(tmp_path / "proc-cgroup")) == expected
-    assert 1 <= gateway.usage_processes() <= gateway.USAGE_MAX_PROCESSES
+
+
+@pytest.mark.parametrize("cores, quota, expected", [
+    (64, math.inf, gateway.USAGE_MAX_PROCESSES),  # a large host: no more than the cap
+    (64, 2, 2),  # a two-CPU container on it: its quota
+    (1, 8, 1),  # taskset -c 0
+])
+def test_the_default_processes_are_the_fewest_of_cores_quota_and_cap(monkeypatch, cores,
+                                                                     quota, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(gateway, "cgroup_cpu_quota", lambda: quota)
+    assert gateway.usage_processes() == expected
