@@ -511,6 +511,19 @@ def parse_origins(text, allow_any=False):
     return origins
 
 
+def _checked_port(parts):
+    """The port of ``parts`` (from urlsplit; None when the URL names none), or ValueError
+    when it is not a number from 1 to 65535. urlsplit refuses a port past 65535 or not a
+    number only when asked for it, and port 0 passes it but reaches no server."""
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
+    return port
+
+
 def parse_proxy_url(text):
     """``upstream_proxy`` (or trust_env's proxy), or ValueError saying what is wrong with it
     but never what it is: it may carry the proxy's password. Parsed by urllib3, as the
@@ -518,11 +531,11 @@ def parse_proxy_url(text):
     problem = "setting upstream_proxy: expected http://[user:password@]host:port"
     parts = urllib.parse.urlsplit(text)
     try:
-        port = parts.port
+        _checked_port(parts)
         parsed = urllib3.util.parse_url(text)
     except ValueError:
         raise ValueError(problem) from None
-    if parts.scheme not in ("http", "https") or not parsed.host or port == 0:
+    if parts.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(problem)
     return text
 
@@ -537,12 +550,7 @@ def parse_upstream_url(text):
     parts = urllib.parse.urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError("expected http(s)://host[:port]")
-    try:
-        port = parts.port  # urlsplit names a port's problem, where urllib3 says 'failed'
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise ValueError("the port must be a number from 1 to 65535")
+    _checked_port(parts)  # before urllib3, which says only 'failed' of a bad port
     try:
         parsed = urllib3.util.parse_url(text)
     except ValueError as exc:  # urllib3's LocationParseError is one
@@ -582,10 +590,9 @@ def _parse_limits_backend(text):
         raise ValueError("setting limits_backend: expected redis://HOST:PORT/DB, "
                          "rediss://HOST:PORT/DB or unix://PATH?db=N")
     try:
-        if parts.port == 0:
-            raise ValueError
-    except ValueError:
-        raise ValueError("setting limits_backend: the port must be a number from 1 to 65535") from None
+        _checked_port(parts)
+    except ValueError as exc:
+        raise ValueError("setting limits_backend: %s" % exc) from None
     return text
 
 
