@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -209,10 +210,8 @@ def test_the_readme_quick_start_runs_as_written(upstream, tmp_path):
     for run in ("first", "second"):
         log_path, answer = tmp_path / (run + ".log"), tmp_path / (run + ".json")
         env.update(LOG=str(log_path), ANSWER=str(answer))
-        with open(log_path, "wb") as log:
-            result = subprocess.run(["bash", "-c", session], stdout=log, stderr=subprocess.STDOUT,
-                                    env=env, cwd=str(tmp_path), timeout=60)
-        assert result.returncode == 0, log_path.read_text()
+        returncode = run_session(session, env, tmp_path, log_path)
+        assert returncode == 0, log_path.read_text()
         assert json.loads(answer.read_text()) == shown, log_path.read_text()
         assert upstream.last.headers["x-api-key"] == UPSTREAM_KEY
         access = [json.loads(line) for line in log_path.read_text().splitlines()
@@ -220,6 +219,23 @@ def test_the_readme_quick_start_runs_as_written(upstream, tmp_path):
         assert [line["key"] for line in access] == ["me"]
         keys.append(gateway.parse_key_file((tmp_path / "gateway.keys").read_text()).get("me"))
     assert keys[0].digest != keys[1].digest  # the second run gave 'me' a new key
+
+
+def run_session(session, env, cwd, log_path, timeout=60):
+    """Run ``session`` in bash, its output in ``log_path``; its exit status. A session still
+    running after ``timeout`` seconds fails the test with what it logged, once every process
+    it started (its own process group: the gateway's master and workers) is killed, so that
+    none is left to disturb the tests after it."""
+    with open(log_path, "wb") as log:
+        session = subprocess.Popen(["bash", "-c", session], stdout=log, stderr=subprocess.STDOUT,
+                                   env=env, cwd=str(cwd), start_new_session=True)
+        try:
+            return session.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(session.pid, signal.SIGKILL)
+            session.wait()
+            pytest.fail("still running after %d s; it logged:\n%s"
+                        % (timeout, log_path.read_text()))
 
 
 def test_installation_lists_every_extra():
