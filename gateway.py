@@ -48,6 +48,7 @@ import shutil
 import socket
 import sqlite3
 import ssl
+import struct
 import sys
 import tempfile
 import termios
@@ -1401,11 +1402,18 @@ def _process_alive(pid):
 #: slots (zset: holder -> lease expiry, ms), hits (zset: request -> arrival, ms). ARGV:
 #: tokens_per_day, concurrency, rpm (0: none), holder, lease in ms. Returns {0, 0} when
 #: admitted, else {position in LIMIT_REFUSALS, milliseconds to wait}; a refusal writes nothing.
+#: Run again for the same holder (RedisLimits._start_admit sends it again once on a pooled
+#: connection found closed, and Redis may have run the first), it finds its own slot or hit
+#: and admits again, writing nothing: never refused by its own first run, never counted twice.
 REDIS_ADMIT = """
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local tokens_per_day, concurrency, rpm = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local holder, lease = ARGV[4], tonumber(ARGV[5])
+if (rpm > 0 and redis.call('ZSCORE', KEYS[3], holder))
+   or (concurrency > 0 and redis.call('ZSCORE', KEYS[2], holder)) then
+  return {0, 0}
+end
 if tokens_per_day > 0 then
   local used = tonumber(redis.call('HGET', KEYS[1], tostring(math.floor(now / 86400000))) or 0)
   if used >= tokens_per_day then return {1, 86400000 - now % 86400000} end
@@ -1488,7 +1496,8 @@ class RedisLimits:
 
     KEY_FORMAT = "gateway:{%s}:%s"  # the braces are Redis Cluster's hash tag
     TIMEOUT = 0.25  # seconds to connect, to read, and to wait for a pooled connection
-    POOL_SIZE = 32  # connections per worker process; calls take 0.1 ms, so few are in use
+    POOL_SIZE = 32  # connections per worker process for the admit calls (AdmitConnections),
+                    # and as many for the others; calls take 0.1 ms, so few are in use
     BREAKER_SECONDS = 5
     OWN_OPTIONS = {"socket_timeout", "socket_connect_timeout", "timeout"}  # not in the URL
     LAST_USE_TTL = 400 * 86400  # 'gateway keys list' shows 'never' after a year unused
@@ -1569,6 +1578,8 @@ class RedisLimits:
         self._renewing = False
         self._live, self._away, self._touched, self._loose = {}, set(), {}, {}
         self._finishing = FinishQueue(self._finish_all)
+        self._admit_connections = AdmitConnections(self._new_pool(), self.POOL_SIZE,
+                                                   self.TIMEOUT, self._redis_module.exceptions)
         self._client = client
         self._pid = os.getpid()
 
@@ -1586,6 +1597,7 @@ class RedisLimits:
         """Drop this process's connections (a command's, before gunicorn forks workers)."""
         if self._client is not None:
             self._client.connection_pool.disconnect()
+            self._admit_connections.disconnect()
 
     def key(self, name, kind):
         return self.KEY_FORMAT % (name, kind)
@@ -1619,7 +1631,7 @@ class RedisLimits:
         # after the admit, even if it is done by the time the answer comes.
         freeing = self._finishing.pending(entry.name)
         try:
-            replies = self._start(self._scripts.admit, [self._admit_call(entry, holder)])
+            replies = self._start_admit(self._admit_call(entry, holder))
         except self.errors as exc:
             self._admit_failed(exc, entry, holder, now)
             return _already_answered
@@ -1635,8 +1647,7 @@ class RedisLimits:
                 # A slot this process may be freeing: a refusal writes nothing, so ask
                 # again once the finish calls of the key are made.
                 self._finishing.wait_for(entry.name, 2 * self.TIMEOUT)
-                (refused, wait_ms), = self._run(self._scripts.admit,
-                                                [self._admit_call(entry, holder)])
+                (refused, wait_ms), = self._start_admit(self._admit_call(entry, holder))()
         except self.errors as exc:
             self._admit_failed(exc, entry, holder, now)
             return
@@ -1760,12 +1771,66 @@ class RedisLimits:
             connection.disconnect()
             pool.release(connection)
             raise
-        return functools.partial(self._replies, pool, connection, script, calls)
+        return functools.partial(self._replies, pool.release, connection, script, calls)
 
-    def _replies(self, pool, connection, script, calls):
+    def _start_admit(self, call):
+        """Send one admit call ``(keys, args)`` as ``_start`` does, but on one of this
+        process's admit connections (AdmitConnections), and return the function that reads
+        its answer (NOSCRIPT handled as ``_run`` does) and gives the connection back.
+
+        Facts -> decision: a pooled connection that Redis closed while it sat idle (Redis's
+        ``timeout`` setting, a proxy's idle timeout, a restart) fails the next call on it
+        at once: a broken pipe or a reset when it is sent, or the end of the stream where
+        the reply should be. redis-py's pool looks for that before it hands a connection
+        out, at the price of three system calls on every call (docs/performance.md); the
+        admit connections are not looked at, and instead a call that fails that way on a
+        connection that served an earlier call is sent again, once, on a new connection.
+        Nothing else is sent again: not a timeout, not an error on a connection made for
+        this call, so a frozen or dead Redis still costs one call, as the admit call is
+        never retried on Redis trouble. Sending again is safe even if Redis ran the first
+        (it may have, then closed before answering): the admit script finds its own holder
+        and admits it again, writing nothing (REDIS_ADMIT)."""
+        connections = self._admit_connections
+        connection, reused = connections.take()
+        try:
+            try:
+                self._send_admit(connection, call)
+            except self.errors as exc:
+                if not (reused and _closed_by_redis(exc)):
+                    raise
+                reused = False
+                self._send_admit(connection, call, reconnect=True)
+        except BaseException as exc:
+            connection.disconnect()
+            connections.give_back(connection)
+            raise _as_timeout(exc, self._redis_module.exceptions)
+        return functools.partial(self._replies, connections.give_back, connection,
+                                 self._scripts.admit, [call],
+                                 functools.partial(self._read_admit, reused, call))
+
+    def _send_admit(self, connection, call, reconnect=False):
+        if reconnect:
+            self._admit_connections.reconnect(connection)
+        _send_commands(connection, "EVALSHA", self._scripts.admit.sha, [call])
+
+    def _read_admit(self, reused, call, connection, count, exceptions):
+        """``_read_replies`` for ``_start_admit``: on a ``reused`` connection found closed,
+        the admit ``call`` is sent again on a new one, and its reply read."""
+        try:
+            try:
+                return _read_replies(connection, count, exceptions)
+            except self.errors as exc:
+                if not (reused and _closed_by_redis(exc)):
+                    raise
+            self._send_admit(connection, call, reconnect=True)
+            return _read_replies(connection, count, exceptions)
+        except self.errors as exc:
+            raise _as_timeout(exc, exceptions)
+
+    def _replies(self, give_back, connection, script, calls, read=None):
         exceptions = self._redis_module.exceptions
         try:
-            replies = _read_replies(connection, len(calls), exceptions)
+            replies = (read or _read_replies)(connection, len(calls), exceptions)
             lost = [n for n, reply in enumerate(replies)
                     if isinstance(reply, exceptions.NoScriptError)]
             if lost:
@@ -1777,7 +1842,7 @@ class RedisLimits:
             connection.disconnect()
             raise
         finally:
-            pool.release(connection)
+            give_back(connection)
         for reply in replies:
             if isinstance(reply, exceptions.ResponseError):
                 raise reply
@@ -1895,6 +1960,115 @@ def _read_replies(connection, count, exceptions):
         except exceptions.ResponseError as exc:
             replies.append(exc)
     return replies
+
+
+#: What redis-py raises when a read finds the end of the stream: its socket parser's
+#: SERVER_CLOSED_CONNECTION_ERROR (redis/_parsers/socket.py), which the hiredis one uses too.
+REDIS_CLOSED_WORDS = "Connection closed by server."
+
+
+def _closed_by_redis(exc):
+    """Whether ``exc``, raised by redis-py sending or reading on a connection, says that the
+    other end had closed it: a broken pipe or a reset (the cause redis-py keeps), or the end
+    of the stream. Never a timeout (the kernel's, EAGAIN, included) nor any other error."""
+    return (isinstance(exc.__cause__, (BrokenPipeError, ConnectionResetError))
+            or str(exc) == REDIS_CLOSED_WORDS)
+
+
+def _as_timeout(exc, exceptions):
+    """``exc``, or in its place redis-py's TimeoutError where ``exc`` is the kernel's timeout
+    (EAGAIN on a blocking socket, AdmitConnections), which redis-py reports as a
+    ConnectionError: the log line names a timeout, as it does with Python's own timeouts."""
+    if (isinstance(exc, exceptions.ConnectionError)
+            and isinstance(exc.__cause__ or exc.__context__, BlockingIOError)):
+        timeout = exceptions.TimeoutError("Timeout talking to Redis (%s)" % exc)
+        timeout.__cause__ = exc
+        return timeout
+    return exc
+
+
+class AdmitConnections:
+    """The connections of RedisLimits' admit calls, per process: at most ``size``, handed out
+    last in, first out, each to one call at a time; a caller waits up to ``timeout`` for one
+    when all are taken (as redis-py's BlockingConnectionPool does), then fails.
+
+    Facts -> decisions: system calls are the dearest part of an admit call on this project's
+    machine (docs/performance.md, 29-40 us of CPU for a send and a receive), and through
+    redis-py's pool with its timeouts the call made seven: the pool's check of each
+    connection it hands out (the socket made non-blocking, a receive that finds nothing, the
+    timeout set back), then, as CPython does for a socket with a timeout, a poll before the
+    send and one before the receive (strace). Here:
+
+    - no check when a connection is handed out: one that Redis closed while idle fails the
+      call at once, and RedisLimits._start_admit sends it again on a new connection;
+    - on a socket of the standard library's own class (not TLS, not gevent's), the socket
+      blocks and the kernel keeps the same timeouts (SO_SNDTIMEO, SO_RCVTIMEO): one system
+      call to send and one to receive. A receive that times out fails with EAGAIN, which
+      redis-py reports as a ConnectionError, after the same ``timeout``. gevent's sockets
+      keep their own timeouts: a blocking gevent socket would wait in its event loop with
+      no bound, and the kernel's timeouts would never apply; TLS ones too, where a timed-out
+      receive inside a TLS record would surface as a TLS error, not a timeout.
+
+    redis-py still makes each connection (``pool.make_connection``: the URL's options, AUTH,
+    the database, TLS), packs the calls and parses the replies."""
+
+    def __init__(self, pool, size, timeout, exceptions):
+        self._pool = pool  # redis-py's: makes the connections, and closes them all
+        self._free = threading.BoundedSemaphore(size)  # connections that may be taken
+        self._idle = []  # connections given back: the last one is taken first
+        self._timeout = timeout
+        self._exceptions = exceptions
+
+    def take(self):
+        """(a connected connection, whether it served an earlier call)."""
+        if not self._free.acquire(timeout=self._timeout):
+            raise self._exceptions.ConnectionError("No connection available.")
+        try:
+            connection = self._idle.pop()
+        except IndexError:
+            connection = self._pool.make_connection()
+        if connection.is_connected:
+            return connection, True
+        try:
+            self.reconnect(connection)
+        except BaseException:
+            connection.disconnect()
+            self.give_back(connection)
+            raise
+        return connection, False
+
+    def reconnect(self, connection):
+        """Connect ``connection`` anew: redis-py's connect, then the kernel's timeouts."""
+        connection.disconnect()
+        connection.connect()
+        _kernel_timeouts(connection._sock, self._timeout)
+
+    def give_back(self, connection):
+        self._idle.append(connection)
+        self._free.release()
+
+    def disconnect(self):
+        self._pool.disconnect()
+
+
+def _kernel_timeouts(sock, seconds):
+    """Make ``sock`` a blocking socket whose sends and receives the kernel times out after
+    ``seconds`` (AdmitConnections), if it is a socket of the standard library's own class on
+    Linux; leave any other (TLS, gevent's) as it is."""
+    if type(sock) is not _stdlib_socket_class() or not sys.platform.startswith("linux"):
+        return
+    timeval = struct.pack("@ll", int(seconds), round(seconds % 1 * 1000000))  # struct timeval
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.settimeout(None)
+
+
+def _stdlib_socket_class():
+    """The standard library's ``socket.socket``, also where gevent swapped in its own."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_object_patched("socket", "socket"):
+        return monkey.get_original("socket", "socket")
+    return socket.socket
 
 
 class FinishQueue:

@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -45,18 +47,22 @@ def required_redis():
 
 
 class RedisServer:
-    """A real redis-server on a unix socket, with the faults the tests inject."""
+    """A real redis-server on a unix socket, with the faults the tests inject; also on a
+    loopback TCP port, which the gateway uses instead when ``tcp``."""
 
-    def __init__(self, directory, binary, appendonly=False):
+    def __init__(self, directory, binary, appendonly=False, tcp=False):
         self.directory = directory
         self.binary = binary
         self.appendonly = appendonly
         self.socket = os.path.join(directory, "redis.sock")
-        self.url = "unix://%s?db=0" % self.socket
+        self.port = free_port() if tcp else 0
+        self.url = ("redis://127.0.0.1:%d/0" % self.port if tcp
+                    else "unix://%s?db=0" % self.socket)
         self.process = None
 
     def start(self):
-        command = [self.binary, "--port", "0", "--unixsocket", self.socket,
+        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                   "--unixsocket", self.socket,
                    "--dir", self.directory, "--save", "",
                    "--appendonly", "yes" if self.appendonly else "no",
                    "--maxmemory-policy", "noeviction"]
@@ -107,6 +113,12 @@ class RedisServer:
                      "hash": lambda: client.hgetall(key)}[kind]()
             found[key] = (kind, client.pttl(key), repr(value).encode())
         return found
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 @pytest.fixture
@@ -424,6 +436,102 @@ def test_a_frozen_redis_costs_a_request_at_most_a_quarter_second(redis_server, t
         assert max(waits) < 1.0 and sum(w >= TIMEOUT for w in waits) <= 1
     finally:
         redis_server.thaw()
+
+
+def test_the_admit_connections_block_with_the_kernels_timeout(redis_server, tmp_path):
+    """One system call to send an admit call and one to read its answer (AdmitConnections):
+    the socket blocks, and the kernel times its reads and writes out after 0.25 s."""
+    backend = limits(redis_server, tmp_path)
+    backend.admit(limited("k", rpm=5), "one", time.time())
+    connection, = backend._admit_connections._idle
+    sock = connection._sock
+    assert sock.gettimeout() is None  # blocking: no poll before each send and receive
+    for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+        seconds, microseconds = struct.unpack("@ll", sock.getsockopt(
+            socket.SOL_SOCKET, option, struct.calcsize("@ll")))
+        assert abs(seconds + microseconds / 1e6 - TIMEOUT) < 0.01  # in the kernel's ticks
+
+
+def test_under_gevent_the_admit_connections_keep_their_own_timeouts(redis_server):
+    """A blocking gevent socket would wait in gevent's loop with no bound: under gevent
+    (deploy/gunicorn-gevent.conf.py) the sockets keep their timeouts, and an admit call to a
+    frozen Redis still fails after 0.25 s."""
+    pytest.importorskip("gevent")
+    program = (
+        "from gevent import monkey; monkey.patch_all()\n"
+        "import sys, time, gateway\n"
+        "config = gateway.Config(limits_backend=sys.argv[1], state_file=sys.argv[2])\n"
+        "backend = gateway.RedisLimits(config, gateway.HostState(config.state_path),\n"
+        "                              gateway.Deadlines())\n"
+        "entry = gateway.KeyEntry('k', bytes(32), rpm=5)\n"
+        "backend.admit(entry, 'one', time.time())\n"
+        "connection, = backend._admit_connections._idle\n"
+        "print(connection._sock.gettimeout(), type(connection._sock).__module__)\n")
+    with tempfile.TemporaryDirectory() as directory:
+        result = subprocess.run(
+            [sys.executable, "-c", program, redis_server.url,
+             os.path.join(directory, "host.state")], capture_output=True, text=True,
+            timeout=60, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(TIMEOUT), "gevent._socket3"]
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_a_connection_redis_closed_while_idle_is_made_again_not_a_failure(tmp_path, caplog,
+                                                                          tcp):
+    """Redis closes connections idle longer than its ``timeout`` setting (as a proxy may, or
+    a restart does). The admit connections are not checked before each call (redis-py's
+    pool checks, at three system calls a call): the call that finds its connection closed is
+    sent again on a new one, and the request is counted in Redis, with no breaker opened and
+    nothing logged."""
+    directory = tempfile.mkdtemp(prefix="gw-redis-")
+    server = RedisServer(directory, required_redis(), tcp=tcp).start()
+    try:
+        backend = limits(server, tmp_path, limits_lease=60)  # no renewal in the meantime
+        entry = limited("idle", rpm=5, concurrency=5)
+        backend.admit(entry, "before", time.time())
+        control = server.client()
+        control.config_set("timeout", 1)
+        # Until Redis has closed the gateway's connection (it checks idle ones every second)
+        eventually(lambda: len(control.client_list()) == 1)
+        backend.admit(entry, "after", time.time())
+        assert control.zscore("gateway:{idle}:hits", "after") is not None  # counted in Redis
+        assert control.zscore("gateway:{idle}:slots", "after") is not None
+        assert backend._down_until is None and "unreachable" not in caplog.text
+        assert backend.local.last_use() == {}  # nothing admitted on this host's own file
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_restarted_redis_admits_the_next_request_without_the_breaker(redis_server,
+                                                                        tmp_path, caplog):
+    """A restart closes every pooled connection: the next call on each finds it closed, is
+    sent again on a new connection and, the scripts gone with the restart, sent as EVAL."""
+    backend = limits(redis_server, tmp_path)
+    entry = limited("restart", rpm=5, concurrency=5)
+    for number in range(3):
+        backend.admit(entry, "before-%d" % number, time.time())
+    redis_server.restart()
+    backend.admit(entry, "after", time.time())
+    server = redis_server.client()
+    assert server.zrange("gateway:{restart}:slots", 0, -1) == [b"after"]
+    assert backend._down_until is None and "unreachable" not in caplog.text
+
+
+def test_an_admit_sent_again_for_the_same_request_admits_it_once(redis_server, tmp_path):
+    """An admit call sent again (its connection found closed) may meet its own first run, if
+    Redis ran it before the connection closed. At the limit, the holder's own slot and hit
+    must not refuse it, nor be counted twice."""
+    backend = limits(redis_server, tmp_path)
+    entry = limited("again", rpm=1, concurrency=1)
+    now = time.time()
+    backend.admit(entry, "the-request", now)
+    backend.admit(entry, "the-request", now)  # the same request again: admitted
+    server = redis_server.client()
+    assert server.zcard("gateway:{again}:hits") == 1
+    assert server.zcard("gateway:{again}:slots") == 1
+    assert refused_with(backend, entry, "another", now, "in progress")
 
 
 def test_a_key_of_one_slot_used_back_to_back_is_never_refused(redis_server, config_dir):
