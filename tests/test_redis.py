@@ -48,20 +48,35 @@ def required_redis():
 
 class RedisServer:
     """A real redis-server on a unix socket, with the faults the tests inject; also on a
-    loopback TCP port, which the gateway uses instead when ``tcp``."""
+    loopback port, which the gateway uses instead, with ``transport`` "tcp" or "tls" (a
+    certificate from the trustme CA ``ca``)."""
 
-    def __init__(self, directory, binary, appendonly=False, tcp=False):
+    def __init__(self, directory, binary, appendonly=False, transport="unix", ca=None):
         self.directory = directory
         self.binary = binary
         self.appendonly = appendonly
         self.socket = os.path.join(directory, "redis.sock")
-        self.port = free_port() if tcp else 0
-        self.url = ("redis://127.0.0.1:%d/0" % self.port if tcp
-                    else "unix://%s?db=0" % self.socket)
+        self.url = "unix://%s?db=0" % self.socket
+        self.listen = ["--port", "0"]  # no TCP port: the unix socket only
+        if transport == "tcp":
+            port = free_port()
+            self.url = "redis://127.0.0.1:%d/0" % port
+            self.listen = ["--port", str(port)]
+        elif transport == "tls":
+            port, files = free_port(), {name: os.path.join(directory, name + ".pem")
+                                        for name in ("ca", "cert", "key")}
+            ca.cert_pem.write_to_path(files["ca"])
+            issued = ca.issue_cert("127.0.0.1")
+            issued.cert_chain_pems[0].write_to_path(files["cert"])
+            issued.private_key_pem.write_to_path(files["key"])
+            self.url = "rediss://127.0.0.1:%d/0?ssl_ca_certs=%s" % (port, files["ca"])
+            self.listen += ["--tls-port", str(port), "--tls-cert-file", files["cert"],
+                            "--tls-key-file", files["key"], "--tls-ca-cert-file", files["ca"],
+                            "--tls-auth-clients", "no"]
         self.process = None
 
     def start(self):
-        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+        command = [self.binary, *self.listen, "--bind", "127.0.0.1",
                    "--unixsocket", self.socket,
                    "--dir", self.directory, "--save", "",
                    "--appendonly", "yes" if self.appendonly else "no",
@@ -476,16 +491,17 @@ def test_under_gevent_the_admit_connections_keep_their_own_timeouts(redis_server
     assert result.stdout.split() == [str(TIMEOUT), "gevent._socket3"]
 
 
-@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+@pytest.mark.parametrize("transport", ["unix", "tcp", "tls"])
 def test_a_connection_redis_closed_while_idle_is_made_again_not_a_failure(tmp_path, caplog,
-                                                                          tcp):
+                                                                          transport):
     """Redis closes connections idle longer than its ``timeout`` setting (as a proxy may, or
     a restart does). The admit connections are not checked before each call (redis-py's
     pool checks, at three system calls a call): the call that finds its connection closed is
     sent again on a new one, and the request is counted in Redis, with no breaker opened and
     nothing logged."""
+    ca = pytest.importorskip("trustme").CA() if transport == "tls" else None
     directory = tempfile.mkdtemp(prefix="gw-redis-")
-    server = RedisServer(directory, required_redis(), tcp=tcp).start()
+    server = RedisServer(directory, required_redis(), transport=transport, ca=ca).start()
     try:
         backend = limits(server, tmp_path, limits_lease=60)  # no renewal in the meantime
         entry = limited("idle", rpm=5, concurrency=5)
