@@ -55,29 +55,53 @@ class RedisServer:
         self.directory = directory
         self.binary = binary
         self.appendonly = appendonly
+        self.transport = transport
         self.socket = os.path.join(directory, "redis.sock")
-        self.url = "unix://%s?db=0" % self.socket
-        self.listen = ["--port", "0"]  # no TCP port: the unix socket only
-        if transport == "tcp":
-            port = free_port()
-            self.url = "redis://127.0.0.1:%d/0" % port
-            self.listen = ["--port", str(port)]
-        elif transport == "tls":
-            port, files = free_port(), {name: os.path.join(directory, name + ".pem")
-                                        for name in ("ca", "cert", "key")}
-            ca.cert_pem.write_to_path(files["ca"])
+        self.port = None  # tcp, tls: the one it listens on, kept across restarts
+        self.tls_files = {name: os.path.join(directory, name + ".pem")
+                          for name in ("ca", "cert", "key")}
+        if transport == "tls":
+            ca.cert_pem.write_to_path(self.tls_files["ca"])
             issued = ca.issue_cert("127.0.0.1")
-            issued.cert_chain_pems[0].write_to_path(files["cert"])
-            issued.private_key_pem.write_to_path(files["key"])
-            self.url = "rediss://127.0.0.1:%d/0?ssl_ca_certs=%s" % (port, files["ca"])
-            self.listen += ["--tls-port", str(port), "--tls-cert-file", files["cert"],
-                            "--tls-key-file", files["key"], "--tls-ca-cert-file", files["ca"],
-                            "--tls-auth-clients", "no"]
+            issued.cert_chain_pems[0].write_to_path(self.tls_files["cert"])
+            issued.private_key_pem.write_to_path(self.tls_files["key"])
         self.process = None
 
+    @property
+    def url(self):
+        if self.transport == "tcp":
+            return "redis://127.0.0.1:%d/0" % self.port
+        if self.transport == "tls":
+            return "rediss://127.0.0.1:%d/0?ssl_ca_certs=%s" % (self.port, self.tls_files["ca"])
+        return "unix://%s?db=0" % self.socket
+
     def start(self):
-        command = [self.binary, *self.listen, "--bind", "127.0.0.1",
-                   "--unixsocket", self.socket,
+        """Start it, and wait until it answers. redis-server cannot listen on port 0 and say
+        which port it got: on its first start on a port, it is given one the kernel just
+        handed out, and started again on another if that was taken before it could bind."""
+        for _ in range(5):
+            first = self.transport != "unix" and self.port is None
+            if first:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    self.port = probe.getsockname()[1]
+            if self._started():
+                return self
+            log = open(os.path.join(self.directory, "redis.log")).read()
+            if not (first and "Address already in use" in log):
+                raise AssertionError("redis-server did not start: %s" % log)
+            self.port = None
+        raise AssertionError("redis-server found no free port in 5 attempts")
+
+    def _started(self):
+        listen = {"unix": ["--port", "0"],  # no TCP port: the unix socket only
+                  "tcp": ["--port", str(self.port)],
+                  "tls": ["--port", "0", "--tls-port", str(self.port),
+                          "--tls-cert-file", self.tls_files["cert"],
+                          "--tls-key-file", self.tls_files["key"],
+                          "--tls-ca-cert-file", self.tls_files["ca"],
+                          "--tls-auth-clients", "no"]}[self.transport]
+        command = [self.binary, *listen, "--bind", "127.0.0.1", "--unixsocket", self.socket,
                    "--dir", self.directory, "--save", "",
                    "--appendonly", "yes" if self.appendonly else "no",
                    "--maxmemory-policy", "noeviction"]
@@ -87,11 +111,12 @@ class RedisServer:
         while True:
             try:
                 if self.client().ping():
-                    return self
+                    return True
             except Exception:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("redis-server did not start: %s" % open(
-                        os.path.join(self.directory, "redis.log")).read())
+                    self.stop()
+                    self.log.close()
+                    return False
                 time.sleep(0.02)
 
     def client(self):
@@ -128,12 +153,6 @@ class RedisServer:
                      "hash": lambda: client.hgetall(key)}[kind]()
             found[key] = (kind, client.pttl(key), repr(value).encode())
         return found
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
