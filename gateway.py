@@ -1395,6 +1395,9 @@ def _process_alive(pid):
 # - redis-py's default pool fails beyond 100 connections instead of waiting (2,000 greenlets:
 #   1,900 errors); a BlockingConnectionPool waits up to its timeout (0 errors, 181 ms worst).
 #   One per worker process, made on first use after the fork; its client is thread-safe.
+# - System calls are most of an admit call's cost, and through that pool it made seven
+#   (strace): the admit calls have connections of their own (AdmitConnections), two system
+#   calls a call, and a call that finds one closed while idle is sent again once.
 # - Key names: gateway:{name}:…, where {name} is a Redis Cluster hash tag, so each script
 #   touches one slot; the name comes from the key file, never the client's key.
 
