@@ -2028,8 +2028,12 @@ class AdmitConnections:
             raise self._exceptions.ConnectionError("No connection available.")
         try:
             connection = self._idle.pop()
-        except IndexError:
-            connection = self._pool.make_connection()
+        except IndexError:  # none idle: a new one (the semaphore bounds how many are made)
+            try:
+                connection = self._pool.make_connection()
+            except BaseException:
+                self._free.release()
+                raise
         if connection.is_connected:
             return connection, True
         try:
