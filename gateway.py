@@ -4525,21 +4525,25 @@ USAGE_COLUMNS = ("requests", "errors") + USAGE_FIELDS
 #: rotated logs that overlap by a few lines; remembering every id would grow with the log.
 USAGE_DEDUP_WINDOW = 100_000
 USAGE_CHUNK_BYTES = 1 << 20
-USAGE_PENDING = 20_000  # lines whose token counts are held before they are summed (about 4 MB)
+USAGE_PENDING = 40_000  # lines whose token counts are held before they are summed (about 6 MB)
 
 
 def access_records(lines):
     """The access-log records among ``lines``: JSON objects with a request id and a time.
 
     Other lines (gunicorn's own, errors, tracebacks) are skipped. A record may follow a prefix
-    (syslog's or ``journalctl -o short``'s), so it is read from the line's first ``{``.
+    (syslog's or ``journalctl -o short``'s), so it is read from the line's first ``{``. A
+    control character in a string (a tab; never written by the gateway, whose json.dumps
+    escapes them) does not make the record unreadable (``strict=False``): so a record counts
+    whichever way 'gateway usage' reads it (UsageTally's expression takes any such byte, and
+    looking for them would cost it a tenth of its time).
     """
     for line in lines:
         start = line.find("{")
         if start < 0:
             continue
         try:
-            record = json.loads(line[start:])
+            record = json.loads(line[start:], strict=False)
         except ValueError:
             continue
         if isinstance(record, dict) and "request_id" in record and "time" in record:
@@ -4551,37 +4555,76 @@ def _access_line_pattern(backslashes=True):
     (json.dumps' separators, its field order, no escapes in the strings it captures), after
     an optional prefix. It reads what 'gateway usage' needs several times faster than
     json.loads; a line it does not match is parsed with json.loads instead (UsageTally), so
-    a change to the record costs speed, never a wrong count.
+    a change to the record costs speed, never a wrong count. Whatever it matches within a
+    line is JSON that access_records reads to the same values (``stream``, ``duration_ms``
+    and ``ttfb_ms`` as json.dumps writes them, not any run of bytes).
 
     ``backslashes=False`` gives a faster expression (about a quarter less time) for data
     that holds no backslash, so no escape: there a string is any run of bytes up to the next
     quote, which sre runs through faster than a class that also leaves out backslashes and
-    newlines. Such a string could run past the end of a cut-off line into the next, so
-    UsageTally checks that no record found holds a newline (group 0).
+    line ends. Such a string could run past the end of a cut-off line into the next, so
+    UsageTally checks that no record found holds a line end (group 0).
 
     Groups: 0 the record from its ``{`` to its ``}``, 1 day, 2 rest of the time, 3 request id,
-    4 key ('' for none), 5 model ('' for none), 6 a status of 400 or more, 7-10 the token
-    counts of USAGE_FIELDS ('' for none or 0), 11 an error that counts as one (not
-    CLIENT_WENT_AWAY)."""
-    char = r'[^"\\\n]' if backslashes else r'[^"]'  # in a JSON string without escapes
+    4 the key and the model as written, ``"alice", "model": "claude-x"`` or ``"alice",
+    "model": null`` ('' when the key is null: nobody's usage), 5 a status of 400 or more,
+    6 the token counts as written, ``, "input_tokens": 12, "output_tokens": 3`` (USAGE_FIELDS
+    in their order, each optional), 7 an error that counts as one (not CLIENT_WENT_AWAY).
+    One group for the key and the model, and one for the four counts: each group is an
+    object to make, hash and free on every line, where the counts of a group of the report
+    are read back from the text once per many lines (UsageTally._add_pending)."""
+    char = r'[^"\\\r\n]' if backslashes else r'[^"]'  # in a JSON string without escapes
     text = r'"%s*"' % char
     other = r'(?:%s|null)' % text
-    value = r'[^,}\n]*'  # a number, true, false or null
-    captured = r'"(%s+)"' % char
+    name = r'"%s+"' % char
+    number = r'(?:0|[1-9]\d*)\.\d+'  # json.dumps of a float that round(x, 2) gave
     # "(?:x|)" rather than "(?:x)?": the same match, and sre tries a branch faster than it
     # repeats a group (about a tenth of the expression's time on the benchmark's log). A
-    # count of 0 is captured as '', like a missing one, so that it costs no int(); a leading
-    # zero is not JSON (json.loads refuses the line), so it is no match either.
-    tokens = "".join(r'(?:, "%s": (?:0|([1-9]\d*))|)' % name for name in USAGE_FIELDS)
+    # leading zero is not JSON (json.loads refuses the line), so it is no match either; nor
+    # is a count of 100 digits or more (json.loads refuses a line with thousands, where
+    # int() would stop the report).
+    tokens = "".join(r'(?:, "%s": (?:0|[1-9]\d{0,99})|)' % field for field in USAGE_FIELDS)
     return re.compile((
-        r'(?m)^[^{\n]*(\{"time": "(\d{4}-\d\d-\d\d)(%(char)s*)", "request_id": %(captured)s, '
+        r'(?m)^[^{\n]*(\{"time": "(\d{4}-\d\d-\d\d)(%(char)s*)", "request_id": "(%(char)s+)", '
         r'"upstream_request_id": %(other)s, "client_ip": %(other)s, "method": %(other)s, '
-        r'"path": %(other)s, "key": (?:%(captured)s|null), "model": (?:%(captured)s|null), '
+        r'"path": %(other)s, "key": (?:(%(name)s, "model": (?:%(name)s|null))|'
+        r'null, "model": (?:%(name)s|null)), '
         r'"upstream_model": %(other)s, "status": (?:[1-3]\d\d|([4-9]\d\d)), '
-        r'"stream": %(value)s, "duration_ms": %(value)s, "ttfb_ms": %(value)s%(tokens)s'
-        r'(?:, "error": (?:"%(went_away)s"|%(captured)s)|)\})\r?$'
-        % {"char": char, "captured": captured, "other": other, "value": value,
+        r'"stream": (?:true|false), "duration_ms": %(number)s, '
+        r'"ttfb_ms": (?:%(number)s|null)(%(tokens)s)'
+        r'(?:, "error": (?:"%(went_away)s"|"(%(char)s+)")|)\})\r?$'
+        % {"char": char, "name": name, "other": other, "number": number,
            "tokens": tokens, "went_away": CLIENT_WENT_AWAY}).encode()).findall
+
+
+#: The key and the model of group 4 of _access_line_pattern (None for a null model).
+_KEY_AND_MODEL = re.compile(rb'"([^"]*)", "model": (?:"([^"]*)"|null)').fullmatch
+#: Each count of USAGE_FIELDS in the token counts of group 6 of _access_line_pattern, joined
+#: (a count of 0 is not read: it adds nothing).
+_TOKEN_COUNTS = [re.compile(rb'"%s": ([1-9]\d*)' % field.encode()).findall
+                 for field in USAGE_FIELDS]
+#: What bytes.translate deletes from those token counts to leave their numbers, each after a
+#: comma: ``, "input_tokens": 12, "output_tokens": 3`` becomes ``,  12,  3`` (no field's
+#: name holds a digit).
+_TOKEN_NAMES = b'abcdefghijklmnopqrstuvwxyz_":'
+
+
+def _one_line(records):
+    """Whether the records found by _access_line_pattern, joined, are each within a line as
+    bytes.splitlines splits a log (add_chunk): no newline, no carriage return."""
+    return b"\n" not in records and b"\r" not in records
+
+
+def _is_utf8(data):
+    """Whether ``data`` is UTF-8: then decoding it with "replace" (as access_records reads a
+    line) changes nothing, so the bytes the expression captures are what json.loads reads."""
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 #: A JSON object key with a \u escape in it ("request_\u0069d": json.loads reads it as
@@ -4608,20 +4651,23 @@ class UsageTally:
         self._window = window
         self._recent, self._older = set(), set()
         self._rows = {}
-        # Not yet added: group -> its token counts, a list per column of USAGE_FIELDS (bytes
-        # as matched: '' for none or 0; a list's length is the group's lines); errors per
-        # group; lines in all.
-        self._pending = collections.defaultdict(_token_lists)
+        # Not yet added: group -> its lines' token counts as matched (group 6 of
+        # _access_line_pattern; the list's length is the group's lines); errors per group;
+        # lines in all. A group here is the day, the key and model as written, or both
+        # (groups 1 and 4): finer than ``by`` when it names the key or the model alone, and
+        # rows of the same names are added together (_add_pending).
+        self._pending = collections.defaultdict(list)
         self._pending_errors, self._pending_count = collections.Counter(), 0
+        # Added, not yet in the rows: group -> requests, errors and the token counts, so that
+        # a group's names are read once, by rows().
+        self._sums = {}
         self._find_lines = _access_line_pattern()
         self._find_plain_lines = _access_line_pattern(backslashes=False)
         self._group_of = operator.itemgetter(*(
-            {"day": 1, "key": 4, "model": 5}[field] for field in self.by))
-        self._token_columns = [operator.itemgetter(7 + number)
-                               for number in range(len(USAGE_FIELDS))]
+            ([1] if "day" in self.by else []) + ([4] if {"key", "model"} & set(self.by) else [])))
 
     def rows(self):
-        self._add_pending()
+        self._add_sums()
         return [self._rows[group] for group in sorted(self._rows)]
 
     def add_chunk(self, data):
@@ -4633,7 +4679,7 @@ class UsageTally:
         if found is not None:
             return self._add_found(found)
         for line in data.splitlines():
-            found = self._find_lines(line)
+            found = _is_utf8(line) and self._find_lines(line)
             if found:
                 self._add_found(found)
             else:
@@ -4646,22 +4692,24 @@ class UsageTally:
         would if none of its request ids were in the window, which only the parent knows,
         and return those ids (of the records wanted, in the log's order) for the parent to
         check. None, adding nothing, for a chunk that the parent must read itself as one
-        process would: a record the expression does not match, or a request id twice."""
+        process would: a record the expression does not match, or a request id twice.
+        The ids are a set: the parent only checks them against its window."""
         found = self._match_chunk(data)
         if found is None:
             return None
         found = self._wanted(found)
-        request_ids = list(map(operator.itemgetter(3), found))
-        if len(set(request_ids)) != len(request_ids):
+        request_ids = set(map(operator.itemgetter(3), found))
+        if len(request_ids) != len(found):
             return None
         self._add_lines(found)
         return request_ids
 
     def remember_claimed(self, request_ids):
-        """The parent's half of claim_chunk: True, and the ids remembered as add_chunk
-        would have, when none is in the window; False, remembering nothing, when one is
-        (copies of the previous chunks: the parent reads that chunk itself)."""
-        return self._remember_if_new(set(request_ids))
+        """The parent's half of claim_chunk (``request_ids`` the set it returned): True, and
+        the ids remembered as add_chunk would have, when none is in the window; False,
+        remembering nothing, when one is (copies of the previous chunks: the parent reads
+        that chunk itself)."""
+        return self._remember_if_new(request_ids)
 
     def blank(self):
         """A tally with the same options and nothing added (its own window)."""
@@ -4670,6 +4718,7 @@ class UsageTally:
     def add_rows(self, rows, sign=1):
         """Add the rows of another tally with the same options (``sign`` -1: take them
         off). A row left with no request is dropped: every row counts one or more."""
+        self._add_sums()  # first: a row is dropped only when all of it was taken off
         for row in rows:
             group = tuple(row[field] for field in self.by)
             self._add(group, sign * row["requests"], sign * row["errors"],
@@ -4679,14 +4728,18 @@ class UsageTally:
 
     def _match_chunk(self, data):
         # Every access record in data, matched by the expression, or None when one may
-        # not be among them.
+        # not be among them, or may be read otherwise by json.loads (bytes that are not
+        # UTF-8: see _is_utf8).
+        if not _is_utf8(data):
+            return None
         plain = b"\\" not in data
         found = (self._find_plain_lines if plain else self._find_lines)(data)
         # Every record json.loads would read must be among those found: each names its
         # "request_id" (written so, with any separators, unless its letters are escapes,
-        # which only \u can spell), and none found may run into the next line.
+        # which only \u can spell), and none found may run into the next line (nor past a
+        # carriage return, where bytes.splitlines ends a line too).
         if len(found) == data.count(b'"request_id"') and (
-                b"\n" not in b"".join(map(operator.itemgetter(0), found)) if plain
+                _one_line(b"".join(map(operator.itemgetter(0), found))) if plain
                 else _ESCAPED_KEY(data) is None):
             return found
         return None
@@ -4720,9 +4773,9 @@ class UsageTally:
         # The matches that --key, --since and --until keep, of records with a key.
         if self.key is None:
             found = list(filter(operator.itemgetter(4), found))  # with a key
-        else:
-            wanted = self.key.encode("utf-8", "surrogatepass")
-            found = [m for m in found if m[4] and m[4] == wanted]
+        else:  # the key as group 4 writes it: a quote in it would be an escape, no match
+            wanted = b'"%s", "model": ' % self.key.encode("utf-8", "surrogatepass")
+            found = [m for m in found if m[4].startswith(wanted)]
         if self.since is not None or self.until is not None:
             since = (self.since or "").encode()
             until = self.until.encode() if self.until is not None else None
@@ -4731,33 +4784,53 @@ class UsageTally:
         return found
 
     def _add_lines(self, found):
-        groups = list(map(self._group_of, found))
         self._pending_errors.update(map(self._group_of, _failures(found)))
-        # Each line's token counts onto its group's lists, pending[group][n].append(m[7 + n])
-        # for every line m, as maps in C, a column at a time while the lines are fresh in
-        # the cache; only the counts are kept, not the lines, until they are summed.
-        lists = list(map(self._pending.__getitem__, groups))
-        for number, column in enumerate(self._token_columns):
-            collections.deque(map(list.append, map(operator.itemgetter(number), lists),
-                                  map(column, found)), maxlen=0)
+        # Each line's token counts onto its group's list, pending[group].append(m[6]) for
+        # every line m, as maps in C; only the counts are kept, not the lines, until they
+        # are summed.
+        collections.deque(map(list.append, map(self._pending.__getitem__,
+                                               map(self._group_of, found)),
+                              map(operator.itemgetter(6), found)), maxlen=0)
         self._pending_count += len(found)
         if self._pending_count >= USAGE_PENDING:
             self._add_pending()
 
     def _add_pending(self):
-        # Many records of a group are summed at once, a column at a time (map and sum run
-        # in C), so the cost per group is paid once per USAGE_PENDING records, not once per
-        # chunk, and only the columns the report needs are read.
+        # Many records of a group are summed at once, so the cost per group is paid once
+        # per USAGE_PENDING records, not once per chunk: their counts joined and read back
+        # as numbers in C. When each line has all four (as the gateway writes a response's
+        # usage), one json.loads of the numbers alone gives them column after column;
+        # otherwise each column is looked for by its name.
         for group, counts in self._pending.items():
-            parts = group if isinstance(group, tuple) else (group,)
-            # "replace", as access_records reads a line: a byte that is not UTF-8 (a damaged
-            # log) names the same row either way, and is no reason to stop the report.
-            names = tuple(part.decode("utf-8", "replace") or "-" for part in parts)
-            self._add(names, len(counts[0]), self._pending_errors[group],
-                      [sum(map(int, filter(None, column))) for column in counts])
+            joined = b"".join(counts)
+            numbers = json.loads(b"[%s]" % joined.translate(None, _TOKEN_NAMES)[2:])
+            if len(numbers) == len(USAGE_FIELDS) * len(counts):
+                tokens = [sum(numbers[n::len(USAGE_FIELDS)]) for n in range(len(USAGE_FIELDS))]
+            else:
+                tokens = [sum(map(int, find(joined))) for find in _TOKEN_COUNTS]
+            sums = self._sums.get(group)
+            if sums is None:
+                sums = self._sums[group] = [0] * len(USAGE_COLUMNS)
+            sums[:] = map(operator.add, sums, [len(counts), self._pending_errors[group]] + tokens)
         self._pending.clear()
         self._pending_errors.clear()
         self._pending_count = 0
+
+    def _add_sums(self):
+        self._add_pending()
+        for group, sums in self._sums.items():
+            self._add(self._names(group), sums[0], sums[1], sums[2:])
+        self._sums.clear()
+
+    def _names(self, group):
+        # The row's names, in the order of ``by``, from a group of _add_lines.
+        parts = list(group) if isinstance(group, tuple) else [group]
+        names = {"day": parts.pop(0)} if "day" in self.by else {}
+        if parts:
+            names["key"], names["model"] = _KEY_AND_MODEL(parts[0]).groups()
+        # "replace", as access_records reads a line (only UTF-8 is matched: _match_chunk).
+        return tuple((names[field] or b"").decode("utf-8", "replace") or "-"
+                     for field in self.by)
 
     def _remember_if_new(self, request_ids):
         """Remember the set ``request_ids`` and return True when none is in the window;
@@ -4789,16 +4862,12 @@ class UsageTally:
             row[field] += count
 
 
-def _token_lists():
-    return tuple([] for _ in USAGE_FIELDS)
-
-
 def _failures(found):
     """The matched lines among ``found`` (see _access_line_pattern) that are errors: a
-    status of 400 or more (group 6), or an error (group 11). Few are: two filters in C, and a
+    status of 400 or more (group 5), or an error (group 7). Few are: two filters in C, and a
     Python loop only over the lines with an error, not to count one with both twice."""
-    return list(filter(operator.itemgetter(6), found)) + [
-        m for m in filter(operator.itemgetter(11), found) if not m[6]]
+    return list(filter(operator.itemgetter(5), found)) + [
+        m for m in filter(operator.itemgetter(7), found) if not m[5]]
 
 
 def usage_report(records, since=None, until=None, key=None, by=("key", "model")):
