@@ -347,6 +347,52 @@ def test_records_written_otherwise_are_still_counted(caplog):
     assert [row["requests"] for row in expected] == [2]  # the leading zero is not counted
 
 
+def test_only_what_json_reads_is_counted(caplog):
+    # Lines the expression could take for the gateway's own and json.loads reads otherwise:
+    # a value that is not JSON (refused), request ids that are not UTF-8 (read, as
+    # access_records decodes a line, as the same id), a carriage return in a string
+    # (bytes.splitlines ends the line there), a tab in one (read: strict=False), and a count
+    # too long for the expression (read by json.loads). Each in a chunk with and without a
+    # backslash, which the expression reads two ways.
+    line = logged_line(caplog, key_name="alice", public_model=OPUS_8, status=200,
+                       usage={"input_tokens": 3, "output_tokens": 4}).encode()
+    odd = [line.replace(b'"stream": false', b'"stream": maybe'),
+           line.replace(b'"duration_ms": ', b'"duration_ms": 0'),
+           line.replace(b'"request_id": "', b'"request_id": "\xff'),
+           line.replace(b'"request_id": "', b'"request_id": "\xfe'),
+           line.replace(b'"request_id": "', b'"request_id": "cr').replace(b'/v1', b'/\r/v1'),
+           line.replace(b'"request_id": "', b'"request_id": "tab').replace(b'/v1', b'/\t/v1'),
+           line.replace(b'"request_id": "', b'"request_id": "long').replace(
+               b'"input_tokens": 3', b'"input_tokens": ' + b"9" * 120)]
+    for lines in ([line] + odd, [line, b'{"time": "-", "request_id": "\\"}'] + odd):
+        data = b"\n".join(lines) + b"\n"
+        tally = gateway.UsageTally()
+        tally.add_chunk(data)
+        expected = gateway.usage_report(gateway.access_records(
+            [text.decode("utf-8", "replace") for text in data.splitlines()]))
+        assert tally.rows() == expected
+    assert expected[0]["requests"] == 4  # the line, one of the two ids, the tab, the long one
+    assert expected[0]["input_tokens"] == 3 * 3 + int("9" * 120)
+
+
+def test_groups_whose_lines_all_have_every_count_are_summed_alike(caplog):
+    # _add_pending reads a group's counts in one go when every line has all four, and
+    # column by column otherwise: both give json.loads' sums, whichever group ends up where.
+    lines = []
+    for number in range(200):
+        usage = {name: number * (column + 1) for column, name in
+                 enumerate(gateway.USAGE_FIELDS)}
+        if number % 50 == 7:  # a few lines without some of the counts, in one group
+            usage.pop("output_tokens")
+        lines.append(logged_line(caplog, key_name=["alice", "bob"][number % 2],
+                                 public_model=[OPUS_8, OPUS_7][number % 3 == 0],
+                                 status=200, usage=usage).replace(
+            '"request_id": "', '"request_id": "n%d-' % number))
+    for options in ({}, {"by": ("key",)}, {"by": ("model", "day", "key")}):
+        expected = gateway.usage_report(gateway.access_records(lines), **options)
+        assert rows_by_chunks(lines, 30, options) == expected, options
+
+
 def test_errors_are_counted_in_their_own_group(caplog):
     lines = [logged_line(caplog, key_name=name, public_model=OPUS_8, status=status,
                          usage={"input_tokens": 1}, error=error)
