@@ -4550,7 +4550,7 @@ def access_records(lines):
             yield record
 
 
-def _access_line_pattern(backslashes=True):
+def _access_line_pattern(backslashes=True, times=True):
     """A regular expression for one access-log line exactly as ``Exchange.log`` writes it
     (json.dumps' separators, its field order, no escapes in the strings it captures), after
     an optional prefix. It reads what 'gateway usage' needs several times faster than
@@ -4563,7 +4563,9 @@ def _access_line_pattern(backslashes=True):
     that holds no backslash, so no escape: there a string is any run of bytes up to the next
     quote, which sre runs through faster than a class that also leaves out backslashes and
     line ends. Such a string could run past the end of a cut-off line into the next, so
-    UsageTally checks that no record found holds a line end (group 0).
+    UsageTally checks that no record found holds a line end (group 0). ``times=False``
+    captures groups 1 and 2 empty, for a report that needs no time (one object fewer a line
+    to make and free, twice).
 
     Groups: 0 the record from its ``{`` to its ``}``, 1 day, 2 rest of the time, 3 request id,
     4 the key and the model as written, ``"alice", "model": "claude-x"`` or ``"alice",
@@ -4584,8 +4586,10 @@ def _access_line_pattern(backslashes=True):
     # is a count of 100 digits or more (json.loads refuses a line with thousands, where
     # int() would stop the report).
     tokens = "".join(r'(?:, "%s": (?:0|[1-9]\d{0,99})|)' % field for field in USAGE_FIELDS)
+    time = r'(\d{4}-\d\d-\d\d)(%s*)' if times else r'\d{4}-\d\d-\d\d%s*()()'
+    time %= char
     return re.compile((
-        r'(?m)^[^{\n]*(\{"time": "(\d{4}-\d\d-\d\d)(%(char)s*)", "request_id": "(%(char)s+)", '
+        r'(?m)^[^{\n]*(\{"time": "%(time)s", "request_id": "(%(char)s+)", '
         r'"upstream_request_id": %(other)s, "client_ip": %(other)s, "method": %(other)s, '
         r'"path": %(other)s, "key": (?:(%(name)s, "model": (?:%(name)s|null))|'
         r'null, "model": (?:%(name)s|null)), '
@@ -4593,7 +4597,7 @@ def _access_line_pattern(backslashes=True):
         r'"stream": (?:true|false), "duration_ms": %(number)s, '
         r'"ttfb_ms": (?:%(number)s|null)(%(tokens)s)'
         r'(?:, "error": (?:"%(went_away)s"|"(%(char)s+)")|)\})\r?$'
-        % {"char": char, "name": name, "other": other, "number": number,
+        % {"char": char, "name": name, "other": other, "number": number, "time": time,
            "tokens": tokens, "went_away": CLIENT_WENT_AWAY}).encode()).findall
 
 
@@ -4661,8 +4665,9 @@ class UsageTally:
         # Added, not yet in the rows: group -> requests, errors and the token counts, so that
         # a group's names are read once, by rows().
         self._sums = {}
-        self._find_lines = _access_line_pattern()
-        self._find_plain_lines = _access_line_pattern(backslashes=False)
+        times = "day" in self.by or since is not None or until is not None
+        self._find_lines = _access_line_pattern(times=times)
+        self._find_plain_lines = _access_line_pattern(backslashes=False, times=times)
         self._group_of = operator.itemgetter(*(
             ([1] if "day" in self.by else []) + ([4] if {"key", "model"} & set(self.by) else [])))
 
@@ -4979,6 +4984,12 @@ USAGE_SERIAL_CHUNKS = 8
 #: it seldom waits for the parent, which looks for the worker's answers only between the
 #: chunks it adds up itself (two made the command about a tenth slower: docs/performance.md).
 USAGE_WORKER_SLOTS = 3
+#: Chunks of 'gateway usage' that the parent may hold a process (itself and each worker)
+#: before it waits for the oldest to be checked: twice a worker's slots, so that a worker
+#: that falls behind by a few chunks leaves the parent reading the next ones itself rather
+#: than waiting (with only as many as the slots, the parent waited about a tenth of its
+#: time: docs/performance.md).
+USAGE_PARENT_HOLDS = 2 * USAGE_WORKER_SLOTS
 
 
 #: 'gateway usage' runs at most this many processes unless --processes says otherwise: the
@@ -5065,8 +5076,8 @@ class UsageWorkers:
     same file named twice, logs that overlap by much), reading each chunk twice would cost
     more than one process does: after a chunk read again, the parent reads the next ones
     alone until one is all new (UsageTally.add_chunk's answer). Memory stays bounded: the
-    parent holds the chunks in flight until they are checked, USAGE_WORKER_SLOTS a worker
-    and as many of its own, besides each process's tally."""
+    parent holds the chunks in flight until they are checked, USAGE_PARENT_HOLDS a process,
+    besides each process's tally."""
 
     def __init__(self, tally):
         self._tally = tally
@@ -5115,7 +5126,7 @@ class UsageWorkers:
             self._in_flight.append((data, worker, None))
         else:  # every worker has its next chunk: this one is the parent's
             self._in_flight.append((data, None, self._claimed_by_parent.claim_chunk(data)))
-        while len(self._in_flight) > USAGE_WORKER_SLOTS * (len(self._workers) + 1):
+        while len(self._in_flight) > USAGE_PARENT_HOLDS * (len(self._workers) + 1):
             self._settle()
 
     def finish(self):
