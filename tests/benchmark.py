@@ -844,13 +844,15 @@ def scenario_usage(plan, workdir, upstream_port, proxy_core, load_core, bodies):
     path = os.path.join(workdir, "access.log")
     write_access_log(path, plan["usage_lines"])
     figures = {"bytes": os.path.getsize(path)}
+    environment = installed_environment(workdir)
     both = "%s,%s" % (proxy_core, load_core) if proxy_core is not None else None
     for prefix, cores_given in (("", proxy_core), ("two_cores_", both)):
         print("  %s:" % ("one core" if prefix == "" else "two cores"), flush=True)
         for copies in (1, 3):
             lines = plan["usage_lines"] * copies
             run = usage_run(pinned(cores_given, [
-                sys.executable, os.path.join(ROOT, "gateway"), "usage"] + [path] * copies))
+                sys.executable, os.path.join(ROOT, "gateway"), "usage"] + [path] * copies),
+                environment)
             figures["%scopies_%d" % (prefix, copies)] = dict(
                 run, lines=lines, lines_per_s=lines / run["seconds"])
             print("    %d lines (%.0f MB): %.2f s, %.0f lines/s, peak RSS %.1f MB (largest "
@@ -861,13 +863,30 @@ def scenario_usage(plan, workdir, upstream_port, proxy_core, load_core, bodies):
     return figures
 
 
-def usage_run(argv):
+def installed_environment(workdir):
+    """clean_environment, with the bytecode that an installed gateway has: pip writes
+    gateway.py's bytecode as it installs it (even with PYTHONDONTWRITEBYTECODE set), so an
+    installed 'gateway usage' never compiles it, where one run from this checkout with that
+    setting compiles it on every run (about 0.07 s on this project's machine, a few per cent
+    of a timed run). The bytecode goes under ``workdir``, not into the checkout, and is
+    written here, before anything is timed."""
+    environment = clean_environment()
+    environment.pop("PYTHONDONTWRITEBYTECODE", None)
+    environment["PYTHONPYCACHEPREFIX"] = os.path.join(workdir, "bytecode")
+    empty = os.path.join(workdir, "empty.log")
+    open(empty, "w").close()
+    subprocess.run([sys.executable, os.path.join(ROOT, "gateway"), "usage", empty],
+                   stdout=subprocess.DEVNULL, env=environment, check=True, timeout=60)
+    return environment
+
+
+def usage_run(argv, environment):
     """Run one 'gateway usage': its time, the peak RSS of its largest process (the kernel's
     figure), and the peak of its processes' PSS added up, sampled every 0.1 s beside it
     (worker processes share the parent's pages until they write them: PSS counts them
     once)."""
     started = time.monotonic()
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=clean_environment())
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=environment)
     with PeakSampler(process.pid, every=0.1) as sampler:
         _, status, usage = os.wait4(process.pid, 0)
         seconds = time.monotonic() - started
