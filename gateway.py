@@ -1396,8 +1396,10 @@ def _process_alive(pid):
 #   1,900 errors); a BlockingConnectionPool waits up to its timeout (0 errors, 181 ms worst).
 #   One per worker process, made on first use after the fork; its client is thread-safe.
 # - System calls are most of an admit call's cost, and through that pool it made seven
-#   (strace): the admit calls have connections of their own (AdmitConnections), two system
-#   calls a call, and a call that finds one closed while idle is sent again once.
+#   (strace): the admit and finish calls have connections of their own (ScriptConnections),
+#   two system calls an admit call, and an admit call that finds one closed while idle is
+#   sent again once; three a finish call, whose connection is checked before it is sent,
+#   as the finish call must never be sent twice.
 # - Key names: gateway:{name}:…, where {name} is a Redis Cluster hash tag, so each script
 #   touches one slot; the name comes from the key file, never the client's key.
 
@@ -1499,8 +1501,9 @@ class RedisLimits:
 
     KEY_FORMAT = "gateway:{%s}:%s"  # the braces are Redis Cluster's hash tag
     TIMEOUT = 0.25  # seconds to connect, to read, and to wait for a pooled connection
-    POOL_SIZE = 32  # connections per worker process for the admit calls (AdmitConnections),
-                    # and as many for the others; calls take 0.1 ms, so few are in use
+    POOL_SIZE = 32  # connections per worker process for the admit calls (ScriptConnections),
+                    # as many for the finish calls, and for the others; calls take 0.1 ms,
+                    # so few are in use
     BREAKER_SECONDS = 5
     OWN_OPTIONS = {"socket_timeout", "socket_connect_timeout", "timeout"}  # not in the URL
     LAST_USE_TTL = 400 * 86400  # 'gateway keys list' shows 'never' after a year unused
@@ -1581,8 +1584,10 @@ class RedisLimits:
         self._renewing = False
         self._live, self._away, self._touched, self._loose = {}, set(), {}, {}
         self._finishing = FinishQueue(self._finish_all)
-        self._admit_connections = AdmitConnections(self._new_pool(), self.POOL_SIZE,
-                                                   self.TIMEOUT, self._redis_module.exceptions)
+        self._admit_connections = ScriptConnections(self._new_pool(), self.POOL_SIZE,
+                                                    self.TIMEOUT, self._redis_module.exceptions)
+        self._finish_connections = ScriptConnections(self._new_pool(), self.POOL_SIZE,
+                                                     self.TIMEOUT, self._redis_module.exceptions)
         self._client = client
         self._pid = os.getpid()
 
@@ -1601,6 +1606,7 @@ class RedisLimits:
         if self._client is not None:
             self._client.connection_pool.disconnect()
             self._admit_connections.disconnect()
+            self._finish_connections.disconnect()
 
     def key(self, name, kind):
         return self.KEY_FORMAT % (name, kind)
@@ -1742,9 +1748,10 @@ class RedisLimits:
 
     def _run(self, script, calls):
         """Run ``script`` (a redis-py Script, for its text and SHA1) once for each
-        ``(keys, args)`` of ``calls``, pipelined on one of this process's pooled connections:
-        one round trip. Returns the replies in order; an error reply is raised once all are
-        read. ``_start`` sends, the function it returns reads.
+        ``(keys, args)`` of ``calls``, pipelined on one of this process's finish connections
+        (ScriptConnections.take_checked): one round trip. Returns the replies in order; an
+        error reply is raised once all are read. ``_start`` sends, the function it returns
+        reads.
 
         Facts -> decision: the admit and finish calls are the whole of what Redis adds to a
         limited request. Through redis-py's Script call (``Redis.evalsha``: command routing,
@@ -1752,7 +1759,9 @@ class RedisLimits:
         gateway's CPU and 77 us in all in a tight loop on this project's machine; the same
         EVALSHA sent and read on a pooled connection, 22 us and 43 us. Nothing those layers
         do is wanted here: the admit is never retried (see TIMEOUT), and redis-py's own
-        ``read_response`` drops a connection whose read failed.
+        ``read_response`` drops a connection whose read failed. Through redis-py's pool, a
+        finish call made seven system calls; on its own connections, three (strace,
+        docs/performance.md).
 
         A Redis restarted empty answers NOSCRIPT; then EVAL sends the script's text, which
         Redis caches again (what Script does). Any other interruption while the replies are
@@ -1764,21 +1773,22 @@ class RedisLimits:
 
     def _start(self, script, calls):
         """Send ``calls`` of ``script`` as ``_run`` does, and return the function that reads
-        their replies and gives the connection back to the pool; it must be called exactly
-        once."""
-        pool = self._client.connection_pool
-        connection = pool.get_connection()
+        their replies and gives the connection back; it must be called exactly once. Never
+        sent twice: the finish script's HINCRBY would count the tokens twice."""
+        connections = self._finish_connections
+        connection = connections.take_checked()
         try:
             _send_commands(connection, "EVALSHA", script.sha, calls)
-        except BaseException:
+        except BaseException as exc:
             connection.disconnect()
-            pool.release(connection)
-            raise
-        return functools.partial(self._replies, pool.release, connection, script, calls)
+            connections.give_back(connection)
+            raise _as_timeout(exc, self._redis_module.exceptions)
+        return functools.partial(self._replies, connections.give_back, connection, script,
+                                 calls)
 
     def _start_admit(self, call):
         """Send one admit call ``(keys, args)`` as ``_start`` does, but on one of this
-        process's admit connections (AdmitConnections), and return the function that reads
+        process's admit connections (ScriptConnections), and return the function that reads
         its answer (NOSCRIPT handled as ``_run`` does) and gives the connection back.
 
         Facts -> decision: a pooled connection that Redis closed while it sat idle (Redis's
@@ -1841,9 +1851,9 @@ class RedisLimits:
                                       [calls[n] for n in lost], exceptions)
                 for number, reply in zip(lost, again):
                     replies[number] = reply
-        except BaseException:
+        except BaseException as exc:
             connection.disconnect()
-            raise
+            raise _as_timeout(exc, exceptions)
         finally:
             give_back(connection)
         for reply in replies:
@@ -1980,7 +1990,7 @@ def _closed_by_redis(exc):
 
 def _as_timeout(exc, exceptions):
     """``exc``, or in its place redis-py's TimeoutError where ``exc`` is the kernel's timeout
-    (EAGAIN on a blocking socket, AdmitConnections), which redis-py reports as a
+    (EAGAIN on a blocking socket, ScriptConnections), which redis-py reports as a
     ConnectionError: the log line names a timeout, as it does with Python's own timeouts."""
     if (isinstance(exc, exceptions.ConnectionError)
             and isinstance(exc.__cause__ or exc.__context__, BlockingIOError)):
@@ -1990,10 +2000,11 @@ def _as_timeout(exc, exceptions):
     return exc
 
 
-class AdmitConnections:
-    """The connections of RedisLimits' admit calls, per process: at most ``size``, handed out
-    last in, first out, each to one call at a time; a caller waits up to ``timeout`` for one
-    when all are taken (as redis-py's BlockingConnectionPool does), then fails.
+class ScriptConnections:
+    """The connections of RedisLimits' admit calls, per process, or of its finish calls (a
+    second set): at most ``size``, handed out last in, first out, each to one call at a
+    time; a caller waits up to ``timeout`` for one when all are taken (as redis-py's
+    BlockingConnectionPool does), then fails.
 
     Facts -> decisions: system calls are the dearest part of an admit call on this project's
     machine (docs/performance.md, 29-40 us of CPU for a send and a receive), and through
@@ -2002,8 +2013,12 @@ class AdmitConnections:
     timeout set back), then, as CPython does for a socket with a timeout, a poll before the
     send and one before the receive (strace). Here:
 
-    - no check when a connection is handed out: one that Redis closed while idle fails the
-      call at once, and RedisLimits._start_admit sends it again on a new connection;
+    - no check when a connection is handed out (``take``): one that Redis closed while idle
+      fails the call at once, and RedisLimits._start_admit sends it again on a new
+      connection. A call that must never be sent twice (the finish call: its HINCRBY is not
+      idempotent) takes one checked first (``take_checked``), in one system call where
+      redis-py's check makes three: connected anew if Redis closed it or left data unread
+      on it, before anything is sent;
     - on a socket of the standard library's own class (not TLS, not gevent's), the socket
       blocks and the kernel keeps the same timeouts (SO_SNDTIMEO, SO_RCVTIMEO): one system
       call to send and one to receive. A receive that times out fails with EAGAIN, which
@@ -2044,6 +2059,22 @@ class AdmitConnections:
             raise
         return connection, False
 
+    def take_checked(self):
+        """A connected connection, as ``take`` hands out, that was open with nothing unread
+        on it (``_closed_or_unread``) or was connected anew: a call sent on it finds it
+        closed only if Redis closed it in the meantime (then the call fails, as on any
+        other Redis trouble, and is not sent again)."""
+        connection, reused = self.take()
+        if reused:
+            try:
+                if _closed_or_unread(connection, self._exceptions):
+                    self.reconnect(connection)
+            except BaseException:
+                connection.disconnect()
+                self.give_back(connection)
+                raise
+        return connection
+
     def reconnect(self, connection):
         """Connect ``connection`` anew: redis-py's connect, then the kernel's timeouts."""
         connection.disconnect()
@@ -2060,7 +2091,7 @@ class AdmitConnections:
 
 def _kernel_timeouts(sock, seconds):
     """Make ``sock`` a blocking socket whose sends and receives the kernel times out after
-    ``seconds`` (AdmitConnections), if it is a socket of the standard library's own class on
+    ``seconds`` (ScriptConnections), if it is a socket of the standard library's own class on
     Linux; leave any other (TLS, gevent's) as it is."""
     if type(sock) is not _stdlib_socket_class() or not sys.platform.startswith("linux"):
         return
@@ -2068,6 +2099,30 @@ def _kernel_timeouts(sock, seconds):
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     sock.settimeout(None)
+
+
+def _closed_or_unread(connection, exceptions):
+    """Whether the idle redis-py ``connection`` was closed by Redis (its ``timeout`` setting,
+    a proxy, a restart) or has data unread on it (a reply that is not the next call's).
+
+    On a blocking socket of the standard library's class (``_kernel_timeouts``) one receive
+    that peeks without waiting tells: EAGAIN, open with nothing unread; b'', closed; data,
+    unread data; any other error, not fit for a call. On any other socket, redis-py's own
+    check (``can_read``, as its pool makes): SSLSocket.recv takes no flags, and on a socket
+    with Python's timeout CPython would poll for up to the timeout before the receive."""
+    sock = connection._sock
+    if type(sock) is _stdlib_socket_class() and sock.gettimeout() is None:
+        try:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return True
+    try:
+        return connection.can_read()
+    except (exceptions.ConnectionError, exceptions.TimeoutError, OSError):
+        return True
 
 
 def _stdlib_socket_class():

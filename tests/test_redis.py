@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -473,12 +474,28 @@ def test_a_frozen_redis_costs_a_request_at_most_a_quarter_second(redis_server, t
 
 
 def test_the_admit_connections_block_with_the_kernels_timeout(redis_server, tmp_path):
-    """One system call to send an admit call and one to read its answer (AdmitConnections):
+    """One system call to send an admit call and one to read its answer (ScriptConnections):
     the socket blocks, and the kernel times its reads and writes out after 0.25 s."""
     backend = limits(redis_server, tmp_path)
     backend.admit(limited("k", rpm=5), "one", time.time())
     connection, = backend._admit_connections._idle
-    sock = connection._sock
+    assert_kernel_timeouts(connection._sock)
+
+
+def test_the_finish_connections_block_with_the_kernels_timeout(redis_server, tmp_path):
+    """The finish calls have connections of their own too, made the same way (one system
+    call to check one, one to send, one to read), not redis-py's pool's."""
+    backend = limits(redis_server, tmp_path)
+    entry = limited("k", concurrency=5)
+    backend.admit(entry, "one", time.time())
+    backend.finish(entry, "one", 0, time.time())
+    eventually(lambda: not backend._finishing.pending("k"))
+    connection, = backend._finish_connections._idle
+    assert_kernel_timeouts(connection._sock)
+    assert redis_server.client().zcard("gateway:{k}:slots") == 0
+
+
+def assert_kernel_timeouts(sock):
     assert sock.gettimeout() is None  # blocking: no poll before each send and receive
     for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
         seconds, microseconds = struct.unpack("@ll", sock.getsockopt(
@@ -486,7 +503,7 @@ def test_the_admit_connections_block_with_the_kernels_timeout(redis_server, tmp_
         assert abs(seconds + microseconds / 1e6 - TIMEOUT) < 0.01  # in the kernel's ticks
 
 
-def test_under_gevent_the_admit_connections_keep_their_own_timeouts(redis_server):
+def test_under_gevent_the_admit_and_finish_connections_keep_their_own_timeouts(redis_server):
     """A blocking gevent socket would wait in gevent's loop with no bound: under gevent
     (deploy/gunicorn-gevent.conf.py) the sockets keep their timeouts, and an admit call to a
     frozen Redis still fails after 0.25 s."""
@@ -497,17 +514,20 @@ def test_under_gevent_the_admit_connections_keep_their_own_timeouts(redis_server
         "config = gateway.Config(limits_backend=sys.argv[1], state_file=sys.argv[2])\n"
         "backend = gateway.RedisLimits(config, gateway.HostState(config.state_path),\n"
         "                              gateway.Deadlines())\n"
-        "entry = gateway.KeyEntry('k', bytes(32), rpm=5)\n"
+        "entry = gateway.KeyEntry('k', bytes(32), rpm=5, concurrency=5)\n"
         "backend.admit(entry, 'one', time.time())\n"
-        "connection, = backend._admit_connections._idle\n"
-        "print(connection._sock.gettimeout(), type(connection._sock).__module__)\n")
+        "backend.finish(entry, 'one', 0, time.time())\n"
+        "backend._finishing.wait_for('k', 5)\n"
+        "for connections in (backend._admit_connections, backend._finish_connections):\n"
+        "    connection, = connections._idle\n"
+        "    print(connection._sock.gettimeout(), type(connection._sock).__module__)\n")
     with tempfile.TemporaryDirectory() as directory:
         result = subprocess.run(
             [sys.executable, "-c", program, redis_server.url,
              os.path.join(directory, "host.state")], capture_output=True, text=True,
             timeout=60, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == [str(TIMEOUT), "gevent._socket3"]
+    assert result.stdout.split() == [str(TIMEOUT), "gevent._socket3"] * 2
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp", "tls"])
@@ -537,6 +557,59 @@ def test_a_connection_redis_closed_while_idle_is_made_again_not_a_failure(tmp_pa
     finally:
         server.stop()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("transport", ["unix", "tcp", "tls"])
+def test_a_finish_connection_redis_closed_while_idle_is_made_again_before_the_call(
+        tmp_path, caplog, transport):
+    """The finish call is never sent twice (its HINCRBY would count the tokens twice): its
+    connection is checked before the call is sent (ScriptConnections.take_checked), and one
+    that Redis closed while idle is made again first. The slot is freed and the tokens are
+    counted once, with no breaker opened and nothing logged."""
+    ca = pytest.importorskip("trustme").CA() if transport == "tls" else None
+    directory = tempfile.mkdtemp(prefix="gw-redis-")
+    server = RedisServer(directory, required_redis(), transport=transport, ca=ca).start()
+    try:
+        backend = limits(server, tmp_path, limits_lease=60)  # no renewal in the meantime
+        entry = limited("idle", concurrency=5, tokens_per_day=1000)
+        for holder in ("before", "after"):
+            backend.admit(entry, holder, time.time())
+        backend.finish(entry, "before", 10, time.time())
+        eventually(lambda: not backend._finishing.pending("idle"))
+        control = server.client()
+        control.config_set("timeout", 1)
+        # Until Redis has closed the gateway's connections (it checks idle ones every second)
+        eventually(lambda: len(control.client_list()) == 1)
+        backend.finish(entry, "after", 30, time.time())
+        eventually(lambda: not backend._finishing.pending("idle"))
+        assert sum(map(int, control.hvals("gateway:{idle}:tokens"))) == 40
+        assert control.zcard("gateway:{idle}:slots") == 0
+        assert backend._down_until is None and "unreachable" not in caplog.text
+        assert backend._loose == {}
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_finish_connection_with_a_reply_left_unread_is_made_again(redis_server, tmp_path,
+                                                                     caplog):
+    """A finish connection with data unread on it (a reply that is not the next call's) is
+    made again before the call, so the call never reads that reply as its own."""
+    backend = limits(redis_server, tmp_path)
+    entry = limited("unread", concurrency=5, tokens_per_day=1000)
+    for holder in ("first", "second"):
+        backend.admit(entry, holder, time.time())
+    backend.finish(entry, "first", 10, time.time())
+    eventually(lambda: not backend._finishing.pending("unread"))
+    connection, = backend._finish_connections._idle
+    connection.send_command("NO-SUCH-COMMAND")  # its error reply is left on the connection
+    eventually(lambda: select.select([connection._sock], [], [], 0)[0])
+    backend.finish(entry, "second", 30, time.time())
+    eventually(lambda: not backend._finishing.pending("unread"))
+    server = redis_server.client()
+    assert sum(map(int, server.hvals("gateway:{unread}:tokens"))) == 40
+    assert server.zcard("gateway:{unread}:slots") == 0
+    assert backend._down_until is None and "unreachable" not in caplog.text
 
 
 def test_a_restarted_redis_admits_the_next_request_without_the_breaker(redis_server,
