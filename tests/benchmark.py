@@ -924,7 +924,9 @@ def scenario_limits(plan, workdir, upstream_port, proxy_core, load_core, bodies)
     then backwards: what a key adds is the median of its per-round differences with the
     unlimited key, so a change of the machine's load between keys (other work on a shared
     machine moves a p50 by more than the 0.05 ms looked for) falls on both sides of a
-    difference. A key's own p50 and p99 are the medians of its rounds'."""
+    difference. A key's own p50 and p99 are the medians of its rounds', and so is the
+    gateway's CPU per request at c1 that a key adds (less moved by the load than a p50:
+    at c1 that CPU is about the whole p50)."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     directory = os.path.join(workdir, "redis")
     os.makedirs(directory, exist_ok=True)
@@ -958,8 +960,11 @@ def scenario_limits(plan, workdir, upstream_port, proxy_core, load_core, bodies)
                                                      "redis_cpu_ms_per_req_c16"))),
                       flush=True)
             for label in ("limited", "admit_only"):
-                print("  %-6s %-9s adds, c1 p50 per round: %s ms" % (
-                    backend, label, ", ".join("%.3f" % added for added in found["added"][label])))
+                print("  %-6s %-9s adds, c1 p50 per round: %s ms; gateway CPU/req at c1, "
+                      "median %.3f ms" % (
+                          backend, label,
+                          ", ".join("%.3f" % added for added in found["added"][label]),
+                          median(found["added_cpu"][label])))
             limited, unlimited = found["limited"], found["unlimited"]
             figures["%s_added_c1_p50_ms" % backend] = median(found["added"]["limited"])
             figures["%s_added_cpu_ms_per_req_c16" % backend] = (
@@ -967,6 +972,9 @@ def scenario_limits(plan, workdir, upstream_port, proxy_core, load_core, bodies)
             figures["%s_admit_only_added_c1_p50_ms" % backend] = median(
                 found["added"]["admit_only"])
             figures["%s_added_c1_p50_rounds_ms" % backend] = found["added"]
+            for label in ("limited", "admit_only"):
+                figures["%s_%s_added_cpu_ms_per_req_c1" % (backend, label)] = median(
+                    found["added_cpu"][label])
         figures["redis_ping_us"] = ping_across_cores(socket_path, proxy_core)
     finally:
         stop(redis)
@@ -1010,15 +1018,19 @@ def ping_across_cores(socket_path, core, count=2000, gap=0.001):
 
 def limits_keys(plan, port, pid, redis_pid, load_core, workdir, bodies):
     """{label: a key's figures (LIMITS_KEYS), "added": {label: [c1 p50 over the unlimited
-    key's, ms, per round]}} on one gateway (see scenario_limits)."""
+    key's, ms, per round]}, "added_cpu": {label: [the gateway's CPU per request at c1 over
+    the unlimited key's, ms, per round]}} on one gateway (see scenario_limits)."""
     for _, key in LIMITS_KEYS:
         wrk(port, bodies["small"], 4, 1, load_core, workdir, key=key)  # warm: pools, scripts
     rounds = {label: [] for label, _ in LIMITS_KEYS}
     for number in range(plan["limits_rounds"]):
         for label, key in LIMITS_KEYS[::1 if number % 2 == 0 else -1]:
-            rounds[label].append(wrk(port, bodies["small"], 1, plan["limits_round_seconds"],
-                                     load_core, workdir, key=key))
-    found = {"added": {}}
+            before = cpu_seconds(pid)
+            c1 = wrk(port, bodies["small"], 1, plan["limits_round_seconds"], load_core,
+                     workdir, key=key)
+            c1["cpu_ms_per_req"] = (cpu_seconds(pid) - before) * 1000 / max(1, c1["requests"])
+            rounds[label].append(c1)
+    found = {"added": {}, "added_cpu": {}}
     for label, key in LIMITS_KEYS:
         before, redis_before = cpu_seconds(pid), cpu_seconds(redis_pid)
         c16 = wrk(port, bodies["small"], 16, plan["seconds"], load_core, workdir, key=key)
@@ -1026,6 +1038,7 @@ def limits_keys(plan, port, pid, redis_pid, load_core, workdir, bodies):
         found[label] = {
             "c1_p50_ms": median([c1["p50_us"] for c1 in rounds[label]]) / 1000,
             "c1_p99_ms": median([c1["p99_us"] for c1 in rounds[label]]) / 1000,
+            "cpu_ms_per_req_c1": median([c1["cpu_ms_per_req"] for c1 in rounds[label]]),
             "rps_c16": c16["rps"],
             "cpu_ms_per_req_c16": (cpu_seconds(pid) - before) * 1000 / requests,
             "redis_cpu_ms_per_req_c16": (cpu_seconds(redis_pid) - redis_before) * 1000 / requests,
@@ -1034,6 +1047,9 @@ def limits_keys(plan, port, pid, redis_pid, load_core, workdir, bodies):
         if label != "unlimited":
             found["added"][label] = [(c1["p50_us"] - unlimited["p50_us"]) / 1000 for
                                      c1, unlimited in zip(rounds[label], rounds["unlimited"])]
+            found["added_cpu"][label] = [
+                c1["cpu_ms_per_req"] - unlimited["cpu_ms_per_req"]
+                for c1, unlimited in zip(rounds[label], rounds["unlimited"])]
     return found
 
 
