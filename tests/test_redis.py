@@ -149,6 +149,8 @@ class RedisServer:
         client, found = self.client(), {}
         for key in client.scan_iter("*"):
             kind = client.type(key).decode()
+            if kind == "none":  # gone since the scan (a finish call emptied it)
+                continue
             value = {"string": lambda: client.get(key),
                      "zset": lambda: client.zrange(key, 0, -1, withscores=True),
                      "hash": lambda: client.hgetall(key)}[kind]()
