@@ -1505,6 +1505,10 @@ class RedisLimits:
                     # as many for the finish calls, and for the others; calls take 0.1 ms,
                     # so few are in use
     BREAKER_SECONDS = 5
+    # How long a finish call may wait for others to go with it (FinishQueue), unless an
+    # admit call of this process waits for it: how much later than at once another host
+    # may see a freed slot.
+    FINISH_DELAY = 0.005
     OWN_OPTIONS = {"socket_timeout", "socket_connect_timeout", "timeout"}  # not in the URL
     LAST_USE_TTL = 400 * 86400  # 'gateway keys list' shows 'never' after a year unused
     SLOTS_TAKEN = 1 + [option for option, _ in LIMIT_REFUSALS].index("concurrency")  # admit's
@@ -1583,7 +1587,7 @@ class RedisLimits:
             last_use=client.register_script(REDIS_LAST_USE))
         self._renewing = False
         self._live, self._away, self._touched, self._loose = {}, set(), {}, {}
-        self._finishing = FinishQueue(self._finish_all)
+        self._finishing = FinishQueue(self._finish_all, self.FINISH_DELAY)
         self._admit_connections = ScriptConnections(self._new_pool(), self.POOL_SIZE,
                                                     self.TIMEOUT, self._redis_module.exceptions)
         self._finish_connections = ScriptConnections(self._new_pool(), self.POOL_SIZE,
@@ -1703,7 +1707,16 @@ class RedisLimits:
         want of a slot while this process has finish calls of the key queued waits for them
         and asks again. A key with ``tokens_per_day`` waits for them before it asks, so that
         the day's count holds every request this process has ended. Other admits never
-        wait: a key with a slot to spare need not know when its last request's was freed."""
+        wait: a key with a slot to spare need not know when its last request's was freed.
+
+        Facts -> decision: waking the finisher thread for every call cost more of the
+        gateway's CPU than the call (strace: 15 futex calls a request, the wake-up and the
+        GIL passing between it and the request's thread; at one connection that CPU is about
+        the whole p50, docs/performance.md). The finisher makes the calls queued within
+        FINISH_DELAY of the first in one round trip, so under load it wakes once per
+        FINISH_DELAY, not once per request, and an admit that waits for them (above) has
+        them sent at once. So another host may see a freed slot up to FINISH_DELAY later;
+        this process's own next admit of the key never waits for the delay."""
         if holder in self._away:  # not counted in Redis: only in the file, if at all
             self._away.discard(holder)
             if self.down_policy == "local":
@@ -2134,22 +2147,33 @@ def _stdlib_socket_class():
 
 
 class FinishQueue:
-    """Work a background thread does as soon as it is queued, in batches, while callers can
-    wait until the work queued under a name is done: RedisLimits' finish calls, per process.
+    """Work a background thread does in batches, while callers can wait until the work
+    queued under a name is done: RedisLimits' finish calls, per process.
 
-    ``run`` is called with every item queued since its last call; a name's count of items
-    queued or in flight falls to zero once ``run`` has returned for them. The thread is
-    started on the first put, so in the process (gunicorn's worker) that needs it."""
+    ``run`` is called with every item queued since its last call, ``delay`` seconds after
+    the first of them was queued, or at once when a caller waits for one (``wait_for``);
+    a name's count of items queued or in flight falls to zero once ``run`` has returned for
+    them. The thread is woken by the first item only: under load it wakes once per
+    ``delay``, not once per item. It is started on the first put, so in the process
+    (gunicorn's worker) that needs it."""
 
-    def __init__(self, run):
+    def __init__(self, run, delay):
         self._run = run
-        self._changed = threading.Condition()
+        self._delay = delay
+        mutex = threading.Lock()
+        self._changed = threading.Condition(mutex)  # items done: for callers of wait_for
+        self._wake = threading.Condition(mutex)  # a first item, or a caller waits: the thread
         self._queued = []
+        self._first_at = 0.0  # time.monotonic() when the first of the queued items came
         self._waiting = {}  # name -> items queued or in flight
+        self._idle = False  # the thread waits for a first item: a put must wake it
+        self._hurried = 0  # callers in wait_for: the thread does not wait out the delay
         self._thread = None
 
     def put(self, name, item):
         with self._changed:
+            if not self._queued:
+                self._first_at = time.monotonic()
             self._queued.append((name, item))
             self._waiting[name] = self._waiting.get(name, 0) + 1
             if self._thread is None:
@@ -2157,18 +2181,25 @@ class FinishQueue:
                                                 daemon=True)
                 self._thread.start()
                 atexit.register(self.drain)
-            self._changed.notify_all()
+            if self._idle:  # otherwise it is already waiting out the delay
+                self._wake.notify()
 
     def pending(self, name):
         """Whether items queued under ``name`` are not done yet."""
         return bool(self._waiting.get(name))  # a dict read: no lock
 
     def wait_for(self, name, timeout):
-        """Until the items queued under ``name`` are done, or ``timeout`` seconds."""
+        """Until the items queued under ``name`` are done, or ``timeout`` seconds; the thread
+        does them without waiting out the delay."""
         if not self.pending(name):
             return
         with self._changed:
-            self._changed.wait_for(lambda: not self._waiting.get(name), timeout)
+            self._hurried += 1
+            self._wake.notify()
+            try:
+                self._changed.wait_for(lambda: not self._waiting.get(name), timeout)
+            finally:
+                self._hurried -= 1
 
     def drain(self):
         """Do what is queued now, in this thread (a worker that exits)."""
@@ -2177,7 +2208,14 @@ class FinishQueue:
     def _work(self):
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self._queued)
+                self._idle = True
+                self._wake.wait_for(lambda: self._queued)
+                self._idle = False
+                while not self._hurried:
+                    left = self._first_at + self._delay - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._wake.wait(left)
             try:
                 self._do(self._take())
             except Exception:  # a bug must not stop the thread: every later wait would time out

@@ -325,6 +325,30 @@ def test_finishes_from_many_threads_free_every_slot_and_count_every_token(redis_
     assert backend._down_until is None
 
 
+def test_finish_calls_go_together_and_at_once_for_an_admit_that_waits(redis_server, tmp_path):
+    """The finisher waits FINISH_DELAY after a first finish call for others to go with it
+    (so under load it wakes once for many, not once each); an admit that waits for its
+    key's finish calls (tokens_per_day here) has them sent at once, all in one call."""
+    backend = limits(redis_server, tmp_path)
+    backend.FINISH_DELAY = 60  # before the first call makes the finisher's queue
+    entry = limited("together", concurrency=3, tokens_per_day=1000)
+    for holder in "abc":
+        backend.admit(entry, holder, time.time())
+    batches, finish_all = [], backend._finishing._run
+    backend._finishing._run = lambda finishes: (batches.append(len(finishes)),
+                                                finish_all(finishes))
+    for holder in "abc":
+        backend.finish(entry, holder, 10, time.time())
+    server = redis_server.client()
+    # A finisher that sent each call at once would have sent them within this wait.
+    time.sleep(0.3)
+    assert server.zcard("gateway:{together}:slots") == 3  # within the delay: none sent yet
+    backend.admit(entry, "d", time.time())
+    assert batches == [3]
+    assert sum(map(int, server.hvals("gateway:{together}:tokens"))) == 30
+    assert server.zrange("gateway:{together}:slots", 0, -1) == [b"d"]
+
+
 def test_a_live_slot_outlives_many_leases_and_frees_at_once(redis_server, tmp_path):
     holder, other = limits(redis_server, tmp_path), limits(redis_server, tmp_path)
     entry = limited("long", concurrency=1)
