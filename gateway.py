@@ -4614,8 +4614,10 @@ def _check_metrics(config):
 USAGE_GROUPS = ("day", "key", "model")
 USAGE_COLUMNS = ("requests", "errors") + USAGE_FIELDS
 #: 'gateway usage' counts a request id once when its copies are at most this many records
-#: apart (between once and twice this many: two generations of a set). Copies come from
-#: rotated logs that overlap by a few lines; remembering every id would grow with the log.
+#: apart. Copies farther apart may count twice: the window is two generations of a set, and
+#: a generation takes a chunk's ids at a time, so it reaches back between once and twice this
+#: many records (a chunk's more at most), depending on where the chunks fall. Copies come
+#: from rotated logs that overlap by a few lines; remembering every id would grow with the log.
 USAGE_DEDUP_WINDOW = 100_000
 USAGE_CHUNK_BYTES = 1 << 20
 USAGE_PENDING = 40_000  # lines whose token counts are held before they are summed (about 6 MB)
