@@ -1501,9 +1501,10 @@ class RedisLimits:
 
     KEY_FORMAT = "gateway:{%s}:%s"  # the braces are Redis Cluster's hash tag
     TIMEOUT = 0.25  # seconds to connect, to read, and to wait for a pooled connection
-    POOL_SIZE = 32  # connections per worker process for the admit calls (ScriptConnections),
-                    # as many for the finish calls, and for the others; calls take 0.1 ms,
-                    # so few are in use
+    # At most this many connections per worker process for the admit calls
+    # (ScriptConnections), as many for the finish calls, and for the others (docs/deployment.md
+    # has what that asks of Redis's maxclients); calls take 0.1 ms, so few are in use.
+    POOL_SIZE = 32
     BREAKER_SECONDS = 5
     # How long a finish call may wait for others to go with it (FinishQueue), unless an
     # admit call of this process waits for it: how much later than at once another host
@@ -1993,11 +1994,19 @@ def _read_replies(connection, count, exceptions):
 REDIS_CLOSED_WORDS = "Connection closed by server."
 
 
+#: The errors of a socket whose other end closed it: a broken pipe, a reset, and TLS's ends
+#: of the stream (a peer gone without or with its close_notify).
+CLOSED_SOCKET_ERRORS = (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError,
+                        ssl.SSLZeroReturnError)
+
+
 def _closed_by_redis(exc):
     """Whether ``exc``, raised by redis-py sending or reading on a connection, says that the
-    other end had closed it: a broken pipe or a reset (the cause redis-py keeps), or the end
-    of the stream. Never a timeout (the kernel's, EAGAIN, included) nor any other error."""
-    return (isinstance(exc.__cause__, (BrokenPipeError, ConnectionResetError))
+    other end had closed it: one of CLOSED_SOCKET_ERRORS behind it, or the end of the stream.
+    Never a timeout (the kernel's, EAGAIN, included) nor any other error. redis-py names the
+    socket's error as the cause (``raise ... from``) since 5.1, and leaves it as the context
+    before (4.2 to 5.0, which setup.cfg allows): either is read."""
+    return (isinstance(exc.__cause__ or exc.__context__, CLOSED_SOCKET_ERRORS)
             or str(exc) == REDIS_CLOSED_WORDS)
 
 
@@ -2108,7 +2117,8 @@ def _kernel_timeouts(sock, seconds):
     Linux; leave any other (TLS, gevent's) as it is."""
     if type(sock) is not _stdlib_socket_class() or not sys.platform.startswith("linux"):
         return
-    timeval = struct.pack("@ll", int(seconds), round(seconds % 1 * 1000000))  # struct timeval
+    microseconds = round(seconds * 1000000)
+    timeval = struct.pack("@ll", *divmod(microseconds, 1000000))  # struct timeval
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     sock.settimeout(None)

@@ -14,6 +14,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -177,6 +178,13 @@ def redis_config(server, tmp_path, **settings):
 def limits(server, tmp_path, **settings):
     config = redis_config(server, tmp_path, **settings)
     return RedisLimits(config, HostState(config.state_path), gateway.Deadlines())
+
+
+def unreachable_logged(caplog, backend):
+    """Whether ``backend`` logged its Redis unreachable. Not any such line: a backend of an
+    earlier test, its Redis stopped and its directory gone, may still renew its slots from
+    its own thread and log its own."""
+    return "%s unreachable" % backend.where in caplog.text
 
 
 def limited(name="k", **options):
@@ -482,6 +490,32 @@ def test_an_answer_to_a_call_begun_before_an_outage_keeps_the_breaker_open(redis
     assert backend._should_try() and "answers again" in caplog.text
 
 
+@pytest.mark.parametrize("error, closed", [
+    (BrokenPipeError(32, "Broken pipe"), True),
+    (ConnectionResetError(104, "Connection reset by peer"), True),
+    (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), True),
+    (BlockingIOError(11, "Resource temporarily unavailable"), False),  # the kernel's timeout
+    (ConnectionRefusedError(111, "Connection refused"), False),
+])
+@pytest.mark.parametrize("chained", ["cause", "context"])
+def test_a_connection_closed_is_told_from_other_errors_as_each_redis_py_raises_it(
+        error, closed, chained):
+    # redis-py 5.1 and later raise their ConnectionError from the socket's error; 4.2 to 5.0
+    # (which setup.cfg allows) raise it in the except clause without 'from', so the socket's
+    # error is only its context. A closed connection must be told either way, or the call
+    # that found it is not sent again and the breaker opens.
+    exceptions = pytest.importorskip("redis").exceptions
+    try:
+        try:
+            raise error
+        except OSError as socket_error:
+            if chained == "cause":
+                raise exceptions.ConnectionError("Error writing to socket.") from socket_error
+            raise exceptions.ConnectionError("Error writing to socket.")
+    except exceptions.ConnectionError as raised:
+        assert gateway._closed_by_redis(raised) is closed
+
+
 def test_a_frozen_redis_costs_a_request_at_most_a_quarter_second(redis_server, tmp_path):
     backend = limits(redis_server, tmp_path)
     entry = limited("frozen", rpm=100, concurrency=100)
@@ -493,8 +527,9 @@ def test_a_frozen_redis_costs_a_request_at_most_a_quarter_second(redis_server, t
             started = time.monotonic()
             backend.admit(entry, "while-%d" % number, time.time())
             waits.append(time.monotonic() - started)
-        # one call (or the renewal) waits out the timeout, then the breaker skips Redis
-        assert max(waits) < 1.0 and sum(w >= TIMEOUT for w in waits) <= 1
+        # one call (or the renewal) waits out the timeout, then the breaker skips Redis; a
+        # timed-out call is never sent again (that would take two timeouts and more)
+        assert max(waits) < 2 * TIMEOUT and sum(w >= TIMEOUT for w in waits) <= 1
     finally:
         redis_server.thaw()
 
@@ -578,7 +613,7 @@ def test_a_connection_redis_closed_while_idle_is_made_again_not_a_failure(tmp_pa
         backend.admit(entry, "after", time.time())
         assert control.zscore("gateway:{idle}:hits", "after") is not None  # counted in Redis
         assert control.zscore("gateway:{idle}:slots", "after") is not None
-        assert backend._down_until is None and "unreachable" not in caplog.text
+        assert backend._down_until is None and not unreachable_logged(caplog, backend)
         assert backend.local.last_use() == {}  # nothing admitted on this host's own file
     finally:
         server.stop()
@@ -610,7 +645,7 @@ def test_a_finish_connection_redis_closed_while_idle_is_made_again_before_the_ca
         eventually(lambda: not backend._finishing.pending("idle"))
         assert sum(map(int, control.hvals("gateway:{idle}:tokens"))) == 40
         assert control.zcard("gateway:{idle}:slots") == 0
-        assert backend._down_until is None and "unreachable" not in caplog.text
+        assert backend._down_until is None and not unreachable_logged(caplog, backend)
         assert backend._loose == {}
     finally:
         server.stop()
@@ -635,7 +670,7 @@ def test_a_finish_connection_with_a_reply_left_unread_is_made_again(redis_server
     server = redis_server.client()
     assert sum(map(int, server.hvals("gateway:{unread}:tokens"))) == 40
     assert server.zcard("gateway:{unread}:slots") == 0
-    assert backend._down_until is None and "unreachable" not in caplog.text
+    assert backend._down_until is None and not unreachable_logged(caplog, backend)
 
 
 def test_a_restarted_redis_admits_the_next_request_without_the_breaker(redis_server,
@@ -650,7 +685,7 @@ def test_a_restarted_redis_admits_the_next_request_without_the_breaker(redis_ser
     backend.admit(entry, "after", time.time())
     server = redis_server.client()
     assert server.zrange("gateway:{restart}:slots", 0, -1) == [b"after"]
-    assert backend._down_until is None and "unreachable" not in caplog.text
+    assert backend._down_until is None and not unreachable_logged(caplog, backend)
 
 
 def test_an_admit_sent_again_for_the_same_request_admits_it_once(redis_server, tmp_path):
