@@ -591,6 +591,20 @@ def test_under_gevent_the_admit_and_finish_connections_keep_their_own_timeouts(r
     assert result.stdout.split() == [str(TIMEOUT), "gevent._socket3"] * 2
 
 
+@contextlib.contextmanager
+def redis_on(transport):
+    """A redis-server of its own on ``transport`` (unix, tcp or tls: trustme's CA), stopped
+    and its directory removed after."""
+    ca = pytest.importorskip("trustme").CA() if transport == "tls" else None
+    directory = tempfile.mkdtemp(prefix="gw-redis-")
+    server = RedisServer(directory, required_redis(), transport=transport, ca=ca).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.mark.parametrize("transport", ["unix", "tcp", "tls"])
 def test_a_connection_redis_closed_while_idle_is_made_again_not_a_failure(tmp_path, caplog,
                                                                           transport):
@@ -599,10 +613,7 @@ def test_a_connection_redis_closed_while_idle_is_made_again_not_a_failure(tmp_pa
     pool checks, at three system calls a call): the call that finds its connection closed is
     sent again on a new one, and the request is counted in Redis, with no breaker opened and
     nothing logged."""
-    ca = pytest.importorskip("trustme").CA() if transport == "tls" else None
-    directory = tempfile.mkdtemp(prefix="gw-redis-")
-    server = RedisServer(directory, required_redis(), transport=transport, ca=ca).start()
-    try:
+    with redis_on(transport) as server:
         backend = limits(server, tmp_path, limits_lease=60)  # no renewal in the meantime
         entry = limited("idle", rpm=5, concurrency=5)
         backend.admit(entry, "before", time.time())
@@ -615,9 +626,6 @@ def test_a_connection_redis_closed_while_idle_is_made_again_not_a_failure(tmp_pa
         assert control.zscore("gateway:{idle}:slots", "after") is not None
         assert backend._down_until is None and not unreachable_logged(caplog, backend)
         assert backend.local.last_use() == {}  # nothing admitted on this host's own file
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.parametrize("transport", ["unix", "tcp", "tls"])
@@ -627,10 +635,7 @@ def test_a_finish_connection_redis_closed_while_idle_is_made_again_before_the_ca
     connection is checked before the call is sent (ScriptConnections.take_checked), and one
     that Redis closed while idle is made again first. The slot is freed and the tokens are
     counted once, with no breaker opened and nothing logged."""
-    ca = pytest.importorskip("trustme").CA() if transport == "tls" else None
-    directory = tempfile.mkdtemp(prefix="gw-redis-")
-    server = RedisServer(directory, required_redis(), transport=transport, ca=ca).start()
-    try:
+    with redis_on(transport) as server:
         backend = limits(server, tmp_path, limits_lease=60)  # no renewal in the meantime
         entry = limited("idle", concurrency=5, tokens_per_day=1000)
         for holder in ("before", "after"):
@@ -647,9 +652,6 @@ def test_a_finish_connection_redis_closed_while_idle_is_made_again_before_the_ca
         assert control.zcard("gateway:{idle}:slots") == 0
         assert backend._down_until is None and not unreachable_logged(caplog, backend)
         assert backend._loose == {}
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_a_finish_connection_with_a_reply_left_unread_is_made_again(redis_server, tmp_path,
