@@ -1818,41 +1818,38 @@ class RedisLimits:
         (it may have, then closed before answering): the admit script finds its own holder
         and admits it again, writing nothing (REDIS_ADMIT)."""
         connections = self._admit_connections
-        connection, reused = connections.take()
+        connection, may_resend = connections.take()  # a reused connection may be closed
         try:
             try:
-                self._send_admit(connection, call)
+                _send_commands(connection, "EVALSHA", self._scripts.admit.sha, [call])
             except self.errors as exc:
-                if not (reused and _closed_by_redis(exc)):
-                    raise
-                reused = False
-                self._send_admit(connection, call, reconnect=True)
+                self._resend_admit(may_resend, exc, connection, call)
+                may_resend = False
         except BaseException as exc:
             connection.disconnect()
             connections.give_back(connection)
             raise _as_timeout(exc, self._redis_module.exceptions)
         return functools.partial(self._replies, connections.give_back, connection,
                                  self._scripts.admit, [call],
-                                 functools.partial(self._read_admit, reused, call))
+                                 functools.partial(self._read_admit, may_resend, call))
 
-    def _send_admit(self, connection, call, reconnect=False):
-        if reconnect:
-            self._admit_connections.reconnect(connection)
+    def _resend_admit(self, may_resend, exc, connection, call):
+        """After ``exc``, send the admit ``call`` again on ``connection`` connected anew if
+        it ``may_resend`` and ``exc`` says Redis had closed it; else raise ``exc``."""
+        if not (may_resend and _closed_by_redis(exc)):
+            raise exc
+        self._admit_connections.reconnect(connection)
         _send_commands(connection, "EVALSHA", self._scripts.admit.sha, [call])
 
-    def _read_admit(self, reused, call, connection, count, exceptions):
-        """``_read_replies`` for ``_start_admit``: on a ``reused`` connection found closed,
-        the admit ``call`` is sent again on a new one, and its reply read."""
+    def _read_admit(self, may_resend, call, connection, count, exceptions):
+        """``_read_replies`` for ``_start_admit``: on a connection found closed that
+        ``may_resend``, the admit ``call`` is sent again on it connected anew, and its reply
+        read (``_replies`` reports a kernel timeout as one)."""
         try:
-            try:
-                return _read_replies(connection, count, exceptions)
-            except self.errors as exc:
-                if not (reused and _closed_by_redis(exc)):
-                    raise
-            self._send_admit(connection, call, reconnect=True)
             return _read_replies(connection, count, exceptions)
         except self.errors as exc:
-            raise _as_timeout(exc, exceptions)
+            self._resend_admit(may_resend, exc, connection, call)
+        return _read_replies(connection, count, exceptions)
 
     def _replies(self, give_back, connection, script, calls, read=None):
         exceptions = self._redis_module.exceptions
@@ -2060,7 +2057,8 @@ class ScriptConnections:
         self._exceptions = exceptions
 
     def take(self):
-        """(a connected connection, whether it served an earlier call)."""
+        """(a connected connection, whether it served an earlier call: then Redis may have
+        closed it while it was idle)."""
         if not self._free.acquire(timeout=self._timeout):
             raise self._exceptions.ConnectionError("No connection available.")
         try:
@@ -5327,14 +5325,14 @@ class _UsageWorker:
 
     def reply(self):
         """The answer to the oldest chunk sent; its slot is free again."""
-        answer = marshal.loads(self._read(int.from_bytes(self._read(8), "big")))
+        answer = self._answer()
         self._free.append(self._sent.popleft())
         return answer
 
     def finish(self):
         """The worker's rows; then it is gone."""
         self._tell(0, 0)
-        rows = marshal.loads(self._read(int.from_bytes(self._read(8), "big")))
+        rows = self._answer()
         self.stop()
         return rows
 
@@ -5356,6 +5354,10 @@ class _UsageWorker:
             os.write(self._to_worker, slot.to_bytes(8, "big") + size.to_bytes(8, "big"))
         except BrokenPipeError:
             raise self._gone() from None
+
+    def _answer(self):
+        # A length (8 bytes), then that many bytes of marshal (_usage_worker_main).
+        return marshal.loads(self._read(int.from_bytes(self._read(8), "big")))
 
     def _read(self, size):
         data = bytearray()
@@ -5796,17 +5798,19 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def _limit(text):
-    """A limit on the command line: a whole number, 0 for no limit (never negative)."""
-    if not (text.isascii() and text.isdigit()):
-        raise argparse.ArgumentTypeError("%r is not a whole number >= 0 (0: no limit)" % text)
-    return int(text)
+def _whole_number(least, meaning=""):
+    """An argparse type: a whole number (ASCII digits: never negative) of ``least`` or
+    more; ``meaning`` follows the least in its error."""
+    def parse(text):
+        if not (text.isascii() and text.isdigit() and int(text) >= least):
+            raise argparse.ArgumentTypeError("%r is not a whole number >= %d%s"
+                                             % (text, least, meaning))
+        return int(text)
+    return parse
 
 
-def _processes(text):
-    if not (text.isascii() and text.isdigit() and int(text) >= 1):
-        raise argparse.ArgumentTypeError("%r is not a whole number >= 1" % text)
-    return int(text)
+_limit = _whole_number(0, " (0: no limit)")  # a limit on the command line
+_processes = _whole_number(1)
 
 
 def main(argv=None):
