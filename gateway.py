@@ -1772,8 +1772,10 @@ class RedisLimits:
         the retry and observability layers, reply callbacks) an admit took 48 us of the
         gateway's CPU and 77 us in all in a tight loop on this project's machine; the same
         EVALSHA sent and read on a pooled connection, 22 us and 43 us. Nothing those layers
-        do is wanted here: the admit is never retried (see TIMEOUT), and redis-py's own
-        ``read_response`` drops a connection whose read failed. Through redis-py's pool, a
+        do is wanted here: the admit is never retried (see TIMEOUT), and a connection whose
+        read failed is dropped here (``_replies``). The calls are packed and their replies
+        read by the gateway itself (``_send_commands``, ``_ScriptReplies``). Through
+        redis-py's pool, a
         finish call made seven system calls; on its own connections, three (strace,
         docs/performance.md).
 
@@ -1792,11 +1794,12 @@ class RedisLimits:
         connections = self._finish_connections
         connection = connections.take_checked()
         try:
-            _send_commands(connection, "EVALSHA", script.sha, calls)
-        except BaseException as exc:
+            _send_commands(connection, "EVALSHA", script.sha, calls,
+                           self._redis_module.exceptions)
+        except BaseException:
             connection.disconnect()
             connections.give_back(connection)
-            raise _as_timeout(exc, self._redis_module.exceptions)
+            raise
         return functools.partial(self._replies, connections.give_back, connection, script,
                                  calls)
 
@@ -1821,14 +1824,15 @@ class RedisLimits:
         connection, may_resend = connections.take()  # a reused connection may be closed
         try:
             try:
-                _send_commands(connection, "EVALSHA", self._scripts.admit.sha, [call])
+                _send_commands(connection, "EVALSHA", self._scripts.admit.sha, [call],
+                               self._redis_module.exceptions)
             except self.errors as exc:
                 self._resend_admit(may_resend, exc, connection, call)
                 may_resend = False
-        except BaseException as exc:
+        except BaseException:
             connection.disconnect()
             connections.give_back(connection)
-            raise _as_timeout(exc, self._redis_module.exceptions)
+            raise
         return functools.partial(self._replies, connections.give_back, connection,
                                  self._scripts.admit, [call],
                                  functools.partial(self._read_admit, may_resend, call))
@@ -1839,12 +1843,13 @@ class RedisLimits:
         if not (may_resend and _closed_by_redis(exc)):
             raise exc
         self._admit_connections.reconnect(connection)
-        _send_commands(connection, "EVALSHA", self._scripts.admit.sha, [call])
+        _send_commands(connection, "EVALSHA", self._scripts.admit.sha, [call],
+                       self._redis_module.exceptions)
 
     def _read_admit(self, may_resend, call, connection, count, exceptions):
         """``_read_replies`` for ``_start_admit``: on a connection found closed that
         ``may_resend``, the admit ``call`` is sent again on it connected anew, and its reply
-        read (``_replies`` reports a kernel timeout as one)."""
+        read."""
         try:
             return _read_replies(connection, count, exceptions)
         except self.errors as exc:
@@ -1862,9 +1867,9 @@ class RedisLimits:
                                       [calls[n] for n in lost], exceptions)
                 for number, reply in zip(lost, again):
                     replies[number] = reply
-        except BaseException as exc:
+        except BaseException:
             connection.disconnect()
-            raise _as_timeout(exc, exceptions)
+            raise
         finally:
             give_back(connection)
         for reply in replies:
@@ -1965,29 +1970,116 @@ class RedisLimits:
 def _send_scripts(connection, command, script, calls, exceptions):
     """Send ``command`` (EVALSHA or EVAL) with ``script`` for each ``(keys, args)`` of
     ``calls`` in one write, and read every reply (``_read_replies``)."""
-    _send_commands(connection, command, script, calls)
+    _send_commands(connection, command, script, calls, exceptions)
     return _read_replies(connection, len(calls), exceptions)
 
 
-def _send_commands(connection, command, script, calls):
-    connection.send_packed_command(connection.pack_commands(
-        [(command, script, len(keys), *keys, *args) for keys, args in calls]))
+def _send_commands(connection, command, script, calls, exceptions):
+    """Send ``command`` with ``script`` for each ``(keys, args)`` of ``calls`` on the socket
+    of ``connection`` (one of ScriptConnections'), in one write.
+
+    Facts -> decision: redis-py's ``pack_commands`` and ``send_packed_command`` took about a
+    third of the gateway's own time for an admit call on this project's machine
+    (docs/performance.md): they handle every type and size a command may carry. These
+    commands are a handful of short strings and integers, packed here as the Redis
+    protocol's arrays of bulk strings (RESP, https://redis.io/docs/latest/develop/reference/
+    protocol-spec/). Socket errors become redis-py's, as its own send makes them: a timeout
+    (Python's, or the kernel's EAGAIN on a socket with SO_SNDTIMEO) a TimeoutError, any
+    other a ConnectionError caused by the socket's error."""
+    packed = b"".join(_resp_command((command, script, len(keys), *keys, *args))
+                      for keys, args in calls)
+    try:
+        connection._sock.sendall(packed)
+    except (socket.timeout, BlockingIOError) as exc:
+        raise exceptions.TimeoutError("Timeout writing to socket") from exc
+    except OSError as exc:
+        raise exceptions.ConnectionError("Error while writing to socket: %s" % exc) from exc
+
+
+def _resp_command(items):
+    """One command as the Redis protocol's array of bulk strings (strings as UTF-8,
+    integers in decimal, as redis-py encodes them)."""
+    parts = [b"*%d\r\n" % len(items)]
+    for item in items:
+        data = item.encode() if isinstance(item, str) else b"%d" % item
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def _read_replies(connection, count, exceptions):
-    """``count`` replies: an error reply is returned in its place, so that none is left
-    unread on the connection."""
-    replies = []
-    for _ in range(count):
+    """``count`` replies from the socket of ``connection`` (one of ScriptConnections'): an
+    error reply is returned in its place, so that none is left unread on the connection
+    (``_ScriptReplies``)."""
+    replies = _ScriptReplies(connection, exceptions)
+    return replies.read(count)
+
+
+class _ScriptReplies:
+    """The replies of the gateway's scripts read from one connection's socket, as the Redis
+    protocol (RESP) writes them: integers, arrays of them, and error replies (each made the
+    exception redis-py would make of it, by the connection's own parser). Anything else, or
+    bytes left over after the replies asked for, is a protocol error: the caller drops the
+    connection.
+
+    Facts -> decision: redis-py's reply parser, made for every reply any command can give,
+    was the other part of the gateway's own time for an admit call (``_send_commands``);
+    a reply that came whole is read here in one receive and a few slices. The end of the
+    stream where a reply should be raises redis-py's ConnectionError with its own words
+    (REDIS_CLOSED_WORDS), a timeout its TimeoutError, as its parser does."""
+
+    def __init__(self, connection, exceptions):
+        self._sock = connection._sock
+        self._parse_error = connection._parser.parse_error
+        self._exceptions = exceptions
+        self._buffer = b""
+        self._start = 0  # where the next line begins in _buffer
+
+    def read(self, count):
+        replies = [self._reply() for _ in range(count)]
+        if self._start != len(self._buffer):
+            raise self._exceptions.InvalidResponse("Protocol error: data after the replies")
+        return replies
+
+    def _reply(self):
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b":":
+            return int(rest)
+        if kind == b"*":
+            return [self._reply() for _ in range(int(rest))]
+        if kind == b"-":
+            error = self._parse_error(rest.decode("utf-8", "replace"))
+            if isinstance(error, self._exceptions.ConnectionError):  # LOADING: Redis is away
+                raise error
+            return error
+        raise self._exceptions.InvalidResponse("Protocol error: unexpected reply %r"
+                                               % line[:40])
+
+    def _line(self):
+        end = self._buffer.find(b"\r\n", self._start)
+        while end < 0:
+            self._receive()
+            end = self._buffer.find(b"\r\n", self._start)
+        line = self._buffer[self._start:end]
+        self._start = end + 2
+        return line
+
+    def _receive(self):
         try:
-            replies.append(connection.read_response())
-        except exceptions.ResponseError as exc:
-            replies.append(exc)
-    return replies
+            data = self._sock.recv(65536)
+        except (socket.timeout, BlockingIOError) as exc:  # Python's timeout, or the kernel's
+            raise self._exceptions.TimeoutError("Timeout reading from socket") from exc
+        except OSError as exc:
+            raise self._exceptions.ConnectionError("Error while reading from socket: %s"
+                                                   % exc) from exc
+        if not data:
+            raise self._exceptions.ConnectionError(REDIS_CLOSED_WORDS)
+        self._buffer = self._buffer[self._start:] + data
+        self._start = 0
 
 
-#: What redis-py raises when a read finds the end of the stream: its socket parser's
-#: SERVER_CLOSED_CONNECTION_ERROR (redis/_parsers/socket.py), which the hiredis one uses too.
+#: What a read that finds the end of the stream raises (_ScriptReplies), in redis-py's own
+#: words: its parsers' SERVER_CLOSED_CONNECTION_ERROR (redis/_parsers/socket.py).
 REDIS_CLOSED_WORDS = "Connection closed by server."
 
 
@@ -1998,25 +2090,11 @@ CLOSED_SOCKET_ERRORS = (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError,
 
 
 def _closed_by_redis(exc):
-    """Whether ``exc``, raised by redis-py sending or reading on a connection, says that the
-    other end had closed it: one of CLOSED_SOCKET_ERRORS behind it, or the end of the stream.
-    Never a timeout (the kernel's, EAGAIN, included) nor any other error. redis-py names the
-    socket's error as the cause (``raise ... from``) since 5.1, and leaves it as the context
-    before (4.2 to 5.0, which setup.cfg allows): either is read."""
-    return (isinstance(exc.__cause__ or exc.__context__, CLOSED_SOCKET_ERRORS)
-            or str(exc) == REDIS_CLOSED_WORDS)
-
-
-def _as_timeout(exc, exceptions):
-    """``exc``, or in its place redis-py's TimeoutError where ``exc`` is the kernel's timeout
-    (EAGAIN on a blocking socket, ScriptConnections), which redis-py reports as a
-    ConnectionError: the log line names a timeout, as it does with Python's own timeouts."""
-    if (isinstance(exc, exceptions.ConnectionError)
-            and isinstance(exc.__cause__ or exc.__context__, BlockingIOError)):
-        timeout = exceptions.TimeoutError("Timeout talking to Redis (%s)" % exc)
-        timeout.__cause__ = exc
-        return timeout
-    return exc
+    """Whether ``exc``, raised sending or reading on one of ScriptConnections' connections
+    (``_send_commands``, ``_ScriptReplies``), says that the other end had closed it: one of
+    CLOSED_SOCKET_ERRORS as its cause, or the end of the stream. Never a timeout (the
+    kernel's, EAGAIN, included) nor any other error."""
+    return isinstance(exc.__cause__, CLOSED_SOCKET_ERRORS) or str(exc) == REDIS_CLOSED_WORDS
 
 
 class ScriptConnections:
@@ -2040,14 +2118,15 @@ class ScriptConnections:
       on it, before anything is sent;
     - on a socket of the standard library's own class (not TLS, not gevent's), the socket
       blocks and the kernel keeps the same timeouts (SO_SNDTIMEO, SO_RCVTIMEO): one system
-      call to send and one to receive. A receive that times out fails with EAGAIN, which
-      redis-py reports as a ConnectionError, after the same ``timeout``. gevent's sockets
+      call to send and one to receive. A receive that times out fails with EAGAIN after
+      the same ``timeout``, reported as redis-py's TimeoutError. gevent's sockets
       keep their own timeouts: a blocking gevent socket would wait in its event loop with
       no bound, and the kernel's timeouts would never apply; TLS ones too, where a timed-out
       receive inside a TLS record would surface as a TLS error, not a timeout.
 
     redis-py still makes each connection (``pool.make_connection``: the URL's options, AUTH,
-    the database, TLS), packs the calls and parses the replies."""
+    the database, TLS); RedisLimits packs the calls and reads their replies
+    (``_send_commands``, ``_ScriptReplies``)."""
 
     def __init__(self, pool, size, timeout, exceptions):
         self._pool = pool  # redis-py's: makes the connections, and closes them all

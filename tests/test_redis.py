@@ -490,30 +490,96 @@ def test_an_answer_to_a_call_begun_before_an_outage_keeps_the_breaker_open(redis
     assert backend._should_try() and "answers again" in caplog.text
 
 
-@pytest.mark.parametrize("error, closed", [
-    (BrokenPipeError(32, "Broken pipe"), True),
-    (ConnectionResetError(104, "Connection reset by peer"), True),
-    (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), True),
-    (BlockingIOError(11, "Resource temporarily unavailable"), False),  # the kernel's timeout
-    (ConnectionRefusedError(111, "Connection refused"), False),
-])
-@pytest.mark.parametrize("chained", ["cause", "context"])
-def test_a_connection_closed_is_told_from_other_errors_as_each_redis_py_raises_it(
-        error, closed, chained):
-    # redis-py 5.1 and later raise their ConnectionError from the socket's error; 4.2 to 5.0
-    # (which setup.cfg allows) raise it in the except clause without 'from', so the socket's
-    # error is only its context. A closed connection must be told either way, or the call
-    # that found it is not sent again and the breaker opens.
+def script_connection(sock):
+    """A redis-py connection (for its reply parser's error classes) on ``sock``, one end of
+    a socket pair: what RedisLimits sends and reads on it, byte for byte."""
+    connection = pytest.importorskip("redis").Connection()
+    connection._sock = sock
+    return connection
+
+
+def test_a_connection_closed_is_told_from_a_timeout():
+    # A call on a reused connection that Redis closed is sent again; a timed-out one never
+    # is (a frozen Redis must cost one timeout). Each failure, as _send_commands and
+    # _ScriptReplies raise it on a blocking socket with the kernel's timeouts.
     exceptions = pytest.importorskip("redis").exceptions
-    try:
-        try:
-            raise error
-        except OSError as socket_error:
-            if chained == "cause":
-                raise exceptions.ConnectionError("Error writing to socket.") from socket_error
-            raise exceptions.ConnectionError("Error writing to socket.")
-    except exceptions.ConnectionError as raised:
-        assert gateway._closed_by_redis(raised) is closed
+    ours, theirs = socket.socketpair()
+    gateway._kernel_timeouts(ours, 0.05)
+    connection = script_connection(ours)
+    with pytest.raises(exceptions.TimeoutError) as timed_out:
+        gateway._read_replies(connection, 1, exceptions)
+    assert not gateway._closed_by_redis(timed_out.value)
+    theirs.close()
+    with pytest.raises(exceptions.ConnectionError) as ended:  # the end of the stream
+        gateway._read_replies(connection, 1, exceptions)
+    assert gateway._closed_by_redis(ended.value)
+    with pytest.raises(exceptions.ConnectionError) as broken:  # EPIPE
+        gateway._send_commands(connection, "EVALSHA", "0" * 40, [(["k"], [1])], exceptions)
+    assert isinstance(broken.value.__cause__, BrokenPipeError)
+    assert gateway._closed_by_redis(broken.value)
+    ours.close()
+
+
+def test_a_connection_reset_is_told_as_closed():
+    exceptions = pytest.importorskip("redis").exceptions
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        ours = socket.create_connection(server.getsockname())
+        theirs, _ = server.accept()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    theirs.close()  # with a zero linger: a reset, not an end of stream
+    with pytest.raises(exceptions.ConnectionError) as reset:
+        gateway._read_replies(script_connection(ours), 1, exceptions)
+    assert isinstance(reset.value.__cause__, ConnectionResetError)
+    assert gateway._closed_by_redis(reset.value)
+    ours.close()
+
+
+def test_script_replies_are_read_whole_however_they_arrive():
+    exceptions = pytest.importorskip("redis").exceptions
+    ours, theirs = socket.socketpair()
+    connection = script_connection(ours)
+
+    def dribble(data):  # one byte at a time: every reply split across receives
+        for byte in data:
+            theirs.sendall(bytes([byte]))
+            time.sleep(0.001)
+
+    writer = threading.Thread(target=dribble, args=(b"*2\r\n:0\r\n:-12\r\n:7\r\n",))
+    writer.start()
+    assert gateway._read_replies(connection, 2, exceptions) == [[0, -12], 7]
+    writer.join()
+    # An error reply takes its call's place, as redis-py's parser classes it, and the next
+    # reply is still read: none is left on the connection for the next call.
+    theirs.sendall(b"-NOSCRIPT No matching script. Please use EVAL.\r\n:0\r\n")
+    lost, finished = gateway._read_replies(connection, 2, exceptions)
+    assert isinstance(lost, exceptions.NoScriptError) and finished == 0
+    theirs.sendall(b"-ERR user_script:3: oops\r\n")
+    error, = gateway._read_replies(connection, 1, exceptions)
+    assert type(error) is exceptions.ResponseError and "oops" in str(error)
+    theirs.sendall(b"-LOADING Redis is loading the dataset in memory\r\n")
+    with pytest.raises(exceptions.BusyLoadingError):  # a ConnectionError: Redis is away
+        gateway._read_replies(connection, 1, exceptions)
+    for unexpected in (b"+OK\r\n", b":1\r\n:2\r\n"):  # not a script's, or one too many
+        theirs.sendall(unexpected)
+        with pytest.raises(exceptions.InvalidResponse):
+            gateway._read_replies(connection, 1, exceptions)
+    ours.close()
+    theirs.close()
+
+
+def test_commands_are_sent_as_redis_protocol_arrays():
+    exceptions = pytest.importorskip("redis").exceptions
+    ours, theirs = socket.socketpair()
+    gateway._send_commands(script_connection(ours), "EVALSHA", "ab", [
+        (["gateway:{n\u00e9}:slots"], ["req_1", 0]), ([], [60000])], exceptions)
+    ours.close()
+    received = b""
+    while chunk := theirs.recv(4096):
+        received += chunk
+    assert received == (b"*6\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n"
+                        b"$19\r\ngateway:{n\xc3\xa9}:slots\r\n$5\r\nreq_1\r\n$1\r\n0\r\n"
+                        b"*4\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n0\r\n$5\r\n60000\r\n")
+    theirs.close()
 
 
 def test_a_frozen_redis_costs_a_request_at_most_a_quarter_second(redis_server, tmp_path):
