@@ -14,7 +14,6 @@ import select
 import shutil
 import signal
 import socket
-import ssl
 import struct
 import subprocess
 import sys
