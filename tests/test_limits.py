@@ -1,6 +1,7 @@
 """Per-key limits, key lifecycle (rotate, disable, expiry, last use) and upstream key failover."""
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -42,6 +43,60 @@ def test_rpm_is_a_sliding_minute_shared_by_every_instance(tmp_path):
     assert refusal(worker_b, entry, "r4", T0 + 30) == "30"  # the first hit leaves at T0+60
     worker_b.admit(entry, "r5", T0 + 60.5)  # recovered: the first hit is out of the window
     assert refusal(worker_a, entry, "r6", T0 + 61) == "9"
+
+
+def test_an_rpm_admit_costs_the_same_whatever_the_hits_of_the_last_minute(tmp_path):
+    # Not timed: SQLite's virtual-machine steps for one admit, counted by its progress
+    # handler. Counting the window's hits row by row made an admit cost in proportion to
+    # the key's traffic (20,000 hits: about a hundred times the steps of 10).
+    state, entry = HostState(str(tmp_path / "state")), limited(rpm=10**9)
+
+    def steps_to_admit(hits, holder):
+        with state._db() as db:
+            db.executemany("INSERT INTO hits VALUES (?, ?)",
+                           [("k", T0 + n / 10**6) for n in range(hits)])
+        with state._db() as db:
+            steps = []
+            db.set_progress_handler(lambda: steps.append(1), 10)
+        try:
+            state.admit(entry, holder, T0 + 30)
+        finally:
+            with state._db() as db:
+                db.set_progress_handler(None, 10)
+        return len(steps)
+
+    few = steps_to_admit(10, "first")
+    many = steps_to_admit(20000, "second")
+    assert many < 2 * few + 20, (few, many)
+    assert refusal(state, limited(rpm=20012), "third", T0 + 30) == "30"  # 20,012 hits
+
+
+def test_a_state_file_from_before_the_hit_counts_counts_its_hits(tmp_path):
+    # A file an earlier version wrote has hits and no hit_counts: its hits still count.
+    path = str(tmp_path / "state")
+    earlier = sqlite3.connect(path, isolation_level=None)
+    earlier.executescript(HostState.SCHEMA.replace("hit_counts", "unused"))
+    earlier.executemany("INSERT INTO hits VALUES (?, ?)", [("k", T0), ("k", T0 + 1)])
+    earlier.close()
+    state = HostState(path)
+    state.admit(limited(rpm=3), "third", T0 + 2)
+    assert refusal(state, limited(rpm=3), "fourth", T0 + 3) == "57"
+
+
+def test_hits_written_by_a_writer_without_hit_counts_are_counted(tmp_path):
+    # An earlier version's worker sharing the file during an upgrade adds and deletes hits
+    # with its own statements; the triggers in the file keep the counts exact.
+    path = str(tmp_path / "state")
+    state, entry = HostState(path), limited(rpm=3)
+    state.admit(entry, "ours", T0)
+    earlier = sqlite3.connect(path, isolation_level=None)
+    earlier.executemany("INSERT INTO hits VALUES (?, ?)", [("k", T0 + 1), ("k", T0 + 2)])
+    assert refusal(state, entry, "refused", T0 + 3) == "57"
+    earlier.execute("DELETE FROM hits WHERE name = 'k' AND at <= ?", (T0 + 1,))
+    earlier.close()
+    state.admit(entry, "admitted", T0 + 4)  # two deleted: T0 + 2 and this one count
+    state.admit(entry, "admitted too", T0 + 5)
+    assert refusal(state, entry, "refused again", T0 + 6) == "56"
 
 
 def test_concurrency_counts_open_requests_until_released(tmp_path):
