@@ -45,30 +45,54 @@ def test_rpm_is_a_sliding_minute_shared_by_every_instance(tmp_path):
     assert refusal(worker_a, entry, "r6", T0 + 61) == "9"
 
 
+def sqlite_steps(state, admit):
+    """SQLite's virtual-machine steps (in tens) while ``admit`` runs, counted by its progress
+    handler: what an admit costs, without timing it."""
+    with state._db() as db:
+        steps = []
+        db.set_progress_handler(lambda: steps.append(1), 10)
+    try:
+        admit()
+    finally:
+        with state._db() as db:
+            db.set_progress_handler(None, 10)
+    return len(steps)
+
+
 def test_an_rpm_admit_costs_the_same_whatever_the_hits_of_the_last_minute(tmp_path):
-    # Not timed: SQLite's virtual-machine steps for one admit, counted by its progress
-    # handler. Counting the window's hits row by row made an admit cost in proportion to
-    # the key's traffic (20,000 hits: about a hundred times the steps of 10).
+    # Counting the window's hits row by row made an admit cost in proportion to the key's
+    # traffic (20,000 hits: about a hundred times the steps of 10).
     state, entry = HostState(str(tmp_path / "state")), limited(rpm=10**9)
 
     def steps_to_admit(hits, holder):
         with state._db() as db:
             db.executemany("INSERT INTO hits VALUES (?, ?)",
                            [("k", T0 + n / 10**6) for n in range(hits)])
-        with state._db() as db:
-            steps = []
-            db.set_progress_handler(lambda: steps.append(1), 10)
-        try:
-            state.admit(entry, holder, T0 + 30)
-        finally:
-            with state._db() as db:
-                db.set_progress_handler(None, 10)
-        return len(steps)
+        return sqlite_steps(state, lambda: state.admit(entry, holder, T0 + 30))
 
     few = steps_to_admit(10, "first")
     many = steps_to_admit(20000, "second")
     assert many < 2 * few + 20, (few, many)
     assert refusal(state, limited(rpm=20012), "third", T0 + 30) == "30"  # 20,012 hits
+
+
+def test_a_concurrency_admit_costs_the_same_whatever_the_hosts_open_requests(tmp_path):
+    # Every key's open requests are rows of one table: without indexes, each admit read all
+    # of them twice (10,000 open streams on a host: about a hundred times the steps of 10).
+    state, entry = HostState(str(tmp_path / "state")), limited(concurrency=2)
+
+    def steps_to_admit(others, holder):
+        with state._db() as db:
+            db.executemany("INSERT INTO slots VALUES (?, ?, ?, ?)", [
+                ("%s-%d" % (holder, n), "other-%d" % (n % 50), os.getpid(), T0)
+                for n in range(others)])
+        steps = sqlite_steps(state, lambda: state.admit(entry, holder, T0))
+        state.release(holder)
+        return steps
+
+    few = steps_to_admit(10, "first")
+    many = steps_to_admit(10000, "second")
+    assert many < 2 * few + 20, (few, many)
 
 
 def test_a_state_file_from_before_the_hit_counts_counts_its_hits(tmp_path):
