@@ -2191,7 +2191,7 @@ class ScriptConnections:
             except BaseException:
                 self._free.release()
                 raise
-        if connection.is_connected:
+        if connection._sock is not None:  # connected: redis-py before 8 has no is_connected
             return connection, True
         try:
             self.reconnect(connection)

@@ -740,6 +740,34 @@ def test_a_finish_connection_with_a_reply_left_unread_is_made_again(redis_server
     assert backend._down_until is None and not unreachable_logged(caplog, backend)
 
 
+def test_the_admit_and_finish_connections_work_with_a_redis_py_before_8(redis_server,
+                                                                         tmp_path, caplog):
+    """setup.cfg allows redis-py 4.2 and later, whose connections had no ``is_connected``
+    until redis-py 8: ScriptConnections tells a connected one by its socket, so that every
+    limited request is not an AttributeError there."""
+    redis = pytest.importorskip("redis")
+
+    class BeforeRedisPy8(redis.UnixDomainSocketConnection):
+        @property
+        def is_connected(self):
+            raise AttributeError("'UnixDomainSocketConnection' object has no attribute "
+                                 "'is_connected'")
+
+    backend = limits(redis_server, tmp_path)
+    backend.client()
+    for connections in (backend._admit_connections, backend._finish_connections):
+        connections._pool.connection_class = BeforeRedisPy8
+    entry = limited("old", rpm=5, concurrency=5)
+    for holder in ("first", "second"):  # the second on the connections the first made
+        backend.admit(entry, holder, time.time())
+        backend.finish(entry, holder, 0, time.time())
+        eventually(lambda: not backend._finishing.pending("old"))
+    assert isinstance(backend._admit_connections._idle[0], BeforeRedisPy8)
+    server = redis_server.client()
+    assert server.zcard("gateway:{old}:hits") == 2 and server.zcard("gateway:{old}:slots") == 0
+    assert backend._down_until is None and not unreachable_logged(caplog, backend)
+
+
 def test_a_restarted_redis_admits_the_next_request_without_the_breaker(redis_server,
                                                                         tmp_path, caplog):
     """A restart closes every pooled connection: the next call on each finds it closed, is
