@@ -2087,9 +2087,9 @@ class _ScriptReplies:
         line = self._line()
         kind, rest = line[:1], line[1:]
         if kind == b":":
-            return int(rest)
+            return self._number(line)
         if kind == b"*":
-            return [self._reply() for _ in range(int(rest))]
+            return [self._reply() for _ in range(self._number(line))]
         if kind == b"-":
             error = self._parse_error(rest.decode("utf-8", "replace"))
             if isinstance(error, self._exceptions.ConnectionError):  # LOADING: Redis is away
@@ -2097,6 +2097,16 @@ class _ScriptReplies:
             return error
         raise self._exceptions.InvalidResponse("Protocol error: unexpected reply %r"
                                                % line[:40])
+
+    def _number(self, line):
+        """The integer of an integer reply or the length of an array. Anything else there is
+        a protocol error, as redis-py's parsers make it: a ValueError is no Redis trouble to
+        the callers (RedisLimits.errors), and would fail the request instead."""
+        try:
+            return int(line[1:])
+        except ValueError:
+            raise self._exceptions.InvalidResponse("Protocol error: not a number: %r"
+                                                   % line[:40]) from None
 
     def _line(self):
         end = self._buffer.find(b"\r\n", self._start)

@@ -558,7 +558,8 @@ def test_script_replies_are_read_whole_however_they_arrive():
     theirs.sendall(b"-LOADING Redis is loading the dataset in memory\r\n")
     with pytest.raises(exceptions.BusyLoadingError):  # a ConnectionError: Redis is away
         gateway._read_replies(connection, 1, exceptions)
-    for unexpected in (b"+OK\r\n", b":1\r\n:2\r\n"):  # not a script's, or one too many
+    for unexpected in (b"+OK\r\n", b":1\r\n:2\r\n",  # not a script's, or one too many
+                       b":1x\r\n", b"*two\r\n"):  # not a number: a RedisError, not a 500
         theirs.sendall(unexpected)
         with pytest.raises(exceptions.InvalidResponse):
             gateway._read_replies(connection, 1, exceptions)
