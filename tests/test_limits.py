@@ -61,7 +61,7 @@ def sqlite_steps(state, admit):
 
 def test_an_rpm_admit_costs_the_same_whatever_the_hits_of_the_last_minute(tmp_path):
     # Counting the window's hits row by row made an admit cost in proportion to the key's
-    # traffic (20,000 hits: about a hundred times the steps of 10).
+    # traffic (20,000 hits: about 550 times the steps of 10).
     state, entry = HostState(str(tmp_path / "state")), limited(rpm=10**9)
 
     def steps_to_admit(hits, holder):
@@ -78,7 +78,7 @@ def test_an_rpm_admit_costs_the_same_whatever_the_hits_of_the_last_minute(tmp_pa
 
 def test_a_concurrency_admit_costs_the_same_whatever_the_hosts_open_requests(tmp_path):
     # Every key's open requests are rows of one table: without indexes, each admit read all
-    # of them twice (10,000 open streams on a host: about a hundred times the steps of 10).
+    # of them twice (10,000 open streams on a host: about 700 times the steps of 10).
     state, entry = HostState(str(tmp_path / "state")), limited(concurrency=2)
 
     def steps_to_admit(others, holder):
