@@ -33,7 +33,6 @@ import gzip
 import hashlib
 import hmac
 import http
-import http.cookiejar
 import json
 import logging
 import marshal
@@ -57,9 +56,11 @@ import time
 import types
 import urllib.parse
 
-import requests
-import requests.adapters
-import urllib3  # requests' own transport: its pools carry our upstream calls (send_pooled)
+# requests and urllib3 (urllib3's pools carry our upstream calls: send_pooled) are imported
+# by the functions that call the upstream, not here: with http.cookiejar they are half of
+# this module's import (about 60 ms of 120 on this project's machine), which 'gateway usage'
+# never needs (docs/performance.md). An app imports them as it is built (Gateway), never on
+# a request; each function's own 'import' of a loaded module costs about 0.1 us.
 
 #: The release (setup.cfg reads it from here; 'gateway --version' prints it).
 __version__ = "0.1.0"
@@ -529,6 +530,7 @@ def parse_proxy_url(text):
     """``upstream_proxy`` (or trust_env's proxy), or ValueError saying what is wrong with it
     but never what it is: it may carry the proxy's password. Parsed by urllib3, as the
     workers' pool will parse it (see parse_upstream_url)."""
+    import urllib3
     problem = "setting upstream_proxy: expected http://[user:password@]host:port"
     parts = urllib.parse.urlsplit(text)
     try:
@@ -548,6 +550,8 @@ def parse_upstream_url(text):
     passed ``http://127.0.0.1:99999``, and urllib3, which builds the workers' connection
     pool, then refused it in every worker as it booted: gunicorn stopped. So the URL is
     parsed here by urllib3 and prepared by requests, exactly as a request will be."""
+    import requests
+    import urllib3
     parts = urllib.parse.urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ValueError("expected http(s)://host[:port]")
@@ -2658,6 +2662,7 @@ def undecodable_coding(upstream):
     Any other coding (br and zstd when their modules are missing) would reach the client as
     bytes that no header explains, so it is refused instead.
     """
+    import urllib3
     decodable = ("", "identity", *urllib3.response.HTTPResponse.CONTENT_DECODERS)
     for coding in upstream.get("content-encoding", "").lower().split(","):
         if coding.strip() not in decodable:
@@ -2781,14 +2786,6 @@ def _parse_query(query):
 # The upstream: one pooled session per process, and relaying what it answers
 # ---------------------------------------------------------------------------------------------
 
-class _NoCookies(http.cookiejar.DefaultCookiePolicy):
-    """Store no cookie: a session's jar would carry one client's upstream cookies (e.g.
-    Cloudflare's ``_cfuvid``) into another client's request."""
-
-    def set_ok(self, cookie, request):
-        return False
-
-
 class _KeepsAtMost:
     """A connection pool whose ``maxsize`` bounds the idle connections it keeps, not the open
     ones: a burst opens as many as it needs (urllib3 with ``block=False``) and each one that
@@ -2818,47 +2815,64 @@ class _ReportsSocket:
         return super().getresponse()
 
 
-class _HTTPConnection(_ReportsSocket, urllib3.connection.HTTPConnection):
-    pass
+@functools.cache
+def _session_classes():
+    """The classes of an upstream session (new_session), made once, on first need: they
+    subclass requests', urllib3's and http.cookiejar's, which this module does not import
+    until it calls the upstream (see its imports). Classes, never changed once made: every
+    session and app of the process may share them, as they shared them at module level.
 
+    Returns requests' adapter with pools of ours (_KeepsAtMost, _ReportsSocket), direct and
+    through a proxy alike (so ``ClientWatch`` can end a proxied wait too), and a cookie
+    policy that stores no cookie: a session's jar would carry one client's upstream cookies
+    (e.g. Cloudflare's ``_cfuvid``) into another client's request."""
+    import http.cookiejar
+    import requests.adapters
+    import urllib3
 
-class _HTTPSConnection(_ReportsSocket, urllib3.connection.HTTPSConnection):
-    pass
+    class HTTPConnection(_ReportsSocket, urllib3.connection.HTTPConnection):
+        pass
 
+    class HTTPSConnection(_ReportsSocket, urllib3.connection.HTTPSConnection):
+        pass
 
-class _HTTPPool(_KeepsAtMost, urllib3.HTTPConnectionPool):
-    ConnectionCls = _HTTPConnection
+    class HTTPPool(_KeepsAtMost, urllib3.HTTPConnectionPool):
+        ConnectionCls = HTTPConnection
 
+    class HTTPSPool(_KeepsAtMost, urllib3.HTTPSConnectionPool):
+        ConnectionCls = HTTPSConnection
 
-class _HTTPSPool(_KeepsAtMost, urllib3.HTTPSConnectionPool):
-    ConnectionCls = _HTTPSConnection
+    class Adapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
 
+        def proxy_manager_for(self, proxy, **proxy_kwargs):
+            manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+            manager.pool_classes_by_scheme = {"http": HTTPPool, "https": HTTPSPool}
+            return manager
 
-class _Adapter(requests.adapters.HTTPAdapter):
-    """requests' adapter with the pools above, direct and through a proxy alike (so
-    ``ClientWatch`` can end a proxied wait too)."""
+    class NoCookies(http.cookiejar.DefaultCookiePolicy):
+        def set_ok(self, cookie, request):
+            return False
 
-    def init_poolmanager(self, *args, **kwargs):
-        super().init_poolmanager(*args, **kwargs)
-        self.poolmanager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-
-    def proxy_manager_for(self, proxy, **proxy_kwargs):
-        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
-        manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
-        return manager
+    return Adapter, NoCookies
 
 
 def new_session(config):
     """The upstream session that every thread of one process shares: urllib3's pools are
     thread-safe, and one per thread left a worker holding as many idle upstream connections as
     it had threads (about 200 after a burst of 200 streams) until it restarted."""
+    import requests
+    adapter_class, no_cookies = _session_classes()
     session = requests.Session()
     # Nothing reads the environment per request: trust_env's proxy and CA bundle are read
     # once (proxy_for, default_ca_bundle) and settled in the pool; .netrc never is.
     session.trust_env = False
-    session.cookies.set_policy(_NoCookies())
+    session.cookies.set_policy(no_cookies())
     session.headers.clear()  # every header we send is chosen by upstream_headers()
-    adapter = _Adapter(pool_connections=1, pool_maxsize=config.pool_maxsize, max_retries=0)
+    adapter = adapter_class(pool_connections=1, pool_maxsize=config.pool_maxsize,
+                            max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
@@ -2868,6 +2882,7 @@ def tls_context(cafile=None, cadata=None):
     """A TLS context that trusts exactly the given CA certificates (none when given none):
     urllib3's defaults (TLS 1.2 or later, its ciphers), a certificate and the upstream's
     name required. ``cafile`` may be a directory of hashed certificates, as requests allows."""
+    import urllib3
     context = urllib3.util.create_urllib3_context(cert_reqs=ssl.CERT_REQUIRED)
     if cafile and os.path.isdir(cafile):
         context.load_verify_locations(capath=cafile)
@@ -2894,6 +2909,7 @@ def default_ca_bundle(config, environ):
     CA (``connection.py``, ``load_default_certs``), so a pool taken from requests' adapter
     without ``HTTPAdapter.cert_verify`` trusted the system store, not requests' bundle. The
     gateway therefore always hands its pool an explicit context."""
+    import requests
     if config.trust_env:
         named = environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE")
         if named:
@@ -2904,6 +2920,7 @@ def default_ca_bundle(config, environ):
 def default_tls(config, environ):
     """The TLS context over ``default_ca_bundle``; ValueError naming the bundle if it does
     not load (a REQUESTS_CA_BUNDLE that names no file said only 'No such file or directory')."""
+    import requests
     bundle = default_ca_bundle(config, environ)
     try:
         return tls_context(bundle)
@@ -2920,6 +2937,7 @@ def proxy_for(config, environ):
     if config.upstream_proxy:
         return config.upstream_proxy
     if config.trust_env:
+        import requests
         proxies = requests.utils.get_environ_proxies(config.upstream_url)
         proxy = requests.utils.select_proxy(config.upstream_url, proxies)
         # 'HTTPS_PROXY=proxy:3128' works with requests, which adds the scheme as it connects
@@ -2934,6 +2952,7 @@ def upstream_pool(session, url, tls, proxy=None):
     nothing else), verifying an https upstream with the TLS context ``tls``. A new context
     (an edited ``upstream_ca_file``) gets a new pool; the adapter keeps one pool per manager
     (``pool_connections=1``), so the old one and its idle connections are closed."""
+    import urllib3
     adapter = session.get_adapter(url)
     parts = urllib3.util.parse_url(url)
     manager = adapter.proxy_manager_for(proxy) if proxy else adapter.poolmanager
@@ -2953,6 +2972,8 @@ def send_pooled(pool, url, body, headers, timeout):
     does for our one case: same pool, no retries, no redirects, body undecoded, requests'
     exceptions, and the same ``requests.Response`` to read.
     """
+    import requests
+    import urllib3
     errors = urllib3.exceptions
     headers["content-length"] = str(len(body))
     try:
@@ -3246,6 +3267,7 @@ class Gateway:
     store and upstream sessions, so several can live in one process."""
 
     def __init__(self, config):
+        import urllib3
         self.config = config
         self.keys = WatchedFile(config.keys_path, parse_key_file, KeyStore(),
                                 last_good_keys(config))
@@ -3577,6 +3599,7 @@ class Gateway:
             chunks.append(chunk)
 
     def forward(self, environ, exchange, path, body):
+        import requests
         with self._client_watch.watching(environ) as waiting:
             response = self._send_with_failover(environ, exchange, path, body)
         if waiting is not None and waiting.client_gone:  # gone just as the answer came
@@ -3644,6 +3667,7 @@ class Gateway:
                        "The operator has been told.", [NO_RETRY])
 
     def _send(self, environ, exchange, path, body, upstream_key):
+        import requests
         query = environ.get("QUERY_STRING", "")
         headers = upstream_headers(environ, upstream_key)
         # requote_uri: the request target exactly as Session.post would have sent it.
@@ -3969,6 +3993,7 @@ def _upstream_error(exc, exchange, config):
     """Map a requests failure before the answer started: timeouts 504, the rest 502
     (WSGIProxy2's mapping). The log names the upstream host and the cause, never a key, a
     header or a URL's path."""
+    import requests
     log.error("upstream request to %s failed [%s]: %s (%s)", upstream_host(config.upstream_url),
               exchange.request_id, upstream_failure(exc, config), type(exc).__name__)
     if isinstance(exc, (requests.ReadTimeout, requests.exceptions.ConnectTimeout)):
@@ -3978,6 +4003,7 @@ def _upstream_error(exc, exchange, config):
 
 def upstream_host(url):
     """'host:port' of an upstream URL, the port filled in for its scheme."""
+    import urllib3
     parsed = urllib3.util.parse_url(url)
     return "%s:%d" % (parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80))
 
@@ -3986,6 +4012,8 @@ def upstream_failure(exc, config):
     """Why an upstream call failed, in a few words an operator can act on: DNS, refused,
     TLS, timeout, reset. Read from the exceptions that requests and urllib3 wrap inside one
     another (socket errors at the bottom), never from a URL or a header."""
+    import requests
+    import urllib3
     chain = _exception_chain(exc)
     cause = "connection failed"
     if isinstance(exc, requests.exceptions.ConnectTimeout):
@@ -4676,6 +4704,7 @@ def check_online(app):
     ``HEAD /`` without any key (nothing billed, nothing to refuse) and say what was found:
     the certificate's subject, issuer and days to expiry, and the round trips. Returns the
     problems found."""
+    import urllib3
     print("online: %s%s" % (app.config.upstream_url, " through proxy %s" % _without_password(
         app._proxy) if app._proxy else ""))
     target = (app._upstream_origin if app._absolute_form else "") + "/"
@@ -5622,7 +5651,7 @@ def check_reload():
 
 #: The gunicorn master that 'gateway serve' becomes once its checks pass (cmd_serve: exec, so
 #: the same pid, which systemd's Type=notify and HUP reach). With one worker it does not import
-#: this module: what the module imports (requests, urllib3, ssl, sqlite3: about 9 MB) would sit
+#: this module: what the app imports (requests, urllib3, ssl, sqlite3: about 9 MB) would sit
 #: in the master and count again in the worker's RSS, shared with nothing else. The worker
 #: imports it after the fork (load); several gthread workers share the master's copy instead.
 #: Every worker builds its app from the config bytes the master last checked. On HUP a process
@@ -5708,8 +5737,11 @@ if server.cfg.workers > 1 and issubclass(server.cfg.worker_class,
     # Several workers: they share the module's pages, copied on write, where each would
     # load its own, about 3 MB more of real memory per worker (docs/performance.md). Alone,
     # a worker shares nothing, and the master stays lean. gevent's workers must patch first.
+    # With what an app imports as it is built (requests, urllib3: _session_classes), which
+    # gateway.py leaves to then.
     sys.path.insert(0, HERE)
-    import gateway  # noqa: F401
+    import gateway
+    gateway._session_classes()
 try:
     server.run()
 finally:

@@ -193,14 +193,27 @@ def test_the_master_imports_the_gateway_only_to_share_it(config_dir, upstream, t
     """With one worker, the gunicorn master ('gateway serve' itself after its checks: the
     same pid) does not hold what gateway.py imports, which the worker would count again in
     its RSS; with several, it does, so that they share those pages. sqlite3's extension
-    module, which gunicorn never loads, shows which. The workers have it, and serve."""
+    module, which gunicorn never loads, shows which. The workers have it, and serve.
+    Several workers share requests and urllib3 too, which gateway.py imports only as an app
+    is built: the master's modules, as gunicorn's when_ready sees them, hold them then."""
     def loaded(pid):
         with open("/proc/%d/maps" % pid) as file:
             return "_sqlite3" in file.read()
+    modules_path = tmp_path / "master-modules"
+    gunicorn_config = tmp_path / "gunicorn.conf.py"
+    gunicorn_config.write_text(
+        "exec(open(%r).read())\n"
+        "deploy_when_ready = when_ready\n"
+        "def when_ready(server):\n"
+        "    import sys\n"
+        "    with open(%r, 'w') as file:\n"
+        "        file.write(' '.join(sys.modules))\n"
+        "    deploy_when_ready(server)\n" % (os.path.join(ROOT, "deploy", "gunicorn.conf.py"),
+                                     str(modules_path)))
     log_path = tmp_path / "serve.log"
     with gateway_process(["serve", "--config", str(config_dir / "gateway.ini"), "--bind",
-                          ANY_PORT], log_path, env={"WEB_CONCURRENCY": str(workers)}) as \
-            (process, url):
+                          ANY_PORT, "--gunicorn-config", str(gunicorn_config)], log_path,
+                         env={"WEB_CONCURRENCY": str(workers)}) as (process, url):
         assert requests.get(url + "/v1/models", headers=auth(), timeout=10).status_code == 200
         # Each worker logs before it loads the app: wait for both, in that order (all() of
         # no worker is true).
@@ -209,6 +222,9 @@ def test_the_master_imports_the_gateway_only_to_share_it(config_dir, upstream, t
                  timeout=30)
         assert len(booted_workers(log_path)) == workers
         assert loaded(process.pid) == (workers > 1)
+    master_modules = set(modules_path.read_text().split())
+    for module in ("gateway", "requests", "requests.adapters", "urllib3", "http.cookiejar"):
+        assert (module in master_modules) == (workers > 1), module
 
 
 def test_version_is_the_release_that_setup_cfg_builds():
