@@ -4974,10 +4974,10 @@ class UsageTally:
         return request_ids
 
     def remember_claimed(self, request_ids):
-        """The parent's half of claim_chunk (``request_ids`` the set it returned): True, and
-        the ids remembered as add_chunk would have, when none is in the window; False,
-        remembering nothing, when one is (copies of the previous chunks: the parent reads
-        that chunk itself)."""
+        """The parent's half of claim_chunk (``request_ids`` the ids it returned, as a set or
+        a list): True, and the ids remembered as add_chunk would have, when none is in the
+        window; False, remembering nothing, when one is (copies of the previous chunks: the
+        parent reads that chunk itself)."""
         return self._remember_if_new(request_ids)
 
     def blank(self):
@@ -5102,9 +5102,9 @@ class UsageTally:
                      for field in self.by)
 
     def _remember_if_new(self, request_ids):
-        """Remember the set ``request_ids`` and return True when none is in the window;
-        False, remembering nothing, when one is."""
-        if request_ids.isdisjoint(self._recent) and request_ids.isdisjoint(self._older):
+        """Remember ``request_ids`` (distinct: a set, or a list made of one) and return True
+        when none is in the window; False, remembering nothing, when one is."""
+        if self._recent.isdisjoint(request_ids) and self._older.isdisjoint(request_ids):
             self._remember(request_ids)
             return True
         return False
@@ -5300,17 +5300,21 @@ def cgroup_cpu_quota(root="/sys/fs/cgroup", membership="/proc/self/cgroup"):
 
 def add_up_logs(tally, paths, processes=1, chunk_bytes=USAGE_CHUNK_BYTES):
     """Add the logs at ``paths`` up into ``tally``, oldest first, and return its rows: the
-    first USAGE_SERIAL_CHUNKS chunks' worth of bytes here, the rest here and in
-    ``processes`` - 1 worker processes when there are two or more and a fork works
-    (UsageWorkers), else here alone. The same rows either way."""
+    first USAGE_SERIAL_CHUNKS chunks' worth of bytes here (none when the files are larger
+    than that on disk), the rest here and in ``processes`` - 1 worker processes when there
+    are two or more and a fork works (UsageWorkers), else here alone. The same rows either
+    way."""
     workers, read, tried = None, 0, processes < 2
+    # What the files hold on disk, known before they are read: a plain file's size is what
+    # it gives, a .gz's is less, so a large log starts the workers at its first chunk.
+    on_disk = 0 if tried else _bytes_on_disk(paths)
     try:
         for data in (chunk for path in _oldest_first(paths)
                      for chunk in read_log_chunks(path, chunk_bytes)):
             # Bytes, not chunks: many small rotated files are many small chunks, and
             # would pay for a fork that saves nothing.
             read += len(data)
-            if not tried and read > USAGE_SERIAL_CHUNKS * chunk_bytes:
+            if not tried and max(read, on_disk) > USAGE_SERIAL_CHUNKS * chunk_bytes:
                 tried = True
                 workers = UsageWorkers.start(tally, processes - 1, 2 * chunk_bytes)
             if workers is not None:
@@ -5323,6 +5327,17 @@ def add_up_logs(tally, paths, processes=1, chunk_bytes=USAGE_CHUNK_BYTES):
         if workers is not None:
             workers.stop()
     return tally.rows()
+
+
+def _bytes_on_disk(paths):
+    """The sizes of the files at ``paths`` added up (standard input and a file that cannot
+    be read count 0: it says so when it is read)."""
+    total = 0
+    for path in paths:
+        if path != "-":
+            with contextlib.suppress(OSError):
+                total += os.stat(path).st_size
+    return total
 
 
 class UsageWorkers:
@@ -5394,12 +5409,17 @@ class UsageWorkers:
             self._settle()
 
     def finish(self):
-        """Check every chunk, then add the workers' rows and the parent's own to its tally."""
+        """Check every chunk, then add the workers' rows and the parent's own to its tally.
+        The workers are asked for their rows first, after the chunks they hold: each sums
+        what it holds (up to USAGE_PENDING lines) while the parent sums its own."""
+        for worker in self._workers:
+            worker.ask_rows()
+        claimed_rows = self._claimed_by_parent.rows()
         while self._in_flight:
             self._settle()
         for worker in self._workers:
-            self._tally.add_rows(worker.finish())
-        self._tally.add_rows(self._claimed_by_parent.rows())
+            self._tally.add_rows(worker.rows())
+        self._tally.add_rows(claimed_rows)
         self._tally.add_rows(self._to_subtract.rows(), sign=-1)
 
     def stop(self):
@@ -5432,7 +5452,7 @@ class _UsageWorker:
     slot and sends the slot's number and the chunk's length (8 bytes each; a length of 0:
     send your rows and stop), so that it never waits to hand a chunk over; the worker
     answers each in turn with a length (8 bytes) and that many bytes (marshal): the chunk's
-    request ids (UsageTally.claim_chunk), or the rows."""
+    request ids (UsageTally.claim_chunk's, as a list), or the rows."""
 
     def __init__(self, tally, slot_bytes, others):
         self.slot_bytes = slot_bytes
@@ -5490,9 +5510,13 @@ class _UsageWorker:
         self._free.append(self._sent.popleft())
         return answer
 
-    def finish(self):
-        """The worker's rows; then it is gone."""
+    def ask_rows(self):
+        """Ask for the worker's rows: its answer after those to the chunks sent."""
         self._tell(0, 0)
+
+    def rows(self):
+        """The worker's rows, once every chunk's answer is read (ask_rows first); then it
+        is gone."""
         rows = self._answer()
         self.stop()
         return rows
@@ -5552,7 +5576,14 @@ def _usage_worker_main(tally, memory, slot_bytes, requests_fd, replies_fd):
                     return 1  # the parent stopped
                 start = int.from_bytes(request[:8], "big") * slot_bytes
                 size = int.from_bytes(request[8:], "big")
-                answer = tally.claim_chunk(memory[start:start + size]) if size else tally.rows()
+                if size:
+                    answer = tally.claim_chunk(memory[start:start + size])
+                    # The set's ids as a list: since Python 3.11 marshal writes a set's items
+                    # sorted, for reproducible bytecode (CPython bpo-37596), at ten times the
+                    # cost of a list's here.
+                    answer = None if answer is None else list(answer)
+                else:
+                    answer = tally.rows()
                 reply = marshal.dumps(answer, 2)  # version 2: several times faster here
                 replies.write(len(reply).to_bytes(8, "big") + reply)
                 replies.flush()
