@@ -670,6 +670,39 @@ def test_many_small_files_start_no_worker(monkeypatch, tmp_path):
     assert started == []
 
 
+def test_a_large_file_starts_the_workers_at_its_first_chunk(monkeypatch, tmp_path):
+    # A file says its size before it is read: larger than USAGE_SERIAL_CHUNKS chunks, the
+    # workers start before the parent adds any chunk up alone. A .gz smaller than that on
+    # disk (its text is larger) waits for the bytes read, as standard input does.
+    lines = gateway_lines(150, seed=7)
+    text = "\n".join(lines) + "\n"
+    plain, packed = tmp_path / "access.log", tmp_path / "access.log.gz"
+    plain.write_text(text)
+    packed.write_bytes(gzip.compress(text.encode()))
+    threshold = gateway.USAGE_SERIAL_CHUNKS * 2048
+    assert packed.stat().st_size < threshold < len(text)
+    expected = gateway.usage_report(gateway.access_records(lines))
+
+    def added_alone_before_the_workers(path):
+        tally, added, at_start = gateway.UsageTally(), [], []
+        add_chunk, start = tally.add_chunk, gateway.UsageWorkers.start
+
+        def counted(data):
+            added.append(data)
+            return add_chunk(data)
+
+        def watched(cls, *args):
+            at_start.append(len(added))
+            return start(*args)
+        tally.add_chunk = counted
+        monkeypatch.setattr(gateway.UsageWorkers, "start", classmethod(watched))
+        assert gateway.add_up_logs(tally, [path], processes=2, chunk_bytes=2048) == expected
+        return at_start
+    assert added_alone_before_the_workers(str(plain)) == [0]
+    alone, = added_alone_before_the_workers(str(packed))
+    assert alone >= gateway.USAGE_SERIAL_CHUNKS - 1
+
+
 def test_a_worker_killed_says_so_and_is_reaped(monkeypatch, tmp_path):
     (tmp_path / "access.log").write_text("\n".join(gateway_lines(2000, seed=4)) + "\n")
     parent, claim_chunk = os.getpid(), gateway.UsageTally.claim_chunk
