@@ -5242,12 +5242,15 @@ def _oldest_first(paths):
 
 
 #: 'gateway usage' reads this many chunks' worth of bytes (megabytes) of the logs itself
-#: before it starts its worker processes: a smaller log is read before a fork would pay.
+#: before it starts its worker processes, unless the files are larger than that on disk: a
+#: smaller log is read before a fork would pay.
 USAGE_SERIAL_CHUNKS = 8
-#: Chunks a worker of 'gateway usage' may hold: the one it reads and the next two, so that
+#: Chunks a worker of 'gateway usage' may hold: the one it reads and the next five, so that
 #: it seldom waits for the parent, which looks for the worker's answers only between the
-#: chunks it adds up itself (two made the command about a tenth slower: docs/performance.md).
-USAGE_WORKER_SLOTS = 3
+#: chunks it adds up itself, and not while it sums the token counts it holds (USAGE_PENDING
+#: lines, about 30 ms: with three slots the worker waited about a tenth of its time, a few
+#: chunks' worth each time the parent summed; docs/performance.md).
+USAGE_WORKER_SLOTS = 6
 #: Chunks of 'gateway usage' that the parent may hold a process (itself and each worker)
 #: before it waits for the oldest to be checked: twice a worker's slots, so that a worker
 #: that falls behind by a few chunks leaves the parent reading the next ones itself rather
