@@ -5210,10 +5210,11 @@ def _chunks(file, size):
         pieces.append(piece)
         held += len(piece)
         if held >= size and b"\n" in piece:
-            data = b"".join(pieces)
-            end = data.rfind(b"\n") + 1
-            yield data[:end]
-            pieces, held = [data[end:]], len(data) - end
+            # Up to the piece's last line end, copied once (join takes a memoryview).
+            end = piece.rfind(b"\n") + 1
+            pieces[-1] = memoryview(piece)[:end]
+            yield b"".join(pieces)
+            pieces, held = [piece[end:]], len(piece) - end
 
 
 def _usage_by(text):
