@@ -1234,9 +1234,10 @@ class HostState:
     HIT_COUNTS = (
         "CREATE TABLE hit_counts (name TEXT PRIMARY KEY, count INTEGER NOT NULL)",
         "INSERT INTO hit_counts SELECT name, count(*) FROM hits GROUP BY name",
+        # No UPSERT (SQLite 3.24): a trigger that fails makes every write to hits fail.
         """CREATE TRIGGER hit_added AFTER INSERT ON hits BEGIN
-               INSERT INTO hit_counts VALUES (NEW.name, 1)
-                   ON CONFLICT (name) DO UPDATE SET count = count + 1;
+               INSERT OR IGNORE INTO hit_counts VALUES (NEW.name, 0);
+               UPDATE hit_counts SET count = count + 1 WHERE name = NEW.name;
            END""",
         """CREATE TRIGGER hit_deleted AFTER DELETE ON hits BEGIN
                UPDATE hit_counts SET count = count - 1 WHERE name = OLD.name;
@@ -1289,17 +1290,24 @@ class HostState:
 
     def _count_hits(self, db):
         """Make hit_counts in a file that has none yet, in one transaction with the count of
-        the hits already there: two processes opening it at once make it once."""
+        the hits already there: two processes opening it at once make it once. A file that
+        has it costs no write lock (every worker's first use)."""
+        if self._has_hit_counts(db):
+            return
         db.execute("BEGIN IMMEDIATE")
         try:
-            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
-                          "name = 'hit_counts'").fetchone() is None:
+            if not self._has_hit_counts(db):
                 for statement in self.HIT_COUNTS:
                     db.execute(statement)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    @staticmethod
+    def _has_hit_counts(db):
+        return db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND "
+                          "name = 'hit_counts'").fetchone() is not None
 
     def admit(self, entry, holder, now):
         """Count one request of ``entry`` against its limits, or raise a 429 saying when to
@@ -2064,9 +2072,11 @@ def _read_replies(connection, count, exceptions):
 class _ScriptReplies:
     """The replies of the gateway's scripts read from one connection's socket, as the Redis
     protocol (RESP) writes them: integers, arrays of them, and error replies (each made the
-    exception redis-py would make of it, by the connection's own parser). Anything else, or
-    bytes left over after the replies asked for, is a protocol error: the caller drops the
-    connection.
+    exception redis-py would make of it, by the connection's own parser). A RESP3 push
+    (``>``: news out of band, such as the maintenance notifications redis-py 8 asks servers
+    that offer them for, as it talks RESP3 by default) is skipped wherever it comes: it is
+    no reply. Anything else, or bytes left over after the replies asked for, is a protocol
+    error: the caller drops the connection.
 
     Facts -> decision: redis-py's reply parser, made for every reply any command can give,
     was the other part of the gateway's own time for an admit call (``_send_commands``);
@@ -2083,8 +2093,11 @@ class _ScriptReplies:
 
     def read(self, count):
         replies = [self._reply() for _ in range(count)]
-        if self._start != len(self._buffer):
-            raise self._exceptions.InvalidResponse("Protocol error: data after the replies")
+        while self._start != len(self._buffer):  # a push that came with the last reply
+            if self._buffer[self._start:self._start + 1] != b">":
+                raise self._exceptions.InvalidResponse("Protocol error: data after the "
+                                                       "replies")
+            self._skip()
         return replies
 
     def _reply(self):
@@ -2099,8 +2112,36 @@ class _ScriptReplies:
             if isinstance(error, self._exceptions.ConnectionError):  # LOADING: Redis is away
                 raise error
             return error
+        if kind == b">":
+            self._skip_values(self._number(line))
+            return self._reply()
         raise self._exceptions.InvalidResponse("Protocol error: unexpected reply %r"
                                                % line[:40])
+
+    def _skip(self):
+        """Read past one value of any RESP2 or RESP3 type (a push and what it holds)."""
+        line = self._line()
+        kind = line[:1]
+        if kind in (b"$", b"=", b"!"):  # bulk string, verbatim string, bulk error: bytes
+            length = self._number(line)
+            if length >= 0:
+                self._take(length + 2)  # and their CRLF
+        elif kind in (b"*", b">", b"~"):  # array, push, set: values
+            self._skip_values(self._number(line))
+        elif kind in (b"%", b"|"):  # map, attribute: pairs of values
+            self._skip_values(2 * self._number(line))
+        elif kind not in (b"+", b"-", b":", b"_", b"#", b",", b"("):  # one line each
+            raise self._exceptions.InvalidResponse("Protocol error: unexpected type %r"
+                                                   % line[:40])
+
+    def _skip_values(self, count):
+        for _ in range(count):
+            self._skip()
+
+    def _take(self, size):
+        while len(self._buffer) - self._start < size:
+            self._receive()
+        self._start += size
 
     def _number(self, line):
         """The integer of an integer reply or the length of an array. Anything else there is

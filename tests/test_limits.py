@@ -99,7 +99,7 @@ def test_a_state_file_from_before_the_hit_counts_counts_its_hits(tmp_path):
     # A file an earlier version wrote has hits and no hit_counts: its hits still count.
     path = str(tmp_path / "state")
     earlier = sqlite3.connect(path, isolation_level=None)
-    earlier.executescript(HostState.SCHEMA.replace("hit_counts", "unused"))
+    earlier.executescript(HostState.SCHEMA)  # without HIT_COUNTS
     earlier.executemany("INSERT INTO hits VALUES (?, ?)", [("k", T0), ("k", T0 + 1)])
     earlier.close()
     state = HostState(path)

@@ -519,10 +519,24 @@ def test_a_connection_closed_is_told_from_a_timeout():
     ours.close()
 
 
+def test_a_python_timeout_is_a_timeout_too():
+    # TLS and gevent sockets keep Python's timeouts (ScriptConnections): socket.timeout, not
+    # the kernel's EAGAIN, must be a TimeoutError too, never taken for a closed connection.
+    exceptions = pytest.importorskip("redis").exceptions
+    ours, theirs = socket.socketpair()
+    ours.settimeout(0.05)
+    with pytest.raises(exceptions.TimeoutError) as timed_out:
+        gateway._read_replies(script_connection(ours), 1, exceptions)
+    assert isinstance(timed_out.value.__cause__, socket.timeout)
+    assert not gateway._closed_by_redis(timed_out.value)
+    ours.close()
+    theirs.close()
+
+
 def test_a_connection_reset_is_told_as_closed():
     exceptions = pytest.importorskip("redis").exceptions
     with socket.create_server(("127.0.0.1", 0)) as server:
-        ours = socket.create_connection(server.getsockname())
+        ours = socket.create_connection(server.getsockname(), timeout=5)  # no hang
         theirs, _ = server.accept()
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     theirs.close()  # with a zero linger: a reset, not an end of stream
@@ -536,6 +550,7 @@ def test_a_connection_reset_is_told_as_closed():
 def test_script_replies_are_read_whole_however_they_arrive():
     exceptions = pytest.importorskip("redis").exceptions
     ours, theirs = socket.socketpair()
+    ours.settimeout(5)  # a regression fails instead of hanging
     connection = script_connection(ours)
 
     def dribble(data):  # one byte at a time: every reply split across receives
@@ -558,6 +573,16 @@ def test_script_replies_are_read_whole_however_they_arrive():
     theirs.sendall(b"-LOADING Redis is loading the dataset in memory\r\n")
     with pytest.raises(exceptions.BusyLoadingError):  # a ConnectionError: Redis is away
         gateway._read_replies(connection, 1, exceptions)
+    # A RESP3 push (redis-py 8 talks RESP3, and asks for maintenance notifications) before,
+    # inside and after the replies is no reply: skipped, split across receives or not.
+    writer = threading.Thread(target=dribble, args=(
+        b">4\r\n$6\r\nMOVING\r\n:1\r\n:15\r\n$13\r\n10.0.0.1:6379\r\n*2\r\n:0\r\n"
+        b">2\r\n$9\r\nMIGRATING\r\n%1\r\n+a\r\n_\r\n:3\r\n:9\r\n>1\r\n$-1\r\n",))
+    writer.start()
+    assert gateway._read_replies(connection, 2, exceptions) == [[0, 3], 9]
+    writer.join()
+    theirs.sendall(b":1\r\n>1\r\n+MIGRATED\r\n")
+    assert gateway._read_replies(connection, 1, exceptions) == [1]
     for unexpected in (b"+OK\r\n", b":1\r\n:2\r\n",  # not a script's, or one too many
                        b":1x\r\n", b"*two\r\n"):  # not a number: a RedisError, not a 500
         theirs.sendall(unexpected)
