@@ -497,6 +497,15 @@ def script_connection(sock):
     return connection
 
 
+def read_timing_out(connection, exceptions):
+    """The error of a read on ``connection`` that nothing answers: a TimeoutError, never
+    taken for a connection Redis closed (a timed-out call is never sent again)."""
+    with pytest.raises(exceptions.TimeoutError) as timed_out:
+        gateway._read_replies(connection, 1, exceptions)
+    assert not gateway._closed_by_redis(timed_out.value)
+    return timed_out.value
+
+
 def test_a_connection_closed_is_told_from_a_timeout():
     # A call on a reused connection that Redis closed is sent again; a timed-out one never
     # is (a frozen Redis must cost one timeout). Each failure, as _send_commands and
@@ -505,9 +514,7 @@ def test_a_connection_closed_is_told_from_a_timeout():
     ours, theirs = socket.socketpair()
     gateway._kernel_timeouts(ours, 0.05)
     connection = script_connection(ours)
-    with pytest.raises(exceptions.TimeoutError) as timed_out:
-        gateway._read_replies(connection, 1, exceptions)
-    assert not gateway._closed_by_redis(timed_out.value)
+    read_timing_out(connection, exceptions)
     theirs.close()
     with pytest.raises(exceptions.ConnectionError) as ended:  # the end of the stream
         gateway._read_replies(connection, 1, exceptions)
@@ -525,10 +532,8 @@ def test_a_python_timeout_is_a_timeout_too():
     exceptions = pytest.importorskip("redis").exceptions
     ours, theirs = socket.socketpair()
     ours.settimeout(0.05)
-    with pytest.raises(exceptions.TimeoutError) as timed_out:
-        gateway._read_replies(script_connection(ours), 1, exceptions)
-    assert isinstance(timed_out.value.__cause__, socket.timeout)
-    assert not gateway._closed_by_redis(timed_out.value)
+    timed_out = read_timing_out(script_connection(ours), exceptions)
+    assert isinstance(timed_out.__cause__, socket.timeout)
     ours.close()
     theirs.close()
 
@@ -768,9 +773,10 @@ def test_a_finish_connection_with_a_reply_left_unread_is_made_again(redis_server
 
 def test_the_admit_and_finish_connections_work_with_a_redis_py_before_8(redis_server,
                                                                          tmp_path, caplog):
-    """setup.cfg allows redis-py 4.2 and later, whose connections had no ``is_connected``
-    until redis-py 8: ScriptConnections tells a connected one by its socket, so that every
-    limited request is not an AttributeError there."""
+    """redis-py's connections have ``is_connected`` only from redis-py 8, and setup.cfg
+    allows earlier ones (CI runs this module with the oldest too): ScriptConnections tells a
+    connected one by its socket, so that every limited request is not an AttributeError
+    there."""
     redis = pytest.importorskip("redis")
 
     class BeforeRedisPy8(redis.UnixDomainSocketConnection):
