@@ -2033,9 +2033,10 @@ def _send_commands(connection, command, script, calls, exceptions):
     """Send ``command`` with ``script`` for each ``(keys, args)`` of ``calls`` on the socket
     of ``connection`` (one of ScriptConnections'), in one write.
 
-    Facts -> decision: redis-py's ``pack_commands`` and ``send_packed_command`` took about a
-    third of the gateway's own time for an admit call on this project's machine
-    (docs/performance.md): they handle every type and size a command may carry. These
+    Facts -> decision: redis-py's ``pack_commands`` and ``send_packed_command``, with its
+    reply parser (which ``_ScriptReplies`` replaces), cost an admit call about 15 us of the
+    75-95 us of CPU it took on this project's machine (docs/performance.md): they handle
+    every type and size a command may carry. These
     commands are a handful of short strings and integers, packed here as the Redis
     protocol's arrays of bulk strings (RESP, https://redis.io/docs/latest/develop/reference/
     protocol-spec/). Socket errors become redis-py's, as its own send makes them: a timeout
@@ -2079,10 +2080,10 @@ class _ScriptReplies:
     error: the caller drops the connection.
 
     Facts -> decision: redis-py's reply parser, made for every reply any command can give,
-    was the other part of the gateway's own time for an admit call (``_send_commands``);
-    a reply that came whole is read here in one receive and a few slices. The end of the
-    stream where a reply should be raises redis-py's ConnectionError with its own words
-    (REDIS_CLOSED_WORDS), a timeout its TimeoutError, as its parser does."""
+    was the other part of that cost (``_send_commands``); a reply that came whole is read
+    here in one receive and a few slices. The end of the stream where a reply should be
+    raises redis-py's ConnectionError with its own words (REDIS_CLOSED_WORDS), a timeout its
+    TimeoutError, as its parser does."""
 
     def __init__(self, connection, exceptions):
         self._sock = connection._sock
