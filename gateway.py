@@ -1445,8 +1445,9 @@ def _process_alive(pid):
 #   keeps its slot, and a SIGKILLed host's slots lapse within the lease.
 # - Keys written without a TTL pile up or never reset: every key has one.
 # - redis-py 8 waits 5 s per connect and per read, with retries: Redis killed cost 3.7 s and
-#   Redis frozen (SIGSTOP) 59.6 s per call. Here: 0.25 s, no retry, and after a failure a
-#   breaker that skips Redis for BREAKER_SECONDS (one request probes when they are over).
+#   Redis frozen (SIGSTOP) 59.6 s per call. Here: 0.25 s, no retry (an admit is sent again
+#   only on a connection Redis had closed while idle), and after a failure a breaker that
+#   skips Redis for BREAKER_SECONDS (one request probes when they are over).
 # - redis-py's default pool fails beyond 100 connections instead of waiting (2,000 greenlets:
 #   1,900 errors); a BlockingConnectionPool waits up to its timeout (0 errors, 181 ms worst).
 #   One per worker process, made on first use after the fork; its client is thread-safe.
@@ -1819,49 +1820,41 @@ class RedisLimits:
         """Run ``script`` (a redis-py Script, for its text and SHA1) once for each
         ``(keys, args)`` of ``calls``, pipelined on one of this process's finish connections
         (ScriptConnections.take_checked): one round trip. Returns the replies in order; an
-        error reply is raised once all are read. ``_start`` sends, the function it returns
-        reads.
+        error reply is raised once all are read. Never sent twice: the finish script's
+        HINCRBY would count the tokens twice.
 
         Facts -> decision: the admit and finish calls are the whole of what Redis adds to a
         limited request. Through redis-py's Script call (``Redis.evalsha``: command routing,
         the retry and observability layers, reply callbacks) an admit took 48 us of the
         gateway's CPU and 77 us in all in a tight loop on this project's machine; the same
         EVALSHA sent and read on a pooled connection, 22 us and 43 us. Nothing those layers
-        do is wanted here: the admit is never retried (see TIMEOUT), and a connection whose
-        read failed is dropped here (``_replies``). The calls are packed and their replies
-        read by the gateway itself (``_send_commands``, ``_ScriptReplies``). Through
-        redis-py's pool, a
-        finish call made seven system calls; on its own connections, three (strace,
-        docs/performance.md).
+        do is wanted here: no call is retried on a timeout or on Redis trouble (an admit is
+        sent again only on a connection Redis had closed while idle: _start_admit), and a
+        connection whose read failed is dropped here (``_replies``). The calls are packed
+        and their replies read by the gateway itself (``_send_commands``,
+        ``_ScriptReplies``). Through redis-py's pool, a finish call made seven system calls;
+        on its own connections, three (strace, docs/performance.md).
 
         A Redis restarted empty answers NOSCRIPT; then EVAL sends the script's text, which
         Redis caches again (what Script does). Any other interruption while the replies are
         read (a timeout, gevent's Timeout) drops the connection: a reply may still be on the
-        way, and the next caller must not read it as its own. Between ``_start`` and the
-        read, the caller's own work may be interrupted: the read still comes (Gateway's
-        _dispatch), and the connection goes back with nothing left on it."""
-        return self._start(script, calls)()
-
-    def _start(self, script, calls):
-        """Send ``calls`` of ``script`` as ``_run`` does, and return the function that reads
-        their replies and gives the connection back; it must be called exactly once. Never
-        sent twice: the finish script's HINCRBY would count the tokens twice."""
+        way, and the next caller must not read it as its own."""
         connections = self._finish_connections
         connection = connections.take_checked()
         try:
             _send_commands(connection, "EVALSHA", script.sha, calls,
                            self._redis_module.exceptions)
         except BaseException:
-            connection.disconnect()
-            connections.give_back(connection)
+            connections.drop(connection)
             raise
-        return functools.partial(self._replies, connections.give_back, connection, script,
-                                 calls)
+        return self._replies(connections.give_back, connection, script, calls)
 
     def _start_admit(self, call):
-        """Send one admit call ``(keys, args)`` as ``_start`` does, but on one of this
-        process's admit connections (ScriptConnections), and return the function that reads
-        its answer (NOSCRIPT handled as ``_run`` does) and gives the connection back.
+        """Send one admit call ``(keys, args)`` on one of this process's admit connections
+        (ScriptConnections), and return the function that reads its answer (NOSCRIPT handled
+        as ``_run`` does) and gives the connection back; it must be called exactly once.
+        Between the two, the caller's own work may be interrupted: the read still comes
+        (Gateway's _dispatch), and the connection goes back with nothing left on it.
 
         Facts -> decision: a pooled connection that Redis closed while it sat idle (Redis's
         ``timeout`` setting, a proxy's idle timeout, a restart) fails the next call on it
@@ -1869,7 +1862,7 @@ class RedisLimits:
         the reply should be. redis-py's pool looks for that before it hands a connection
         out, at the price of three system calls on every call (docs/performance.md); the
         admit connections are not looked at, and instead a call that fails that way on a
-        connection that served an earlier call is sent again, once, on a new connection.
+        connection that served an earlier call is sent again, once, on it connected anew.
         Nothing else is sent again: not a timeout, not an error on a connection made for
         this call, so a frozen or dead Redis still costs one call, as the admit call is
         never retried on Redis trouble. Sending again is safe even if Redis ran the first
@@ -1885,8 +1878,7 @@ class RedisLimits:
                 self._resend_admit(may_resend, exc, connection, call)
                 may_resend = False
         except BaseException:
-            connection.disconnect()
-            connections.give_back(connection)
+            connections.drop(connection)
             raise
         return functools.partial(self._replies, connections.give_back, connection,
                                  self._scripts.admit, [call],
@@ -2066,8 +2058,7 @@ def _read_replies(connection, count, exceptions):
     """``count`` replies from the socket of ``connection`` (one of ScriptConnections'): an
     error reply is returned in its place, so that none is left unread on the connection
     (``_ScriptReplies``)."""
-    replies = _ScriptReplies(connection, exceptions)
-    return replies.read(count)
+    return _ScriptReplies(connection, exceptions).read(count)
 
 
 class _ScriptReplies:
@@ -2171,8 +2162,8 @@ class _ScriptReplies:
         except OSError as exc:
             raise self._exceptions.ConnectionError("Error while reading from socket: %s"
                                                    % exc) from exc
-        if not data:
-            raise self._exceptions.ConnectionError(REDIS_CLOSED_WORDS)
+        if not data:  # the end of the stream
+            raise self._exceptions.ConnectionError(REDIS_CLOSED_WORDS) from EOFError()
         self._buffer = self._buffer[self._start:] + data
         self._start = 0
 
@@ -2182,18 +2173,19 @@ class _ScriptReplies:
 REDIS_CLOSED_WORDS = "Connection closed by server."
 
 
-#: The errors of a socket whose other end closed it: a broken pipe, a reset, and TLS's ends
-#: of the stream (a peer gone without or with its close_notify).
+#: The errors of a socket whose other end closed it: a broken pipe, a reset, TLS's ends of
+#: the stream (a peer gone without or with its close_notify), and the end of the stream
+#: where a reply should be (EOFError: _ScriptReplies raises its error from one).
 CLOSED_SOCKET_ERRORS = (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError,
-                        ssl.SSLZeroReturnError)
+                        ssl.SSLZeroReturnError, EOFError)
 
 
 def _closed_by_redis(exc):
     """Whether ``exc``, raised sending or reading on one of ScriptConnections' connections
     (``_send_commands``, ``_ScriptReplies``), says that the other end had closed it: one of
-    CLOSED_SOCKET_ERRORS as its cause, or the end of the stream. Never a timeout (the
-    kernel's, EAGAIN, included) nor any other error."""
-    return isinstance(exc.__cause__, CLOSED_SOCKET_ERRORS) or str(exc) == REDIS_CLOSED_WORDS
+    CLOSED_SOCKET_ERRORS as its cause. Never a timeout (the kernel's, EAGAIN, included) nor
+    any other error."""
+    return isinstance(exc.__cause__, CLOSED_SOCKET_ERRORS)
 
 
 class ScriptConnections:
@@ -2210,8 +2202,8 @@ class ScriptConnections:
     send and one before the receive (strace). Here:
 
     - no check when a connection is handed out (``take``): one that Redis closed while idle
-      fails the call at once, and RedisLimits._start_admit sends it again on a new
-      connection. A call that must never be sent twice (the finish call: its HINCRBY is not
+      fails the call at once, and RedisLimits._start_admit sends it again on it connected
+      anew. A call that must never be sent twice (the finish call: its HINCRBY is not
       idempotent) takes one checked first (``take_checked``), in one system call where
       redis-py's check makes three: connected anew if Redis closed it or left data unread
       on it, before anything is sent;
@@ -2252,8 +2244,7 @@ class ScriptConnections:
         try:
             self.reconnect(connection)
         except BaseException:
-            connection.disconnect()
-            self.give_back(connection)
+            self.drop(connection)
             raise
         return connection, False
 
@@ -2268,8 +2259,7 @@ class ScriptConnections:
                 if _closed_or_unread(connection, self._exceptions):
                     self.reconnect(connection)
             except BaseException:
-                connection.disconnect()
-                self.give_back(connection)
+                self.drop(connection)
                 raise
         return connection
 
@@ -2282,6 +2272,11 @@ class ScriptConnections:
     def give_back(self, connection):
         self._idle.append(connection)
         self._free.release()
+
+    def drop(self, connection):
+        """Give back ``connection`` closed: a call on it failed, and a reply may still come."""
+        connection.disconnect()
+        self.give_back(connection)
 
     def disconnect(self):
         self._pool.disconnect()
@@ -2352,13 +2347,13 @@ class FinishQueue:
         self._queued = []
         self._first_at = 0.0  # time.monotonic() when the first of the queued items came
         self._waiting = {}  # name -> items queued or in flight
-        self._idle = False  # the thread waits for a first item: a put must wake it
         self._hurried = 0  # callers in wait_for: the thread does not wait out the delay
         self._thread = None
 
     def put(self, name, item):
         with self._changed:
-            if not self._queued:
+            first = not self._queued  # else the thread is waiting out the delay, or busy
+            if first:
                 self._first_at = time.monotonic()
             self._queued.append((name, item))
             self._waiting[name] = self._waiting.get(name, 0) + 1
@@ -2367,7 +2362,7 @@ class FinishQueue:
                                                 daemon=True)
                 self._thread.start()
                 atexit.register(self.drain)
-            if self._idle:  # otherwise it is already waiting out the delay
+            if first:  # wakes the thread if it waits for a first item; no call if not
                 self._wake.notify()
 
     def pending(self, name):
@@ -2394,9 +2389,7 @@ class FinishQueue:
     def _work(self):
         while True:
             with self._changed:
-                self._idle = True
                 self._wake.wait_for(lambda: self._queued)
-                self._idle = False
                 while not self._hurried:
                     left = self._first_at + self._delay - time.monotonic()
                     if left <= 0:
