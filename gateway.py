@@ -4958,7 +4958,7 @@ class UsageTally:
         # _access_line_pattern; the list's length is the group's lines); errors per group;
         # lines in all. A group here is the day, the key and model as written, or both
         # (groups 1 and 4): finer than ``by`` when it names the key or the model alone, and
-        # rows of the same names are added together (_add_pending).
+        # rows of the same names are added together (_add_sums, _add).
         self._pending = collections.defaultdict(list)
         self._pending_errors, self._pending_count = collections.Counter(), 0
         # Added, not yet in the rows: group -> requests, errors and the token counts, so that
@@ -5064,7 +5064,7 @@ class UsageTally:
 
     def _add_found(self, found):
         # A whole chunk at a time, in C where it can be: filters as list comprehensions, the
-        # de-duplication as set operations, the sums over columns.
+        # de-duplication as set operations (the sums come later: _add_pending).
         found = self._wanted(found)
         fresh = set(map(operator.itemgetter(3), found))
         new = len(fresh) == len(found) and self._remember_if_new(fresh)
@@ -5244,9 +5244,9 @@ def _chunks(file, size):
             return
         pieces.append(piece)
         held += len(piece)
-        if held >= size and b"\n" in piece:
+        end = piece.rfind(b"\n") + 1
+        if held >= size and end:
             # Up to the piece's last line end, copied once (join takes a memoryview).
-            end = piece.rfind(b"\n") + 1
             pieces[-1] = memoryview(piece)[:end]
             yield b"".join(pieces)
             pieces, held = [piece[end:]], len(piece) - end

@@ -46,6 +46,7 @@ import sys
 import tempfile
 import threading
 import time
+from statistics import median
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIENT_KEY = "sk-gw-bench-0123456789abcdefghijklmnopqrstuv"
@@ -992,12 +993,6 @@ def scenario_limits(plan, workdir, upstream_port, proxy_core, load_core, bodies)
               figures["sqlite_admit_only_added_c1_p50_ms"],
               figures["redis_admit_only_added_c1_p50_ms"], figures["redis_ping_us"]))
     return figures
-
-
-def median(values):
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def ping_across_cores(socket_path, core, count=2000, gap=0.001):
