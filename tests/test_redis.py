@@ -612,6 +612,62 @@ def test_commands_are_sent_as_redis_protocol_arrays():
     theirs.close()
 
 
+def test_nothing_to_read_peeks_and_takes_nothing():
+    ours, theirs = socket.socketpair()
+    assert gateway._nothing_to_read(ours)
+    theirs.sendall(b":1\r\n")
+    eventually(lambda: not gateway._nothing_to_read(ours))
+    assert ours.recv(64) == b":1\r\n"  # still all there for the read
+    theirs.close()
+    assert not gateway._nothing_to_read(ours)  # the end of the stream is something to read
+    ours.close()
+
+
+def test_an_admit_polls_for_its_answer_only_within_its_window(redis_server, tmp_path):
+    """_await_admit polls until the answer is there or the window (ADMIT_POLL after the call
+    was sent) is over; never while admit calls take longer than the window on average, nor
+    while another request polls. A window a second long makes each case plain."""
+    backend = limits(redis_server, tmp_path)
+    backend.client()
+    ours, theirs = socket.socketpair()
+    ours.settimeout(None)  # blocking, as _kernel_timeouts leaves the admit connections
+
+    def waited(sent_in=1.0):
+        started = time.monotonic()
+        backend._await_admit(ours, started + sent_in - backend.ADMIT_POLL)
+        return time.monotonic() - started
+
+    threading.Timer(3, theirs.sendall, [b":1\r\n"]).start()  # a poll without end ends
+    assert 0.9 <= waited() < 2.5  # nothing came: polled the window through, no longer
+    assert ours.recv(64) == b":1\r\n"
+    threading.Timer(0.1, theirs.sendall, [b":0\r\n"]).start()
+    assert waited(sent_in=30) < 10  # came: done polling, and nothing taken
+    assert ours.recv(64) == b":0\r\n"
+    with backend._polling:  # another request polls
+        assert waited() < 0.5
+    backend._admit_seconds = 2 * backend.ADMIT_POLL  # answers come later than the window
+    assert waited() < 0.5
+    ours.close()
+    theirs.close()
+
+
+def test_an_admit_waiting_on_a_frozen_redis_polls_only_briefly(redis_server, tmp_path):
+    """A request that polls spends its CPU: at most the window's worth, then it sleeps in
+    the read until the answer or the timeout."""
+    backend = limits(redis_server, tmp_path)
+    entry = limited("frozen-poll", rpm=100)
+    backend.admit(entry, "warm", time.time())
+    redis_server.freeze()
+    thawed = threading.Timer(1, redis_server.thaw)  # a poll without end ends
+    thawed.start()
+    try:
+        started = time.thread_time()
+        backend.admit(entry, "while-frozen", time.time())  # times out: admitted locally
+        assert time.thread_time() - started < TIMEOUT / 5
+    finally:
+        thawed.join()
+
+
 def test_a_frozen_redis_costs_a_request_at_most_a_quarter_second(redis_server, tmp_path):
     backend = limits(redis_server, tmp_path)
     entry = limited("frozen", rpm=100, concurrency=100)
