@@ -884,6 +884,15 @@ def test_an_admit_sent_again_for_the_same_request_admits_it_once(redis_server, t
     assert server.zcard("gateway:{again}:hits") == 1
     assert server.zcard("gateway:{again}:slots") == 1
     assert refused_with(backend, entry, "another", now, "in progress")
+    roomy = limited("again-roomy", rpm=5, concurrency=5)  # below the limits
+    backend.admit(roomy, "the-request", time.time())
+    first = [server.zrange("gateway:{again-roomy}:" + kind, 0, -1, withscores=True)
+             for kind in ("hits", "slots")]
+    time.sleep(0.01)
+    backend.admit(roomy, "the-request", time.time())  # the first run's hit and slot stay
+    assert [server.zrange("gateway:{again-roomy}:" + kind, 0, -1, withscores=True)
+            for kind in ("hits", "slots")] == first
+    assert [len(members) for members in first] == [1, 1]
 
 
 def test_a_key_of_one_slot_used_back_to_back_is_never_refused(redis_server, config_dir):
