@@ -1921,10 +1921,10 @@ class RedisLimits:
         Facts -> decision: a thread that sleeps in the read is woken when the answer comes,
         and where its core went idle in the meantime the core must be woken first: on this
         project's machine (a virtual machine, where that takes the hypervisor) a limited
-        key's request took 0.03-0.05 ms longer at one connection when the request slept
-        than when it polled (docs/performance.md), as busy polling saves on any host whose
-        idle cores sleep deeply (Linux's SO_BUSY_POLL for network devices; adaptive mutexes
-        spin before they sleep for the same reason). Polling spends the thread's CPU while
+        key added a median 0.203 ms to a request at one connection when the request slept,
+        0.154 ms when it polled (seven runs, docs/performance.md). Polling saves the same on
+        any host whose idle cores sleep deeply (Linux's SO_BUSY_POLL for network devices;
+        adaptive mutexes spin before they sleep, for that reason). Polling spends the CPU while
         it waits, so it is bounded by ADMIT_POLL, and left to one request at a time. Each
         receive lets go of the GIL, so the process's other threads run between them; and
         under load, or with a Redis across a network, the calls take longer than ADMIT_POLL
@@ -1935,7 +1935,7 @@ class RedisLimits:
                 or not self._polling.acquire(blocking=False)):
             return
         try:
-            while _nothing_to_read(sock) and time.monotonic() - sent < self.ADMIT_POLL:
+            while time.monotonic() - sent < self.ADMIT_POLL and _nothing_to_read(sock):
                 pass
         finally:
             self._polling.release()

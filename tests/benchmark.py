@@ -279,6 +279,14 @@ def cpu_seconds(pid):
     return total / ticks
 
 
+def steal_seconds():
+    """The machine's CPU time that its host gave to others while this virtual machine had
+    work ready (/proc/stat's steal, all cores), in seconds: 0 on a machine of its own."""
+    with open("/proc/stat") as file:
+        fields = file.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK") if len(fields) > 8 else 0.0
+
+
 def memory_mb(pid):
     """(RSS, PSS) of the tree in MB. RSS counts pages the forked workers share with the master
     once per process (that is what the target names); PSS splits shared pages fairly."""
@@ -966,6 +974,8 @@ def scenario_limits(plan, workdir, upstream_port, proxy_core, load_core, bodies)
                           backend, label, found["added_c1_p50_ms"][label],
                           ", ".join("%.3f" % added for added in found["added"][label]),
                           median(found["added_cpu"][label])))
+            print("  %-6s the host's other work took %.1f %% of the cores during the c1 turns "
+                  "(steal)" % (backend, found["c1_steal_percent"]))
             limited, unlimited = found["limited"], found["unlimited"]
             figures["%s_added_c1_p50_ms" % backend] = found["added_c1_p50_ms"]["limited"]
             figures["%s_added_cpu_ms_per_req_c16" % backend] = (
@@ -973,6 +983,7 @@ def scenario_limits(plan, workdir, upstream_port, proxy_core, load_core, bodies)
             figures["%s_admit_only_added_c1_p50_ms" % backend] = (
                 found["added_c1_p50_ms"]["admit_only"])
             figures["%s_added_c1_p50_rounds_ms" % backend] = found["added"]
+            figures["%s_c1_steal_percent" % backend] = found["c1_steal_percent"]
             for label in ("limited", "admit_only"):
                 figures["%s_%s_added_cpu_ms_per_req_c1" % (backend, label)] = median(
                     found["added_cpu"][label])
@@ -1020,9 +1031,14 @@ def limits_keys(plan, port, pid, redis_pid, load_core, workdir, bodies):
         wrk(port, bodies["small"], 4, 1, load_core, workdir, key=key)  # warm: pools, scripts
     with open(bodies["small"], "rb") as file:
         body = file.read()
+    stolen, started = steal_seconds(), time.monotonic()
     parts = turn_about_c1(port, body, pid, plan["limits_rounds"],
                           plan["limits_round_seconds"] * len(LIMITS_KEYS))
-    found = {"added": {}, "added_cpu": {}, "added_c1_p50_ms": {}}
+    found = {"added": {}, "added_cpu": {}, "added_c1_p50_ms": {},
+             # a share of the two cores' time: the host's other work, which slows every
+             # round trip between the cores (a bare PING took 50-145 us on this machine)
+             "c1_steal_percent": 100 * (steal_seconds() - stolen)
+                                 / (os.cpu_count() * (time.monotonic() - started))}
     everything = {label: [value for part in parts for value in part[label]["us"]]
                   for label, _ in LIMITS_KEYS}
     for label, key in LIMITS_KEYS:
