@@ -1,5 +1,6 @@
 """Pure functions: no sockets, no app."""
 import json
+import time
 import random
 
 import pytest
@@ -451,3 +452,63 @@ def test_a_refused_model_names_the_models_the_key_may_use():
     assert missing.value.message == "model: claude-sonnet-4-6. This key may use: claude-opus-4-7."
     nothing = gateway.KeyEntry("none", b"\0" * 32, models=frozenset())
     assert gateway.usable_models(MODELS, nothing) == "This key may use no model."
+
+
+# -- FinishQueue: RedisLimits' finish calls, made in batches by a thread ---------------------
+
+def finish_queue(delay):
+    """A FinishQueue whose run records (item, when run) and counts the wake-ups asked of
+    its thread (its condition's notify calls)."""
+    done, notified = [], []
+
+    def run(items):
+        now = time.monotonic()
+        done.extend((item, now) for item in items)
+
+    queue = gateway.FinishQueue(run, delay)
+    notify = queue._wake.notify
+    queue._wake.notify = lambda *args: (notified.append(1), notify(*args))[1]
+    return queue, done, notified
+
+
+def settled(done, count, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while len(done) < count:
+        assert time.monotonic() < deadline, "not run within %g s" % timeout
+        time.sleep(0.01)
+
+
+def test_finish_calls_that_keep_coming_go_within_the_delay_without_waking_the_thread():
+    queue, done, notified = finish_queue(delay=0.05)
+    put_at = {}
+    for number in range(60):  # one every 5 ms for 0.3 s: six delays' worth
+        put_at[number] = time.monotonic()
+        queue.put("k", number)
+        time.sleep(0.005)
+    settled(done, 60)
+    assert sorted(item for item, _ in done) == list(range(60))
+    # each within the delay of its put (generous: a loaded machine delays the thread)
+    assert max(when - put_at[item] for item, when in done) < 0.05 + 1.0
+    assert len(notified) <= 2  # the first put, and perhaps one after a late batch
+    assert len({when for _, when in done}) < 30  # in batches, not one call each
+
+
+def test_after_a_pause_a_put_wakes_the_thread_and_a_waiter_goes_at_once():
+    queue, done, notified = finish_queue(delay=0.05)
+    queue.put("k", "first")
+    settled(done, 1)
+    time.sleep(0.3)  # well past the look again: the thread waits for a put
+    queue.put("k", "after the pause")
+    settled(done, 2)
+    assert notified  # that put woke it
+    slow, slow_done, _ = finish_queue(delay=30)
+    slow.put("k", "waited for")
+    started = time.monotonic()
+    slow.wait_for("k", timeout=10)  # at once, not 30 s later
+    assert [item for item, _ in slow_done] == ["waited for"]
+    assert time.monotonic() - started < 5
+    slow.put("k", "while the thread looks again")  # mid-look: the waiter still goes at once
+    started = time.monotonic()
+    slow.wait_for("k", timeout=10)
+    assert [item for item, _ in slow_done][-1] == "while the thread looks again"
+    assert time.monotonic() - started < 5
