@@ -1728,7 +1728,6 @@ class RedisLimits:
             self._admit_failed(exc, entry, holder, now)
             return
         self._answered(started)
-        self._admit_seconds += (time.monotonic() - started - self._admit_seconds) / 8
         if refused:
             raise limit_refusal(entry, LIMIT_REFUSALS[refused - 1][0], wait_ms / 1000)
         if entry.concurrency:
@@ -1907,16 +1906,24 @@ class RedisLimits:
         it connected anew, and its reply read."""
         self._await_admit(connection._sock, sent)
         try:
-            return _read_replies(connection, count, exceptions)
+            replies = _read_replies(connection, count, exceptions)
         except self.errors as exc:
             self._resend_admit(may_resend, exc, connection, call)
-        return _read_replies(connection, count, exceptions)
+            return _read_replies(connection, count, exceptions)
+        # From the send to the answer read: a moving average over about the last eight
+        # calls. Threads update it without a lock: an update lost now and then only
+        # nudges a heuristic.
+        self._admit_seconds += (time.monotonic() - sent - self._admit_seconds) / 8
+        return replies
 
     def _await_admit(self, sock, sent):
         """Poll ``sock`` for the answer to the admit call ``sent`` (time.monotonic()) until it
         is there or ADMIT_POLL has gone by since, without reading it (the read follows
         either way): only while this process's admit calls are answered within ADMIT_POLL
-        on average, by one request at a time, on a socket of the standard library's class.
+        on average (from the send to the answer read, ``_read_admit``), by one request at a
+        time, on a socket of the standard library's class. A call that is not polled for
+        is timed with the wake-up that polling saves: near the window, polling stays off
+        until the calls are answered well within it.
 
         Facts -> decision: a thread that sleeps in the read is woken when the answer comes,
         and where its core went idle in the meantime the core must be woken first: on this
@@ -1930,12 +1937,15 @@ class RedisLimits:
         under load, or with a Redis across a network, the calls take longer than ADMIT_POLL
         on average and nobody polls. Not on TLS sockets (SSLSocket.recv takes no flags) nor
         gevent's, whose greenlets must wait in the event loop, never spin."""
+        poll = _unpatched_poll()
         if (self._admit_seconds > self.ADMIT_POLL or sock.gettimeout() is not None
-                or type(sock) is not _stdlib_socket_class()
+                or type(sock) is not _stdlib_socket_class() or poll is None
                 or not self._polling.acquire(blocking=False)):
             return
         try:
-            while time.monotonic() - sent < self.ADMIT_POLL and _nothing_to_read(sock):
+            poller = poll()  # poll(2) with no wait: unlike a receive, it leaves a socket
+            poller.register(sock, select.POLLIN)  # error for the read to raise
+            while time.monotonic() - sent < self.ADMIT_POLL and not poller.poll(0):
                 pass
         finally:
             self._polling.release()
@@ -2343,24 +2353,17 @@ def _closed_or_unread(connection, exceptions):
     with Python's timeout CPython would poll for up to the timeout before the receive."""
     sock = connection._sock
     if type(sock) is _stdlib_socket_class() and sock.gettimeout() is None:
-        return not _nothing_to_read(sock)
+        try:
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return True
     try:
         return connection.can_read()
     except (exceptions.ConnectionError, exceptions.TimeoutError, OSError):
         return True
-
-
-def _nothing_to_read(sock):
-    """Whether the blocking ``sock`` (of the standard library's class) has nothing to read
-    now: one receive that peeks without waiting, so that nothing is taken from it. Data, the
-    end of the stream or an error is something (the read that follows meets it)."""
-    try:
-        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    return False
 
 
 def _stdlib_socket_class():
@@ -2387,7 +2390,8 @@ class FinishQueue:
     and the thread was woken three times for it: by the first item, when the delay was
     over, and by the answer. The first of them, a system call on the request's thread as
     its response closed and a thread switch in the way of the next request, is now made
-    only when the items had stopped coming (docs/performance.md)."""
+    only when the items had stopped coming (docs/performance.md). The price is one timed
+    wake-up more when they stop: the look that finds nothing."""
 
     def __init__(self, run, delay):
         self._run = run
@@ -2414,8 +2418,8 @@ class FinishQueue:
                                                 daemon=True)
                 self._thread.start()
                 atexit.register(self.drain)
-            if first and not self._ticking:  # no call if the thread is not waiting
-                self._wake.notify()
+            if first and not self._ticking:  # not while the thread looks again on its own
+                self._wake.notify()  # (_ticking); no call either if it is busy
 
     def pending(self, name):
         """Whether items queued under ``name`` are not done yet."""

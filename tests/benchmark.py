@@ -265,11 +265,12 @@ def process_tree(pid):
     return tree
 
 
-def cpu_seconds(pid):
-    """User plus system CPU time of the tree, in seconds."""
+def cpu_seconds(pid, members=None):
+    """User plus system CPU time of the tree, in seconds (of ``members``, its pids, when
+    given: finding the tree reads every process's /proc entry)."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
-    for member in process_tree(pid):
+    for member in members or process_tree(pid):
         try:
             with open("/proc/%d/stat" % member) as file:
                 fields = file.read().rsplit(")", 1)[1].split()
@@ -1033,7 +1034,8 @@ def limits_keys(plan, port, pid, redis_pid, load_core, workdir, bodies):
         body = file.read()
     stolen, started = steal_seconds(), time.monotonic()
     parts = turn_about_c1(port, body, pid, plan["limits_rounds"],
-                          plan["limits_round_seconds"] * len(LIMITS_KEYS))
+                          plan["limits_rounds"] * plan["limits_round_seconds"]
+                          * len(LIMITS_KEYS))
     found = {"added": {}, "added_cpu": {}, "added_c1_p50_ms": {},
              # a share of the two cores' time: the host's other work, which slows every
              # round trip between the cores (a bare PING took 50-145 us on this machine)
@@ -1087,8 +1089,9 @@ def turn_about_c1(port, body, pid, parts, seconds):
     code. Turns of 50 ms put every key's requests in the same seconds. The client is this
     process, on the load core: its own time in each request is the same for every key."""
     requests = {label: post_request(port, key, body) for label, key in LIMITS_KEYS}
+    members = process_tree(pid)  # the gateway's master and worker: the same all along
     parts_found = []
-    with socket.create_connection(("127.0.0.1", port)) as connection:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         reader = connection.makefile("rb")
         for part in range(parts):
@@ -1099,14 +1102,14 @@ def turn_about_c1(port, body, pid, parts, seconds):
             while time.monotonic() < ends:
                 order = LIMITS_KEYS if turn % 2 == 0 else LIMITS_KEYS[::-1]
                 for label, _ in order:
-                    before = cpu_seconds(pid)
+                    before = cpu_seconds(pid, members)
                     for _ in range(TURN_REQUESTS):
                         started = time.perf_counter()
                         connection.sendall(requests[label])
                         status = read_response(reader)
                         found[label]["us"].append((time.perf_counter() - started) * 1e6)
                         found[label]["errors"] += status != 200
-                    found[label]["cpu_seconds"] += cpu_seconds(pid) - before
+                    found[label]["cpu_seconds"] += cpu_seconds(pid, members) - before
                 turn += 1
             for figures in found.values():
                 figures["cpu_ms_per_req"] = (figures.pop("cpu_seconds") * 1000
@@ -1123,9 +1126,13 @@ def post_request(port, key, body):
 
 
 def read_response(reader):
-    """Read one response with a Content-Length from ``reader``; its status code."""
-    status = int(reader.readline().split()[1])
-    length = 0
+    """Read one response with a Content-Length from ``reader``; its status code. Anything
+    else (the connection closed, a response without a length) ends the run: the next
+    response could not be told from this one's rest."""
+    status_line = reader.readline()
+    if not status_line:
+        raise RuntimeError("the gateway closed the benchmark's connection")
+    length = None
     while True:
         line = reader.readline()
         if line in (b"\r\n", b""):
@@ -1133,8 +1140,10 @@ def read_response(reader):
         name, _, value = line.partition(b":")
         if name.strip().lower() == b"content-length":
             length = int(value)
+    if length is None:
+        raise RuntimeError("a response without Content-Length: %r" % status_line)
     reader.read(length)
-    return status
+    return int(status_line.split()[1])
 
 
 STREAM_COUNTS = (1000, 5000, 10000)

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import types
 
 import pytest
 import requests
@@ -612,43 +613,61 @@ def test_commands_are_sent_as_redis_protocol_arrays():
     theirs.close()
 
 
-def test_nothing_to_read_peeks_and_takes_nothing():
-    ours, theirs = socket.socketpair()
-    assert gateway._nothing_to_read(ours)
-    theirs.sendall(b":1\r\n")
-    eventually(lambda: not gateway._nothing_to_read(ours))
-    assert ours.recv(64) == b":1\r\n"  # still all there for the read
-    theirs.close()
-    assert not gateway._nothing_to_read(ours)  # the end of the stream is something to read
-    ours.close()
-
-
 def test_an_admit_polls_for_its_answer_only_within_its_window(redis_server, tmp_path):
     """_await_admit polls until the answer is there or the window (ADMIT_POLL after the call
     was sent) is over; never while admit calls take longer than the window on average, nor
-    while another request polls. A window a second long makes each case plain."""
+    while another request polls. A window of a fifth of a second makes each case plain."""
     backend = limits(redis_server, tmp_path)
     backend.client()
     ours, theirs = socket.socketpair()
     ours.settimeout(None)  # blocking, as _kernel_timeouts leaves the admit connections
 
-    def waited(sent_in=1.0):
+    def waited(window=0.2):
         started = time.monotonic()
-        backend._await_admit(ours, started + sent_in - backend.ADMIT_POLL)
+        backend._await_admit(ours, started + window - backend.ADMIT_POLL)
         return time.monotonic() - started
 
-    threading.Timer(3, theirs.sendall, [b":1\r\n"]).start()  # a poll without end ends
-    assert 0.9 <= waited() < 2.5  # nothing came: polled the window through, no longer
+    late = threading.Timer(1, theirs.sendall, [b":1\r\n"])  # a poll without end ends
+    late.start()
+    try:
+        assert 0.18 <= waited() < 0.9  # nothing came: polled the window through, no longer
+    finally:
+        late.join()
     assert ours.recv(64) == b":1\r\n"
-    threading.Timer(0.1, theirs.sendall, [b":0\r\n"]).start()
-    assert waited(sent_in=30) < 10  # came: done polling, and nothing taken
+    soon = threading.Timer(0.1, theirs.sendall, [b":0\r\n"])
+    soon.start()
+    try:
+        assert 0.05 <= waited(window=30) < 10  # polled until it came, and took nothing
+    finally:
+        soon.join()
     assert ours.recv(64) == b":0\r\n"
     with backend._polling:  # another request polls
-        assert waited() < 0.5
+        assert waited() < 0.1
     backend._admit_seconds = 2 * backend.ADMIT_POLL  # answers come later than the window
-    assert waited() < 0.5
+    assert waited() < 0.1
     ours.close()
     theirs.close()
+
+
+def test_polling_leaves_a_socket_error_for_the_read():
+    """A reset that comes while the request polls is raised by the read as a reset (poll(2)
+    leaves the socket's error; a receive, even one that peeks, would take it, and the read
+    would find only the end of the stream)."""
+    exceptions = pytest.importorskip("redis").exceptions
+    backend = types.SimpleNamespace(_admit_seconds=0.0, _polling=threading.Lock(),
+                                    ADMIT_POLL=RedisLimits.ADMIT_POLL)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        ours = socket.create_connection(listener.getsockname())
+        theirs, _ = listener.accept()
+    theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    theirs.close()  # a reset
+    time.sleep(0.05)
+    ours.settimeout(None)
+    RedisLimits._await_admit(backend, ours, time.monotonic())
+    with pytest.raises(exceptions.ConnectionError) as reset:
+        gateway._read_replies(script_connection(ours), 1, exceptions)
+    assert isinstance(reset.value.__cause__, ConnectionResetError)
+    ours.close()
 
 
 def test_an_admit_waiting_on_a_frozen_redis_polls_only_briefly(redis_server, tmp_path):
@@ -657,6 +676,7 @@ def test_an_admit_waiting_on_a_frozen_redis_polls_only_briefly(redis_server, tmp
     backend = limits(redis_server, tmp_path)
     entry = limited("frozen-poll", rpm=100)
     backend.admit(entry, "warm", time.time())
+    backend._admit_seconds = 0.0  # polls, however long the warm call took
     redis_server.freeze()
     thawed = threading.Timer(1, redis_server.thaw)  # a poll without end ends
     thawed.start()
