@@ -1667,6 +1667,19 @@ class RedisLimits:
             if not self._renewing:
                 self._renewing = True
                 self._deadlines.add(self.lease_ms / 3000, self._renew_periodically)
+                atexit.register(self._renew_at_exit, os.getpid())
+
+    def _renew_at_exit(self, pid):
+        """What this process noted since its last renewal, written as it exits (a worker
+        stopped or restarted by a HUP), not lost with it: the last uses of up to a third
+        of a lease, and slots whose release may be lost. A slot still live is released
+        with them: no request of this process will end it now."""
+        if pid != os.getpid():  # a handler inherited across a fork
+            return
+        with self._lease_lock:
+            self._loose.update(self._live)
+            self._live.clear()
+        self.renew()
 
     def close(self):
         """Drop this process's connections (a command's, before gunicorn forks workers)."""

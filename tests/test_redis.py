@@ -1306,6 +1306,20 @@ def test_metrics_count_backend_errors_and_requests_admitted_while_away(redis_ser
     assert 'gateway_limits_admitted_away_total{mode="local"} 3.0' in text
 
 
+def test_last_use_noted_since_the_last_renewal_is_written_as_a_worker_exits(
+        redis_server, config_dir, tmp_path):
+    """Last use goes to Redis with the renewal, every lease/3 (here 200 s): what a worker
+    noted since is written as it exits, so 'gateway keys list' does not lose it to a stop,
+    a restart or a HUP."""
+    write_keys(config_dir)
+    with host(config_dir, tmp_path, "stopping", redis_server, workers=1, lease=600) as (
+            _, url):
+        assert post(url, CLIENT_KEY).status_code == 200
+        time.sleep(0.5)
+        assert redis_server.client().get("gateway:{alice}:last") is None  # not yet
+    assert redis_server.client().get("gateway:{alice}:last") is not None  # stopped: written
+
+
 def test_unlimited_keys_never_wait_on_redis(redis_server, config_dir, caplog):
     """An unlimited key's requests send Redis nothing (their last use goes with the periodic
     renewal), so they are served at once even while Redis is frozen; a limited key's request
