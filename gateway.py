@@ -1946,14 +1946,16 @@ class RedisLimits:
         any host whose idle cores sleep deeply (Linux's SO_BUSY_POLL for network devices;
         adaptive mutexes spin before they sleep, for that reason). Polling spends the CPU while
         it waits, so it is bounded by ADMIT_POLL, and left to one request at a time. Each
-        receive lets go of the GIL, so the process's other threads run between them; and
+        poll lets go of the GIL, so the process's other threads run between them; and
         under load, or with a Redis across a network, the calls take longer than ADMIT_POLL
-        on average and nobody polls. Not on TLS sockets (SSLSocket.recv takes no flags) nor
-        gevent's, whose greenlets must wait in the event loop, never spin."""
-        poll = _unpatched_poll()
+        on average and nobody polls. Not on TLS sockets (the answer may already be
+        decrypted into the SSL object, where no poll of the socket sees it) nor gevent's,
+        whose greenlets must wait in the event loop, never spin."""
         if (self._admit_seconds > self.ADMIT_POLL or sock.gettimeout() is not None
-                or type(sock) is not _stdlib_socket_class() or poll is None
-                or not self._polling.acquire(blocking=False)):
+                or type(sock) is not _stdlib_socket_class()):
+            return
+        poll = _unpatched_poll()
+        if poll is None or not self._polling.acquire(blocking=False):
             return
         try:
             poller = poll()  # poll(2) with no wait: unlike a receive, it leaves a socket

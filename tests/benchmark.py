@@ -585,10 +585,8 @@ async def one_stream(port, events, gap_ms, start_at=None):
     """POST a streaming request; return (seconds to first event, to last event, body bytes)
     with the body de-chunked, so direct's and the proxies' bytes compare equal."""
     body = small_body(stream=True)
-    request = (b"POST /v1/messages?events=%d&gap_ms=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               b"Content-Type: application/json\r\nx-api-key: %s\r\n"
-               b"anthropic-version: 2023-06-01\r\nContent-Length: %d\r\n\r\n%s"
-               % (events, gap_ms, CLIENT_KEY.encode(), len(body), body))
+    request = post_request(CLIENT_KEY, body,
+                           "/v1/messages?events=%d&gap_ms=%d" % (events, gap_ms))
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         started = time.monotonic()
@@ -1037,18 +1035,19 @@ def limits_keys(plan, port, pid, redis_pid, load_core, workdir, bodies):
                           plan["limits_rounds"] * plan["limits_round_seconds"]
                           * len(LIMITS_KEYS))
     found = {"added": {}, "added_cpu": {}, "added_c1_p50_ms": {},
-             # a share of the two cores' time: the host's other work, which slows every
-             # round trip between the cores (a bare PING took 50-145 us on this machine)
+             # a share of the two cores' time the host gave to others: 0-2 % in stop 22's
+             # runs, while a bare PING between the cores took 67-144 us (docs/performance.md)
              "c1_steal_percent": 100 * (steal_seconds() - stolen)
                                  / (os.cpu_count() * (time.monotonic() - started))}
     everything = {label: [value for part in parts for value in part[label]["us"]]
                   for label, _ in LIMITS_KEYS}
+    p50_us = {label: percentile(values, 0.50) for label, values in everything.items()}
     for label, key in LIMITS_KEYS:
         before, redis_before = cpu_seconds(pid), cpu_seconds(redis_pid)
         c16 = wrk(port, bodies["small"], 16, plan["seconds"], load_core, workdir, key=key)
         requests = max(1, c16["requests"])
         found[label] = {
-            "c1_p50_ms": percentile(everything[label], 0.50) / 1000,
+            "c1_p50_ms": p50_us[label] / 1000,
             "c1_p99_ms": percentile(everything[label], 0.99) / 1000,
             "c1_requests": len(everything[label]),
             "cpu_ms_per_req_c1": median([part[label]["cpu_ms_per_req"] for part in parts]),
@@ -1058,9 +1057,7 @@ def limits_keys(plan, port, pid, redis_pid, load_core, workdir, bodies):
             "errors": sum(part[label]["errors"] for part in parts)
                       + c16["errors"] + c16["non2xx"]}
         if label != "unlimited":
-            found["added_c1_p50_ms"][label] = (
-                percentile(everything[label], 0.50) - percentile(everything["unlimited"], 0.50)
-            ) / 1000
+            found["added_c1_p50_ms"][label] = (p50_us[label] - p50_us["unlimited"]) / 1000
             found["added"][label] = [
                 (percentile(part[label]["us"], 0.50) - percentile(part["unlimited"]["us"], 0.50))
                 / 1000 for part in parts]
@@ -1088,7 +1085,7 @@ def turn_about_c1(port, body, pid, parts, seconds):
     next), and the median of nine such differences by 0.15 ms from run to run of the same
     code. Turns of 50 ms put every key's requests in the same seconds. The client is this
     process, on the load core: its own time in each request is the same for every key."""
-    requests = {label: post_request(port, key, body) for label, key in LIMITS_KEYS}
+    requests = {label: post_request(key, body) for label, key in LIMITS_KEYS}
     members = process_tree(pid)  # the gateway's master and worker: the same all along
     parts_found = []
     with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
@@ -1118,11 +1115,12 @@ def turn_about_c1(port, body, pid, parts, seconds):
     return parts_found
 
 
-def post_request(port, key, body):
-    return (b"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n"
+def post_request(key, body, path="/v1/messages"):
+    """A POST of ``body`` to ``path`` with ``key``, as the benchmark's own clients send it."""
+    return (b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             b"Content-Type: application/json\r\nx-api-key: %s\r\n"
             b"anthropic-version: 2023-06-01\r\nContent-Length: %d\r\n\r\n%s"
-            % (port, key.encode(), len(body), body))
+            % (path.encode(), key.encode(), len(body), body))
 
 
 def read_response(reader):
@@ -1155,10 +1153,8 @@ async def paced_stream(port, events, gap_ms):
     """One slow stream: (seconds to its first event, the worst delay of an event beyond the
     pacing, whether it ended with message_stop). Any failure counts as lost."""
     body = small_body(stream=True)
-    request = (b"POST /v1/messages?events=%d&gap_ms=%d HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-               b"Content-Type: application/json\r\nx-api-key: %s\r\n"
-               b"anthropic-version: 2023-06-01\r\nContent-Length: %d\r\n\r\n%s"
-               % (events, gap_ms, CLIENT_KEY.encode(), len(body), body))
+    request = post_request(CLIENT_KEY, body,
+                           "/v1/messages?events=%d&gap_ms=%d" % (events, gap_ms))
     started = time.monotonic()
     try:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)

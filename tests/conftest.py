@@ -48,6 +48,14 @@ def missing(message):
 BACKGROUND_TIMEOUT = 40  # seconds
 
 
+def eventually(condition, timeout=10.0):
+    """Poll ``condition`` until it is true (bounded); for background work, never a sleep."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not within %g s" % timeout
+        time.sleep(0.02)
+
+
 def in_background(function, *args, **kwargs):
     """Run ``function`` in a thread; the returned callable joins it (bounded) and returns its
     result or raises its exception: a background thread's failure is the test's failure,

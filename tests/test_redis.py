@@ -28,8 +28,9 @@ import webtest
 
 import gateway
 from gateway import APIError, HostState, KeyEntry, RedisLimits
-from conftest import (ANY_PORT, CLIENT_KEY, LIMITED_KEY, ROOT, auth, gateway_process,
-                      in_background, key_line, listening_url, missing, server_process)
+from conftest import (ANY_PORT, CLIENT_KEY, LIMITED_KEY, ROOT, auth, eventually,
+                      gateway_process, in_background, key_line, listening_url, missing,
+                      server_process)
 from upstream import UPSTREAM_KEY, default_handler, stream_events, text_stream
 
 LEASE = 3.0  # seconds: short, so that lapsed leases are seen within a test
@@ -195,14 +196,6 @@ def refused(backend, entry, holder, now=None):
     with pytest.raises(APIError) as error:
         backend.admit(entry, holder, time.time() if now is None else now)
     return error.value
-
-
-def eventually(condition, timeout=10.0):
-    """Poll ``condition`` until it is true (bounded); for background work, never a sleep."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "not within %g s" % timeout
-        time.sleep(0.02)
 
 
 # -- the scripts against one real Redis ---------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 
 import gateway
 from gateway import APIError, KeyEntry, KeyStore
-from conftest import key_line
+from conftest import eventually, key_line
 
 MODELS = {"claude-opus-4-8": "up-4-8", "claude-opus-4-7": "up-4-7"}
 ANY = KeyEntry("any", b"\0" * 32)
@@ -471,13 +471,6 @@ def finish_queue(delay):
     return queue, done, notified
 
 
-def settled(done, count, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while len(done) < count:
-        assert time.monotonic() < deadline, "not run within %g s" % timeout
-        time.sleep(0.01)
-
-
 def test_finish_calls_that_keep_coming_go_within_the_delay_without_waking_the_thread():
     queue, done, notified = finish_queue(delay=0.05)
     put_at = {}
@@ -485,7 +478,7 @@ def test_finish_calls_that_keep_coming_go_within_the_delay_without_waking_the_th
         put_at[number] = time.monotonic()
         queue.put("k", number)
         time.sleep(0.005)
-    settled(done, 60)
+    eventually(lambda: len(done) >= 60)
     assert sorted(item for item, _ in done) == list(range(60))
     lags = sorted(when - put_at[item] for item, when in done)
     assert lags[30] < 0.05 + 0.02 and lags[-1] < 0.05 + 1.0  # generous: a loaded machine
@@ -500,11 +493,11 @@ def test_finish_calls_that_keep_coming_go_within_the_delay_without_waking_the_th
 def test_after_a_pause_a_put_wakes_the_thread_and_a_waiter_goes_at_once():
     queue, done, notified = finish_queue(delay=0.05)
     queue.put("k", "first")
-    settled(done, 1)
+    eventually(lambda: len(done) >= 1)
     time.sleep(0.3)  # well past the look again: the thread waits for a put
     before = len(notified)
     queue.put("k", "after the pause")
-    settled(done, 2)
+    eventually(lambda: len(done) >= 2)
     assert len(notified) == before + 1  # that put woke it
     slow, slow_done, _ = finish_queue(delay=30)
     slow.put("k", "waited for")
@@ -512,10 +505,7 @@ def test_after_a_pause_a_put_wakes_the_thread_and_a_waiter_goes_at_once():
     slow.wait_for("k", timeout=10)  # at once, not 30 s later
     assert [item for item, _ in slow_done] == ["waited for"]
     assert time.monotonic() - started < 5
-    deadline = time.monotonic() + 10
-    while not slow._ticking:  # the thread looks again on its own, 30 s later
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    eventually(lambda: slow._ticking)  # the thread looks again on its own, 30 s later
     slow.put("k", "while the thread looks again")  # the waiter still goes at once
     started = time.monotonic()
     slow.wait_for("k", timeout=10)
