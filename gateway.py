@@ -1585,6 +1585,7 @@ class RedisLimits:
         self.url = config.limits_backend
         self.where = redacted_url(config.limits_backend)
         self.lease_ms = int(config.limits_lease * 1000)
+        self._lease_bulk = _resp_bulk(b"%d" % self.lease_ms)  # the admit call's last item
         self.down_policy = config.limits_backend_down
         self.local = local
         self.metrics = metrics
@@ -1720,7 +1721,7 @@ class RedisLimits:
         # after the admit, even if it is done by the time the answer comes.
         freeing = self._finishing.pending(entry.name)
         try:
-            replies = self._start_admit(self._admit_call(entry, holder))
+            replies = self._start_admit(entry, holder)
         except self.errors as exc:
             self._admit_failed(exc, entry, holder, now)
             return _already_answered
@@ -1736,7 +1737,7 @@ class RedisLimits:
                 # A slot this process may be freeing: a refusal writes nothing, so ask
                 # again once the finish calls of the key are made.
                 self._finishing.wait_for(entry.name, 2 * self.TIMEOUT)
-                (refused, wait_ms), = self._start_admit(self._admit_call(entry, holder))()
+                (refused, wait_ms), = self._start_admit(entry, holder)()
         except self.errors as exc:
             self._admit_failed(exc, entry, holder, now)
             return
@@ -1746,6 +1747,13 @@ class RedisLimits:
         if entry.concurrency:
             self._live[holder] = entry.name
             self._start_renewing()
+
+    def _admit_command(self, entry, holder):
+        """The admit call for one request, packed (``_admit_call``): the part that is the
+        same for every request of the key (all but the holder) packed once, _admit_head."""
+        return (_admit_head(self._scripts.admit.sha, self.KEY_FORMAT, entry.name,
+                            entry.tokens_per_day or 0, entry.concurrency or 0, entry.rpm or 0)
+                + _resp_bulk(holder.encode()) + self._lease_bulk)
 
     def _admit_call(self, entry, holder):
         """The admit script's (keys, args) for one request."""
@@ -1868,19 +1876,29 @@ class RedisLimits:
             raise
         return self._replies(connections.give_back, connection, script, calls)
 
-    def _start_admit(self, call):
-        """Send one admit call ``(keys, args)`` on one of this process's admit connections
-        (ScriptConnections), and return the function that reads its answer (NOSCRIPT handled
-        as ``_run`` does) and gives the connection back; it must be called exactly once.
-        Between the two, the caller's own work may be interrupted: the read still comes
-        (Gateway's _dispatch), and the connection goes back with nothing left on it.
+    def _start_admit(self, entry, holder):
+        """Send the admit call of the request ``holder`` of ``entry`` on one of this
+        process's admit connections (ScriptConnections), and return the function that reads
+        its answer (NOSCRIPT handled as ``_run`` does) and gives the connection back; it
+        must be called exactly once. Between the two, the caller's own work may be
+        interrupted: the read still comes (Gateway's _dispatch), and the connection goes back
+        with nothing left on it.
 
-        Facts -> decision: a pooled connection that Redis closed while it sat idle (Redis's
-        ``timeout`` setting, a proxy's idle timeout, a restart) fails the next call on it
-        at once: a broken pipe or a reset when it is sent, or the end of the stream where
-        the reply should be. redis-py's pool looks for that before it hands a connection
-        out, at the price of three system calls on every call (docs/performance.md); the
-        admit connections are not looked at, and instead a call that fails that way on a
+        Facts -> decision: what runs before the call is sent delays its answer by as much,
+        and after the idle millisecond between one client's requests it runs several times
+        slower than in a loop: its caches are cold. On this project's machine, taking the
+        connection cost 10.7 us and packing the call 13.4 us there (p50, admit calls 1 ms
+        apart, docs/performance.md). So the call is packed from a head packed once per key
+        (``_admit_command``), the connection is taken with no lock in the usual case
+        (ScriptConnections.take), and the script's (keys, args) for a NOSCRIPT answer are
+        made once the call is on its way.
+
+        A pooled connection that Redis closed while it sat idle (Redis's ``timeout``
+        setting, a proxy's idle timeout, a restart) fails the next call on it at once: a
+        broken pipe or a reset when it is sent, or the end of the stream where the reply
+        should be. redis-py's pool looks for that before it hands a connection out, at the
+        price of three system calls on every call (docs/performance.md); the admit
+        connections are not looked at, and instead a call that fails that way on a
         connection that served an earlier call is sent again, once, on it connected anew.
         Nothing else is sent again: not a timeout, not an error on a connection made for
         this call, so a frozen or dead Redis still costs one call, as the admit call is
@@ -1889,39 +1907,38 @@ class RedisLimits:
         and admits it again, writing nothing (REDIS_ADMIT)."""
         connections = self._admit_connections
         connection, may_resend = connections.take()  # a reused connection may be closed
+        packed = self._admit_command(entry, holder)
         try:
             try:
-                _send_commands(connection, "EVALSHA", self._scripts.admit.sha, [call],
-                               self._redis_module.exceptions)
+                _send_packed(connection, packed, self._redis_module.exceptions)
             except self.errors as exc:
-                self._resend_admit(may_resend, exc, connection, call)
+                self._resend_admit(may_resend, exc, connection, packed)
                 may_resend = False
         except BaseException:
             connections.drop(connection)
             raise
+        sent = time.monotonic()
         return functools.partial(self._replies, connections.give_back, connection,
-                                 self._scripts.admit, [call],
-                                 functools.partial(self._read_admit, may_resend, call,
-                                                   time.monotonic()))
+                                 self._scripts.admit, [self._admit_call(entry, holder)],
+                                 functools.partial(self._read_admit, may_resend, packed, sent))
 
-    def _resend_admit(self, may_resend, exc, connection, call):
-        """After ``exc``, send the admit ``call`` again on ``connection`` connected anew if
-        it ``may_resend`` and ``exc`` says Redis had closed it; else raise ``exc``."""
+    def _resend_admit(self, may_resend, exc, connection, packed):
+        """After ``exc``, send the admit call ``packed`` again on ``connection`` connected
+        anew if it ``may_resend`` and ``exc`` says Redis had closed it; else raise ``exc``."""
         if not (may_resend and _closed_by_redis(exc)):
             raise exc
         self._admit_connections.reconnect(connection)
-        _send_commands(connection, "EVALSHA", self._scripts.admit.sha, [call],
-                       self._redis_module.exceptions)
+        _send_packed(connection, packed, self._redis_module.exceptions)
 
-    def _read_admit(self, may_resend, call, sent, connection, count, exceptions):
+    def _read_admit(self, may_resend, packed, sent, connection, count, exceptions):
         """``_read_replies`` for ``_start_admit`` (the call ``sent`` at that time.monotonic()):
-        on a connection found closed that ``may_resend``, the admit ``call`` is sent again on
-        it connected anew, and its reply read."""
+        on a connection found closed that ``may_resend``, the admit call ``packed`` is sent
+        again on it connected anew, and its reply read."""
         self._await_admit(connection._sock, sent)
         try:
             replies = _read_replies(connection, count, exceptions)
         except self.errors as exc:
-            self._resend_admit(may_resend, exc, connection, call)
+            self._resend_admit(may_resend, exc, connection, packed)
             return _read_replies(connection, count, exceptions)
         # From the send to the answer read: a moving average over about the last eight
         # calls. Threads update it without a lock: an update lost now and then only
@@ -2096,8 +2113,13 @@ def _send_commands(connection, command, script, calls, exceptions):
     protocol-spec/). Socket errors become redis-py's, as its own send makes them: a timeout
     (Python's, or the kernel's EAGAIN on a socket with SO_SNDTIMEO) a TimeoutError, any
     other a ConnectionError caused by the socket's error."""
-    packed = b"".join(_resp_command((command, script, len(keys), *keys, *args))
-                      for keys, args in calls)
+    _send_packed(connection, b"".join(_resp_command((command, script, len(keys), *keys, *args))
+                                      for keys, args in calls), exceptions)
+
+
+def _send_packed(connection, packed, exceptions):
+    """Send the commands ``packed`` on the socket of ``connection``, in one write; socket
+    errors become redis-py's (``_send_commands``)."""
     try:
         connection._sock.sendall(packed)
     except (socket.timeout, BlockingIOError) as exc:
@@ -2109,11 +2131,28 @@ def _send_commands(connection, command, script, calls, exceptions):
 def _resp_command(items):
     """One command as the Redis protocol's array of bulk strings (strings as UTF-8,
     integers in decimal, as redis-py encodes them)."""
-    parts = [b"*%d\r\n" % len(items)]
-    for item in items:
-        data = item.encode() if isinstance(item, str) else b"%d" % item
-        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+    return b"*%d\r\n" % len(items) + _resp_bulks(items)
+
+
+def _resp_bulks(items):
+    return b"".join(_resp_bulk(item.encode() if isinstance(item, str) else b"%d" % item)
+                    for item in items)
+
+
+def _resp_bulk(data):
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+@functools.lru_cache(maxsize=4096)
+def _admit_head(sha, key_format, name, tokens_per_day, concurrency, rpm):
+    """A key's admit call (RedisLimits._admit_call) packed up to its last two items, the
+    holder and the lease (_resp_command). Cached: it is the same for every request of the
+    key, and made again only when the key's limits change (a bounded cache of a pure
+    function, which every RedisLimits of the process may share)."""
+    items = ("EVALSHA", sha, 3, *(key_format % (name, kind)
+                                  for kind in ("tokens", "slots", "hits")),
+             tokens_per_day, concurrency, rpm)
+    return b"*%d\r\n" % (len(items) + 2) + _resp_bulks(items)
 
 
 def _read_replies(connection, count, exceptions):
@@ -2283,24 +2322,23 @@ class ScriptConnections:
 
     def __init__(self, pool, size, timeout, exceptions):
         self._pool = pool  # redis-py's: makes the connections, and closes them all
-        self._free = threading.BoundedSemaphore(size)  # connections that may be taken
+        self._size = size
+        self._made = 0  # connections made, idle or taken: at most size
         self._idle = []  # connections given back: the last one is taken first
+        self._given_back = threading.Condition(threading.Lock())  # for callers that wait
+        self._waiting = 0  # callers waiting for a connection to be given back
         self._timeout = timeout
         self._exceptions = exceptions
 
     def take(self):
         """(a connected connection, whether it served an earlier call: then Redis may have
-        closed it while it was idle)."""
-        if not self._free.acquire(timeout=self._timeout):
-            raise self._exceptions.ConnectionError("No connection available.")
+        closed it while it was idle). An idle one is taken without a lock (list.pop is
+        atomic; threading's semaphore is Python code, about 10 us before a call on this
+        project's machine, ``RedisLimits._start_admit``)."""
         try:
             connection = self._idle.pop()
-        except IndexError:  # none idle: a new one (the semaphore bounds how many are made)
-            try:
-                connection = self._pool.make_connection()
-            except BaseException:
-                self._free.release()
-                raise
+        except IndexError:  # none idle: a new one, or wait for one to be given back
+            connection = self._new_or_given_back()
         if connection._sock is not None:  # connected: redis-py before 8 has no is_connected
             return connection, True
         try:
@@ -2331,9 +2369,41 @@ class ScriptConnections:
         connection.connect()
         _kernel_timeouts(connection._sock, self._timeout)
 
+    def _new_or_given_back(self):
+        with self._given_back:
+            if self._made >= self._size:
+                return self._given_back_within_timeout()
+            self._made += 1
+        try:
+            return self._pool.make_connection()
+        except BaseException:
+            with self._given_back:
+                self._made -= 1
+            raise
+
+    def _given_back_within_timeout(self):
+        """The next connection given back, waited for up to the timeout (the lock held); a
+        lock-free ``take`` may get one first, so the waiter looks again."""
+        deadline = time.monotonic() + self._timeout
+        self._waiting += 1
+        try:
+            while True:
+                try:
+                    return self._idle.pop()
+                except IndexError:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise self._exceptions.ConnectionError(
+                            "No connection available.") from None
+                    self._given_back.wait(left)
+        finally:
+            self._waiting -= 1
+
     def give_back(self, connection):
         self._idle.append(connection)
-        self._free.release()
+        if self._waiting:  # read after the append: a caller that starts waiting later
+            with self._given_back:  # finds the connection in _idle before it waits
+                self._given_back.notify()
 
     def drop(self, connection):
         """Give back ``connection`` closed: a call on it failed, and a reply may still come."""

@@ -708,6 +708,39 @@ def test_the_admit_connections_block_with_the_kernels_timeout(redis_server, tmp_
     assert_kernel_timeouts(connection._sock)
 
 
+def test_script_connections_are_bounded_and_a_caller_waits_for_one_given_back(redis_server,
+                                                                            tmp_path):
+    """At most POOL_SIZE admit connections per process: a caller that finds them all taken
+    waits for one to be given back, up to the timeout, then fails as redis-py's
+    BlockingConnectionPool does (a Redis error: the breaker and limits_backend_down)."""
+    backend = limits(redis_server, tmp_path)
+    backend.client()
+    connections, size = backend._admit_connections, RedisLimits.POOL_SIZE
+    taken = [connections.take()[0] for _ in range(size)]
+    assert len(set(map(id, taken))) == size
+    started = time.monotonic()
+    with pytest.raises(backend._redis_module.ConnectionError, match="No connection"):
+        connections.take()
+    assert TIMEOUT - 0.01 <= time.monotonic() - started < TIMEOUT + 2
+    waiter = in_background(connections.take)
+    eventually(lambda: connections._waiting == 1)
+    connections.give_back(taken[0])
+    assert waiter() == (taken[0], True)
+    for connection in taken[1:]:
+        connections.give_back(connection)
+    assert len(redis_server.client().client_list()) == size + 1  # and the test's own
+
+
+def test_a_key_whose_limits_change_is_admitted_by_its_new_limits(redis_server, tmp_path):
+    """The admit call is packed from a head made once per key and its limits: a key file
+    reloaded with another rpm is counted by the new one at once."""
+    backend = limits(redis_server, tmp_path)
+    backend.admit(limited("changed", rpm=1), "first", time.time())
+    assert "per minute" in refused(backend, limited("changed", rpm=1), "second").message
+    backend.admit(limited("changed", rpm=2), "second", time.time())
+    assert "per minute" in refused(backend, limited("changed", rpm=2), "third").message
+
+
 def test_the_finish_connections_block_with_the_kernels_timeout(redis_server, tmp_path):
     """The finish calls have connections of their own too, made the same way (one system
     call to check one, one to send, one to read), not redis-py's pool's."""
