@@ -1067,9 +1067,10 @@ def limits_keys(plan, port, pid, redis_pid, load_core, workdir, bodies):
     return found
 
 
-#: Requests of one key in a row in turn_about_c1: about 50 ms, long enough that the finish
-#: calls a key's requests queue (made within RedisLimits.FINISH_DELAY, 5 ms) mostly fall on
-#: its own turn, short enough that the machine's speed cannot move between the keys' turns.
+#: Requests of one key in a row in turn_about_c1: about 50 ms, short enough that the
+#: machine's speed cannot move between the keys' turns. The finish calls a key's requests
+#: queue go in batches RedisLimits.FINISH_DELAY (25 ms) apart: one a turn may fall on the
+#: next turn's first request or two, which its p50 does not see.
 TURN_REQUESTS = 50
 
 
