@@ -1588,7 +1588,6 @@ class RedisLimits:
         self.url = config.limits_backend
         self.where = redacted_url(config.limits_backend)
         self.lease_ms = int(config.limits_lease * 1000)
-        self._lease_bulk = _resp_bulk(b"%d" % self.lease_ms)  # the admit call's last item
         self.down_policy = config.limits_backend_down
         self.local = local
         self.metrics = metrics
@@ -1653,6 +1652,9 @@ class RedisLimits:
         self._renewing = False
         self._live, self._away, self._touched, self._loose = {}, set(), {}, {}
         self._finishing = FinishQueue(self._finish_all, self.FINISH_DELAY)
+        # A key's admit call packed up to its holder, per key and limits (_admit_command);
+        # bounded, so that a key file of more keys than that costs a miss, not memory.
+        self._admit_head = functools.lru_cache(maxsize=4096)(self._pack_admit_head)
         self._admit_seconds = 0.0  # admit calls' time, a moving average (_await_admit)
         self._polling = threading.Lock()  # held by the one request that polls at a time
         self._admit_connections = ScriptConnections(self._new_pool(), self.POOL_SIZE,
@@ -1752,11 +1754,18 @@ class RedisLimits:
             self._start_renewing()
 
     def _admit_command(self, entry, holder):
-        """The admit call for one request, packed (``_admit_call``): the part that is the
-        same for every request of the key (all but the holder) packed once, _admit_head."""
-        return (_admit_head(self._scripts.admit.sha, self.KEY_FORMAT, entry.name,
-                            entry.tokens_per_day or 0, entry.concurrency or 0, entry.rpm or 0)
-                + _resp_bulk(holder.encode()) + self._lease_bulk)
+        """The admit call for one request, packed as ``_resp_command`` packs ``_admit_call``:
+        all but its holder and lease, the same for every request of the key, packed once
+        per key and limits (``_admit_head``, made per process in _connect)."""
+        return (self._admit_head(entry.name, entry.tokens_per_day or 0, entry.concurrency or 0,
+                                 entry.rpm or 0)
+                + _resp_bulk(holder.encode()) + _resp_bulk(b"%d" % self.lease_ms))
+
+    def _pack_admit_head(self, name, tokens_per_day, concurrency, rpm):
+        items = ("EVALSHA", self._scripts.admit.sha, 3, self.key(name, "tokens"),
+                 self.key(name, "slots"), self.key(name, "hits"), tokens_per_day,
+                 concurrency, rpm)
+        return b"*%d\r\n" % (len(items) + 2) + _resp_bulks(items)  # + holder and lease
 
     def _admit_call(self, entry, holder):
         """The admit script's (keys, args) for one request."""
@@ -1861,7 +1870,7 @@ class RedisLimits:
         do is wanted here: no call is retried on a timeout or on Redis trouble (an admit is
         sent again only on a connection Redis had closed while idle: _start_admit), and a
         connection whose read failed is dropped here (``_replies``). The calls are packed
-        and their replies read by the gateway itself (``_send_commands``,
+        and their replies read by the gateway itself (``_send_commands``, ``_admit_command``,
         ``_ScriptReplies``). Through redis-py's pool, a finish call made seven system calls;
         on its own connections, three (strace, docs/performance.md).
 
@@ -1908,9 +1917,9 @@ class RedisLimits:
         never retried on Redis trouble. Sending again is safe even if Redis ran the first
         (it may have, then closed before answering): the admit script finds its own holder
         and admits it again, writing nothing (REDIS_ADMIT)."""
+        packed = self._admit_command(entry, holder)
         connections = self._admit_connections
         connection, may_resend = connections.take()  # a reused connection may be closed
-        packed = self._admit_command(entry, holder)
         try:
             try:
                 _send_packed(connection, packed, self._redis_module.exceptions)
@@ -2146,18 +2155,6 @@ def _resp_bulk(data):
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
-@functools.lru_cache(maxsize=4096)
-def _admit_head(sha, key_format, name, tokens_per_day, concurrency, rpm):
-    """A key's admit call (RedisLimits._admit_call) packed up to its last two items, the
-    holder and the lease (_resp_command). Cached: it is the same for every request of the
-    key, and made again only when the key's limits change (a bounded cache of a pure
-    function, which every RedisLimits of the process may share)."""
-    items = ("EVALSHA", sha, 3, *(key_format % (name, kind)
-                                  for kind in ("tokens", "slots", "hits")),
-             tokens_per_day, concurrency, rpm)
-    return b"*%d\r\n" % (len(items) + 2) + _resp_bulks(items)
-
-
 def _read_replies(connection, count, exceptions):
     """``count`` replies from the socket of ``connection`` (one of ScriptConnections'): an
     error reply is returned in its place, so that none is left unread on the connection
@@ -2286,7 +2283,7 @@ CLOSED_SOCKET_ERRORS = (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError,
 
 def _closed_by_redis(exc):
     """Whether ``exc``, raised sending or reading on one of ScriptConnections' connections
-    (``_send_commands``, ``_ScriptReplies``), says that the other end had closed it: one of
+    (``_send_packed``, ``_ScriptReplies``), says that the other end had closed it: one of
     CLOSED_SOCKET_ERRORS as its cause. Never a timeout (the kernel's, EAGAIN, included) nor
     any other error."""
     return isinstance(exc.__cause__, CLOSED_SOCKET_ERRORS)
@@ -2296,7 +2293,8 @@ class ScriptConnections:
     """The connections of RedisLimits' admit calls, per process, or of its finish calls (a
     second set): at most ``size``, handed out last in, first out, each to one call at a
     time; a caller waits up to ``timeout`` for one when all are taken (as redis-py's
-    BlockingConnectionPool does), then fails.
+    BlockingConnectionPool does), then fails. An idle one is handed out and given back
+    without a lock: a lock is taken only to make one or to wait for one.
 
     Facts -> decisions: system calls are the dearest part of an admit call on this project's
     machine (docs/performance.md, 29-40 us of CPU for a send and a receive), and through
@@ -2321,7 +2319,7 @@ class ScriptConnections:
 
     redis-py still makes each connection (``pool.make_connection``: the URL's options, AUTH,
     the database, TLS); RedisLimits packs the calls and reads their replies
-    (``_send_commands``, ``_ScriptReplies``)."""
+    (``_send_packed``, ``_ScriptReplies``)."""
 
     def __init__(self, pool, size, timeout, exceptions):
         self._pool = pool  # redis-py's: makes the connections, and closes them all
@@ -2373,34 +2371,32 @@ class ScriptConnections:
         _kernel_timeouts(connection._sock, self._timeout)
 
     def _new_or_given_back(self):
+        """A new connection while fewer than ``size`` are made, else the next one given
+        back, waited for up to the timeout (a lock-free ``take`` may get it first: then the
+        waiter looks again)."""
+        deadline = time.monotonic() + self._timeout
         with self._given_back:
-            if self._made >= self._size:
-                return self._given_back_within_timeout()
-            self._made += 1
+            self._waiting += 1
+            try:
+                while self._made >= self._size:
+                    try:
+                        return self._idle.pop()
+                    except IndexError:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise self._exceptions.ConnectionError(
+                                "No connection available.") from None
+                        self._given_back.wait(left)
+                self._made += 1
+            finally:
+                self._waiting -= 1
         try:
             return self._pool.make_connection()
         except BaseException:
             with self._given_back:
                 self._made -= 1
+                self._given_back.notify()  # a waiter may make one now
             raise
-
-    def _given_back_within_timeout(self):
-        """The next connection given back, waited for up to the timeout (the lock held); a
-        lock-free ``take`` may get one first, so the waiter looks again."""
-        deadline = time.monotonic() + self._timeout
-        self._waiting += 1
-        try:
-            while True:
-                try:
-                    return self._idle.pop()
-                except IndexError:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise self._exceptions.ConnectionError(
-                            "No connection available.") from None
-                    self._given_back.wait(left)
-        finally:
-            self._waiting -= 1
 
     def give_back(self, connection):
         self._idle.append(connection)

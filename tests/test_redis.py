@@ -712,7 +712,8 @@ def test_script_connections_are_bounded_and_a_caller_waits_for_one_given_back(re
                                                                             tmp_path):
     """At most POOL_SIZE admit connections per process: a caller that finds them all taken
     waits for one to be given back, up to the timeout, then fails as redis-py's
-    BlockingConnectionPool does (a Redis error: the breaker and limits_backend_down)."""
+    BlockingConnectionPool does (a Redis error: the breaker and limits_backend_down). One
+    dropped (a call on it failed) is connected anew when taken again, not one more."""
     backend = limits(redis_server, tmp_path)
     backend.client()
     connections, size = backend._admit_connections, RedisLimits.POOL_SIZE
@@ -722,13 +723,30 @@ def test_script_connections_are_bounded_and_a_caller_waits_for_one_given_back(re
     with pytest.raises(backend._redis_module.ConnectionError, match="No connection"):
         connections.take()
     assert TIMEOUT - 0.01 <= time.monotonic() - started < TIMEOUT + 2
+    connections._timeout = 30  # the waiter below: long enough for any stall of the machine
     waiter = in_background(connections.take)
     eventually(lambda: connections._waiting == 1)
     connections.give_back(taken[0])
     assert waiter() == (taken[0], True)
-    for connection in taken[1:]:
+    connections.drop(taken[0])
+    assert connections.take() == (taken[0], False)  # connected anew
+    for connection in taken:
         connections.give_back(connection)
     assert len(redis_server.client().client_list()) == size + 1  # and the test's own
+
+
+def test_the_admit_call_is_packed_as_redis_py_would_pack_its_keys_and_args(redis_server,
+                                                                           tmp_path):
+    """The admit call is sent from a head packed once per key (_admit_command): the same
+    bytes as the whole call packed item by item, for any name the key file allows."""
+    backend = limits(redis_server, tmp_path)
+    backend.client()
+    for entry in (limited("bench"), limited("équipe-東京-🚀", rpm=7, concurrency=3,
+                                            tokens_per_day=1_000_000)):
+        for holder in ("req_gw_0123456789abcdef01234567", "another"):
+            keys, args = backend._admit_call(entry, holder)
+            assert backend._admit_command(entry, holder) == gateway._resp_command(
+                ("EVALSHA", backend._scripts.admit.sha, len(keys), *keys, *args))
 
 
 def test_a_key_whose_limits_change_is_admitted_by_its_new_limits(redis_server, tmp_path):
