@@ -1712,9 +1712,8 @@ class RedisLimits:
         goes upstream); until then one of this process's pooled connections is the
         request's.
 
-        One round trip, or two when the key's slots are all taken while this process still
-        has a finish call of the key queued (see finish). While Redis is away,
-        ``limits_backend_down`` decides, at once."""
+        One round trip, or two when the key's slots are all taken (_ask_again_for_a_slot).
+        While Redis is away, ``limits_backend_down`` decides, at once."""
         self.client()  # made in this process (after the fork) on first use
         if entry.tokens_per_day:  # today's count must hold this process's ended requests
             self._finishing.wait_for(entry.name, 2 * self.TIMEOUT)
@@ -1735,14 +1734,12 @@ class RedisLimits:
 
     def _admit_answer(self, replies, entry, holder, now, started, freeing):
         """The second half of ``begin_admit``: read the answer (``replies``), ask again when
-        a slot this process is freeing was the reason, and note the slot as live."""
+        the key's slots were all taken (``_ask_again_for_a_slot``), and note the slot as
+        live."""
         try:
             (refused, wait_ms), = replies()
-            if refused == self.SLOTS_TAKEN and freeing:
-                # A slot this process may be freeing: a refusal writes nothing, so ask
-                # again once the finish calls of the key are made.
-                self._finishing.wait_for(entry.name, 2 * self.TIMEOUT)
-                (refused, wait_ms), = self._start_admit(entry, holder)()
+            if refused == self.SLOTS_TAKEN:
+                (refused, wait_ms), = self._ask_again_for_a_slot(entry, holder, freeing)
         except self.errors as exc:
             self._admit_failed(exc, entry, holder, now)
             return
@@ -1752,6 +1749,28 @@ class RedisLimits:
         if entry.concurrency:
             self._live[holder] = entry.name
             self._start_renewing()
+
+    def _ask_again_for_a_slot(self, entry, holder, freeing):
+        """The answer of the admit call sent again after a refusal for want of a slot, once
+        the slots that may be being freed are: this process's, whose finish calls of the key
+        are queued (``freeing``: made at once and waited for), or another worker's or
+        host's, whose finish calls go within FINISH_DELAY of their responses' end (waited
+        out, twice over: that delay, and as long for the call to be scheduled and answered
+        on a busy host). A refusal writes nothing, so the request is counted once.
+
+        Facts -> decision: a client that sends its next request as soon as it has read the
+        answer (a script, an agent's loop) may reach another worker than its last request
+        did: behind nginx, whose pool of connections to gunicorn (deploy/nginx.conf) is
+        shared by every client, or with a new connection each time. A key with
+        ``concurrency = 1`` would be refused that request while the last one's slot waits
+        for the other worker's finisher. On one host without Redis the slot is freed at
+        once, as the response ends (HostState). The price is on refusals for want of a
+        slot: the 429 comes 2 * FINISH_DELAY later, after a second call."""
+        if freeing:
+            self._finishing.wait_for(entry.name, 2 * self.TIMEOUT)
+        else:
+            time.sleep(2 * self.FINISH_DELAY)
+        return self._start_admit(entry, holder)()
 
     def _admit_command(self, entry, holder):
         """The admit call for one request, packed as ``_resp_command`` packs ``_admit_call``:
@@ -1800,8 +1819,8 @@ class RedisLimits:
         A client that sends its next request as soon as it has read the answer (a script,
         an agent's loop) must still find the slot free, or a key with ``concurrency = 1``
         would be refused for a request it no longer has in flight: so an admit refused for
-        want of a slot while this process has finish calls of the key queued waits for them
-        and asks again. A key with ``tokens_per_day`` waits for them before it asks, so that
+        want of a slot waits for the finish calls that may free one and asks again
+        (_ask_again_for_a_slot). A key with ``tokens_per_day`` waits for them before it asks, so that
         the day's count holds every request this process has ended. Other admits never
         wait: a key with a slot to spare need not know when its last request's was freed.
 

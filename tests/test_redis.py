@@ -350,6 +350,28 @@ def test_finish_calls_go_together_and_at_once_for_an_admit_that_waits(redis_serv
     assert server.zrange("gateway:{together}:slots", 0, -1) == [b"d"]
 
 
+def test_a_slot_another_worker_is_freeing_is_waited_for_not_refused(redis_server, tmp_path):
+    """A client's next request reaches another worker (behind nginx's shared pool of
+    connections, or on a new connection) before the first worker's finisher has freed the
+    last one's slot: the refusal is asked again once the other's FINISH_DELAY is over, and
+    the request admitted. A key whose slot is really held is still refused, once, after
+    that wait."""
+    first, other = limits(redis_server, tmp_path), limits(redis_server, tmp_path)
+    for backend in (first, other):
+        backend.FINISH_DELAY = 0.3  # before the first call makes the finisher's queue
+    entry = limited("moved", concurrency=1)
+    first.admit(entry, "last", time.time())
+    first.finish(entry, "last", 0, time.time())  # its release waits up to 0.3 s
+    server = redis_server.client()
+    assert server.zscore("gateway:{moved}:slots", "last") is not None
+    other.admit(entry, "next", time.time())
+    assert server.zrange("gateway:{moved}:slots", 0, -1) == [b"next"]
+    started = time.monotonic()
+    assert "in progress" in refused(first, entry, "while next runs").message
+    assert time.monotonic() - started >= 2 * 0.3  # asked again after the wait
+    assert server.zrange("gateway:{moved}:slots", 0, -1) == [b"next"]
+
+
 def test_a_live_slot_outlives_many_leases_and_frees_at_once(redis_server, tmp_path):
     holder, other = limits(redis_server, tmp_path), limits(redis_server, tmp_path)
     entry = limited("long", concurrency=1)
@@ -1182,6 +1204,20 @@ def test_two_hosts_admit_exactly_the_limit_of_three_times_as_many(redis_server, 
     for secret in (CLIENT_KEY, RPM_KEY, SLOTS_KEY, UPSTREAM_KEY):
         assert secret not in logs and secret.encode() not in stored
     assert "Traceback" not in logs
+
+
+def test_a_key_of_one_slot_used_in_turn_on_two_hosts_is_never_refused(redis_server,
+                                                                       config_dir, upstream,
+                                                                       tmp_path):
+    """A client's requests one after the other, each to the other host (as behind a load
+    balancer, or behind nginx's pool of connections to several workers): each finds the
+    last one's slot not yet freed by the other host's finisher, and is admitted once it is,
+    not refused."""
+    write_keys(config_dir, concurrency=1)
+    with host(config_dir, tmp_path, "one", redis_server, workers=1) as (_, one), \
+            host(config_dir, tmp_path, "two", redis_server, workers=1) as (_, two):
+        statuses = [post(url, SLOTS_KEY).status_code for url in [one, two] * 15]
+    assert statuses == [200] * 30
 
 
 def run_gateway(*args):
