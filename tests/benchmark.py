@@ -1068,10 +1068,13 @@ def limits_keys(plan, port, pid, redis_pid, load_core, workdir, bodies):
 
 
 #: Requests of one key in a row in turn_about_c1: about 50 ms, short enough that the
-#: machine's speed cannot move between the keys' turns. The finish calls a key's requests
-#: queue go in batches RedisLimits.FINISH_DELAY (25 ms) apart: one a turn may fall on the
-#: next turn's first request or two, which its p50 does not see.
+#: machine's speed cannot move between the keys' turns.
 TURN_REQUESTS = 50
+#: Seconds between two turns, twice RedisLimits.FINISH_DELAY (25 ms): the finish calls a
+#: key's turn queued are made in its own time, counted in its CPU, never in the next key's
+#: turn (which would be charged with their cost: the limited key's turns are followed by
+#: the rpm-only key's).
+TURN_PAUSE = 0.05
 
 
 def turn_about_c1(port, body, pid, parts, seconds):
@@ -1084,7 +1087,8 @@ def turn_about_c1(port, body, pid, parts, seconds):
     difference of one turn from the next moved by up to 0.5 ms on this project's machine
     (other virtual machines on its host speed it up and slow it down from one second to the
     next), and the median of nine such differences by 0.15 ms from run to run of the same
-    code. Turns of 50 ms put every key's requests in the same seconds. The client is this
+    code. Turns of 50 ms put every key's requests in the same seconds; a pause of
+    TURN_PAUSE after each keeps a key's finish calls in its own turn. The client is this
     process, on the load core: its own time in each request is the same for every key."""
     requests = {label: post_request(key, body) for label, key in LIMITS_KEYS}
     members = process_tree(pid)  # the gateway's master and worker: the same all along
@@ -1107,7 +1111,9 @@ def turn_about_c1(port, body, pid, parts, seconds):
                         status = read_response(reader)
                         found[label]["us"].append((time.perf_counter() - started) * 1e6)
                         found[label]["errors"] += status != 200
+                    time.sleep(TURN_PAUSE)  # the turn's last finish calls, made meanwhile
                     found[label]["cpu_seconds"] += cpu_seconds(pid, members) - before
+                    ends += TURN_PAUSE  # as many requests as without the pauses
                 turn += 1
             for figures in found.values():
                 figures["cpu_ms_per_req"] = (figures.pop("cpu_seconds") * 1000
