@@ -1567,7 +1567,9 @@ class RedisLimits:
     # may see a freed slot. Each batch is a wake-up of the finisher, a round trip and a
     # script per call in Redis, and the request in flight meanwhile waits for the cores
     # they take: at one connection, batches 25 ms apart instead of 5 ms cut what a limited
-    # key adds over the admit call alone from 38-58 us to 16-20 us (docs/performance.md).
+    # key adds over the admit call alone from 50-69 us to 29-36 us (docs/performance.md).
+    # A request refused for want of a slot asks again 2 * FINISH_DELAY later, in case
+    # another worker was freeing it (_ask_again_for_a_slot).
     FINISH_DELAY = 0.025
     # A request polls for its admit call's answer for up to this long after the call was
     # sent, before it sleeps in the read, while this process's admit calls are answered
