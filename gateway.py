@@ -1907,7 +1907,8 @@ class RedisLimits:
         except BaseException:
             connections.drop(connection)
             raise
-        return self._replies(connections.give_back, connection, script, calls)
+        return self._replies(connections.give_back, connection, script, len(calls),
+                             lambda: calls)
 
     def _start_admit(self, entry, holder):
         """Send the admit call of the request ``holder`` of ``entry`` on one of this
@@ -1924,7 +1925,7 @@ class RedisLimits:
         apart, docs/performance.md). So the call is packed from a head packed once per key
         (``_admit_command``), the connection is taken with no lock in the usual case
         (ScriptConnections.take), and the script's (keys, args) for a NOSCRIPT answer are
-        made once the call is on its way.
+        made only for such an answer.
 
         A pooled connection that Redis closed while it sat idle (Redis's ``timeout``
         setting, a proxy's idle timeout, a restart) fails the next call on it at once: a
@@ -1952,7 +1953,8 @@ class RedisLimits:
             raise
         sent = time.monotonic()
         return functools.partial(self._replies, connections.give_back, connection,
-                                 self._scripts.admit, [self._admit_call(entry, holder)],
+                                 self._scripts.admit, 1,
+                                 lambda: [self._admit_call(entry, holder)],
                                  functools.partial(self._read_admit, may_resend, packed, sent))
 
     def _resend_admit(self, may_resend, exc, connection, packed):
@@ -2015,15 +2017,19 @@ class RedisLimits:
         finally:
             self._polling.release()
 
-    def _replies(self, give_back, connection, script, calls, read=None):
+    def _replies(self, give_back, connection, script, count, calls, read=None):
+        """The ``count`` replies to ``script``'s calls on ``connection``, which goes back
+        (``give_back``) after; the calls' ``(keys, args)`` (from ``calls()``, made only then)
+        are sent again with the script's text for any NOSCRIPT answer."""
         exceptions = self._redis_module.exceptions
         try:
-            replies = (read or _read_replies)(connection, len(calls), exceptions)
+            replies = (read or _read_replies)(connection, count, exceptions)
             lost = [n for n, reply in enumerate(replies)
                     if isinstance(reply, exceptions.NoScriptError)]
             if lost:
+                sent = calls()
                 again = _send_scripts(connection, "EVAL", script.script,
-                                      [calls[n] for n in lost], exceptions)
+                                      [sent[n] for n in lost], exceptions)
                 for number, reply in zip(lost, again):
                     replies[number] = reply
         except BaseException:
@@ -2143,16 +2149,16 @@ def _send_commands(connection, command, script, calls, exceptions):
     every type and size a command may carry. These
     commands are a handful of short strings and integers, packed here as the Redis
     protocol's arrays of bulk strings (RESP, https://redis.io/docs/latest/develop/reference/
-    protocol-spec/). Socket errors become redis-py's, as its own send makes them: a timeout
-    (Python's, or the kernel's EAGAIN on a socket with SO_SNDTIMEO) a TimeoutError, any
-    other a ConnectionError caused by the socket's error."""
+    protocol-spec/), and sent by ``_send_packed``."""
     _send_packed(connection, b"".join(_resp_command((command, script, len(keys), *keys, *args))
                                       for keys, args in calls), exceptions)
 
 
 def _send_packed(connection, packed, exceptions):
-    """Send the commands ``packed`` on the socket of ``connection``, in one write; socket
-    errors become redis-py's (``_send_commands``)."""
+    """Send the commands ``packed`` on the socket of ``connection``, in one write. Socket
+    errors become redis-py's, as its own send makes them: a timeout (Python's, or the
+    kernel's EAGAIN on a socket with SO_SNDTIMEO) a TimeoutError, any other a
+    ConnectionError caused by the socket's error."""
     try:
         connection._sock.sendall(packed)
     except (socket.timeout, BlockingIOError) as exc:
@@ -2491,8 +2497,8 @@ class FinishQueue:
     keep coming, no put wakes it, and it wakes once per ``delay``, not once per item. It is
     started on the first put, so in the process (gunicorn's worker) that needs it.
 
-    Facts -> decision: at one connection a batch was about five requests' finish calls,
-    and the thread was woken three times for it: by the first item, when the delay was
+    Facts -> decision: at one connection a batch was about five requests' finish calls
+    (``delay`` was 5 ms then), and the thread was woken three times for it: by the first item, when the delay was
     over, and by the answer. The first of them, a system call on the request's thread as
     its response closed and a thread switch in the way of the next request, is now made
     only when the items had stopped coming (docs/performance.md). The price is one timed
